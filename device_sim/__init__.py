@@ -1,0 +1,1 @@
+"""fleet-sim: thousands of virtual devices exercising mutual TLS, attacks and revocation."""

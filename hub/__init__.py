@@ -1,0 +1,1 @@
+"""fleet-hub: an amqtt edge broker that admits only valid, unrevoked device certificates."""

@@ -1,0 +1,400 @@
+"""The hub's configuration: one TOML file read into frozen dataclasses, validated at load.
+
+Every error names the TOML key path and the file (DESIGN section 5 for the keys, section 8 for
+the one-line error). Relative paths are resolved against the config file's folder, so the hub
+behaves the same whatever directory systemd starts it in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+from hub.acl import AclPolicy, AclRules, AclTemplate
+from hub.errors import ConfigError, InvalidValueError
+
+__all__ = [
+    "AuditConfig",
+    "AuthConfig",
+    "BindAddress",
+    "HubConfig",
+    "ListenerConfig",
+    "MetricsConfig",
+    "RevocationConfig",
+    "load_config",
+    "parse_bind",
+]
+
+DEFAULT_BIND = "0.0.0.0:8883"  # a gateway listens on every interface by default
+DEFAULT_METRICS_BIND = "127.0.0.1:9883"
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# `fleet-provision sign --group` accepts device-id rules (DESIGN section 1). Kept here rather than
+# imported: importing provisioning.identity runs provisioning/__init__, i.e. the whole CA.
+_GROUP_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_GROUP_RE = re.compile(rf"^{_GROUP_PATTERN}$")
+_T = TypeVar("_T")
+
+
+class BindAddress(NamedTuple):
+    """HOST:PORT to listen on; unpacks as ``(host, port)``. Port 0 lets the OS choose."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_bind(value: str) -> BindAddress:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``; raise InvalidValueError saying what is wrong."""
+
+    def bad(why: str) -> InvalidValueError:
+        return InvalidValueError(f'"{value}" is not HOST:PORT: {why}')
+
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise bad("the port is missing")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f'"{host}" is not an IPv6 address') from None
+    elif ":" in host:
+        raise bad("write an IPv6 address in brackets, as in [::1]:8883")
+    elif not host:
+        raise bad("the host is missing")
+    elif not _HOSTNAME_RE.match(host):
+        raise bad(f'"{host}" is not a host name or an IP address')
+    if not _PORT_RE.match(port) or int(port) > 65535:
+        raise bad(f'the port must be a number from 0 to 65535, got "{port}"')
+    return BindAddress(host, int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """[listener]: the mutual-TLS MQTT listener."""
+
+    server_cert: Path
+    server_key: Path
+    client_ca: Path
+    bind: BindAddress = field(default_factory=lambda: parse_bind(DEFAULT_BIND))
+    handshake_timeout: float = 10.0
+    min_tls: Literal["1.2", "1.3"] = "1.2"
+
+    @property
+    def min_tls_version(self) -> ssl.TLSVersion:
+        """``min_tls`` as the value ``SSLContext.minimum_version`` takes."""
+        return ssl.TLSVersion.TLSv1_3 if self.min_tls == "1.3" else ssl.TLSVersion.TLSv1_2
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationConfig:
+    """[revocation]: where revoked serials come from; ``crl`` is a file or an http(s) URL."""
+
+    registry: Path | None = None
+    crl_file: Path | None = None
+    crl_url: str | None = None
+    refresh_seconds: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """[auth]: checks after the certificate; the username is never part of identity."""
+
+    client_id: Literal["must-match"] = "must-match"
+    password: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """[audit]: the store of every connect decision, ACL denial and kick."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: Prometheus /metrics and /healthz; None when the section has no bind."""
+
+    bind: BindAddress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """The whole configuration; ``source`` is the file it came from (None for ``--pki``)."""
+
+    listener: ListenerConfig
+    revocation: RevocationConfig
+    audit: AuditConfig
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    acl: AclPolicy = field(default_factory=AclPolicy)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: Path | None = None
+
+    @classmethod
+    def from_pki(cls, pki_dir: Path | str, bind: BindAddress | str | None = None) -> HubConfig:
+        """Defaults for ``fleet-hub serve --pki DIR [--bind HOST:PORT]``."""
+        pki = Path(pki_dir)
+        if not pki.is_dir():
+            raise ConfigError(pki, "--pki", "no such directory")
+        if isinstance(bind, str):
+            try:
+                bind = parse_bind(bind)
+            except InvalidValueError as exc:
+                raise ConfigError(None, "--bind", str(exc)) from exc
+        files = {}
+        for name, hint in [
+            ("server.pem", "; make it with fleet-provision server-cert"),
+            ("server.key", "; make it with fleet-provision server-cert"),
+            ("ca-chain.pem", ""),
+        ]:
+            problem = _file_problem(pki / name)
+            if problem is not None:
+                raise ConfigError(pki, "--pki", f"{problem}{hint}")
+            files[name] = pki / name
+        registry, crl = pki / "registry.db", pki / "crl.pem"
+        if not registry.is_file() and not crl.is_file():
+            raise ConfigError(pki, "--pki", "no registry.db or crl.pem: the hub needs one to "
+                              "learn of revocations")
+        return cls(
+            listener=ListenerConfig(
+                files["server.pem"], files["server.key"], files["ca-chain.pem"],
+                bind=parse_bind(DEFAULT_BIND) if bind is None else bind,
+            ),
+            revocation=RevocationConfig(
+                registry=registry if registry.is_file() else None,
+                crl_file=crl if crl.is_file() else None,
+            ),
+            audit=AuditConfig(pki / "hub-audit.db"),
+            acl=AclPolicy.default(),
+            metrics=MetricsConfig(parse_bind(DEFAULT_METRICS_BIND)),
+        )
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.exists():
+        return f"no such file: {path}"
+    if not path.is_file():
+        return f"not a file: {path}"
+    if not os.access(path, os.R_OK):
+        return f"not readable: {path}"
+    return None
+
+
+def _key_part(name: str) -> str:
+    return name if _BARE_KEY_RE.match(name) else json.dumps(name, ensure_ascii=False)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    kinds: list[tuple[type, str]] = [(str, "string"), (int, "integer"), (float, "float")]
+    for kind, name in kinds:
+        if isinstance(value, kind):
+            return f'{name} "{value}"' if kind is str else f"{name} {value}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+class _Table:
+    """One TOML table: typed getters whose errors carry the key path; unknown keys refused."""
+
+    def __init__(
+        self, file: Path, prefix: str, data: Mapping[str, Any], known: tuple[str, ...]
+    ) -> None:
+        self.source, self.prefix, self.data = file, prefix, data
+        self.base = file.parent.absolute()
+        for key in data:
+            if key not in known:
+                what = "key" if prefix else "section"
+                wanted = ", ".join(sorted(known)) or "none"
+                raise self.error(key, f"unknown {what} (want one of: {wanted})")
+
+    def path_of(self, key: str, index: int | None = None) -> str:
+        """The key path as the user reads it: ``acl.groups.operators.subscribe[0]``."""
+        path = f"{self.prefix}.{_key_part(key)}" if self.prefix else _key_part(key)
+        return path if index is None else f"{path}[{index}]"
+
+    def error(self, key: str, message: str, index: int | None = None) -> ConfigError:
+        return ConfigError(self.source, self.path_of(key, index), message)
+
+    def get(self, key: str, kind: type[_T], want: str, default: _T | None = None) -> _T | None:
+        value = self.data.get(key, default)
+        if value is None:
+            return None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # TOML `1` is a fine number of seconds
+        # TOML booleans are Python ints: never let `true` pass for a number.
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+        raise self.error(key, f"want {want}, got {_describe(value)}")
+
+    def required(self, key: str, kind: type[_T], want: str) -> _T:
+        value = self.get(key, kind, want)
+        if value is None:
+            raise self.error(key, f"missing (want {want})")
+        return value
+
+    def table(self, key: str, known: tuple[str, ...]) -> _Table:
+        value = self.get(key, dict, "a table", {})
+        return _Table(self.source, self.path_of(key), value or {}, known)
+
+    def path(self, key: str) -> Path | None:
+        value = self.get(key, str, "a path")
+        if value is None:
+            return None
+        if not value:
+            raise self.error(key, "want a path, got an empty string")
+        return self.base / value  # an absolute value replaces the base
+
+    def file(self, key: str) -> Path:
+        """A path that must name a readable file now: a typo is caught at load, not at serve."""
+        self.required(key, str, "a path to a PEM file")
+        path = self.path(key)
+        assert path is not None  # noqa: S101 - required() has just checked it is set
+        if (problem := _file_problem(path)) is not None:
+            raise self.error(key, problem)
+        return path
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.get(key, float, "a number of seconds", default)
+        if value is None or not math.isfinite(value) or value <= 0:
+            got = _describe(self.data.get(key))
+            raise self.error(key, f"want a number of seconds above 0, got {got}")
+        return value
+
+    def bind(self, key: str, default: str | None) -> BindAddress | None:
+        value = self.get(key, str, 'a string "HOST:PORT"', default)
+        return None if value is None else self.convert(key, parse_bind, value)
+
+    def convert(
+        self, key: str, make: Callable[[str], _T], value: str, index: int | None = None
+    ) -> _T:
+        try:
+            return make(value)
+        except InvalidValueError as exc:
+            raise self.error(key, str(exc), index) from exc
+
+
+_SECTIONS = ("listener", "revocation", "auth", "acl", "audit", "metrics")
+
+
+def load_config(path: Path | str) -> HubConfig:
+    """Read and validate a hub.toml; raise ConfigError naming the key path and the file."""
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read the config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", f"the config is not UTF-8 text: {exc.reason}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"the config is not valid TOML: {exc}") from exc
+    root = _Table(file, "", data, _SECTIONS)
+    for section in _SECTIONS:
+        root.get(section, dict, "a table")
+    return HubConfig(
+        listener=_listener(root),
+        revocation=_revocation(root),
+        auth=_auth(root),
+        acl=_acl(root),
+        audit=AuditConfig(root.table("audit", ("path",)).path("path") or _default_audit(file)),
+        metrics=MetricsConfig(root.table("metrics", ("bind",)).bind("bind", None)),
+        source=file,
+    )
+
+
+def _default_audit(file: Path) -> Path:
+    return file.parent.absolute() / "hub-audit.db"
+
+
+def _listener(root: _Table) -> ListenerConfig:
+    keys = ("bind", "server_cert", "server_key", "client_ca", "handshake_timeout", "min_tls")
+    table = root.table("listener", keys)
+    min_tls = table.get("min_tls", str, 'the string "1.2" or "1.3"', "1.2")
+    if min_tls not in ("1.2", "1.3"):
+        raise table.error("min_tls", f'want "1.2" or "1.3", got "{min_tls}"')
+    return ListenerConfig(
+        server_cert=table.file("server_cert"),
+        server_key=table.file("server_key"),
+        client_ca=table.file("client_ca"),
+        bind=table.bind("bind", DEFAULT_BIND) or parse_bind(DEFAULT_BIND),
+        handshake_timeout=table.seconds("handshake_timeout", 10.0),
+        min_tls="1.3" if min_tls == "1.3" else "1.2",
+    )
+
+
+def _revocation(root: _Table) -> RevocationConfig:
+    table = root.table("revocation", ("registry", "crl", "refresh_seconds"))
+    crl = table.get("crl", str, "a path or an http(s) URL")
+    crl_file: Path | None = None
+    crl_url: str | None = None
+    if crl is not None and "://" in crl:
+        url = urlsplit(crl)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise table.error("crl", f'want a path or an http(s) URL, got "{crl}"')
+        crl_url = crl
+    elif crl is not None:
+        crl_file = table.path("crl")
+    return RevocationConfig(
+        registry=table.path("registry"),
+        crl_file=crl_file,
+        crl_url=crl_url,
+        refresh_seconds=table.seconds("refresh_seconds", 1.0),
+    )
+
+
+def _auth(root: _Table) -> AuthConfig:
+    table = root.table("auth", ("client_id", "password"))
+    client_id = table.get("client_id", str, 'the string "must-match"', "must-match")
+    if client_id != "must-match":
+        raise table.error("client_id", f'want "must-match" (the only mode), got "{client_id}"')
+    password = table.get("password", bool, "true or false", False)
+    return AuthConfig(client_id="must-match", password=bool(password))
+
+
+def _rules(table: _Table) -> AclRules:
+    lists = []
+    for key in ("publish", "subscribe"):
+        patterns = table.get(key, list, "an array of topic filters", []) or []
+        templates = []
+        for index, pattern in enumerate(patterns):
+            if not isinstance(pattern, str):
+                want = f"want a topic filter string, got {_describe(pattern)}"
+                raise table.error(key, want, index)
+            templates.append(table.convert(key, AclTemplate, pattern, index))
+        lists.append(tuple(templates))
+    return AclRules(*lists)
+
+
+def _acl(root: _Table) -> AclPolicy:
+    table = root.table("acl", ("publish", "subscribe", "groups"))
+    defaults = _rules(table)
+    listed = table.get("groups", dict, "a table of [acl.groups.NAME] sections", {}) or {}
+    groups_table = _Table(table.source, table.path_of("groups"), listed, tuple(listed))
+    groups = {}
+    for name in listed:
+        if not _GROUP_RE.match(name):
+            raise groups_table.error(name, f"not a group name (want {_GROUP_PATTERN})")
+        groups[name] = _rules(groups_table.table(name, ("publish", "subscribe")))
+    return AclPolicy(defaults, groups)

@@ -1,0 +1,40 @@
+"""The one exception tree of the hub package.
+
+    HubError                 every expected failure; ``str()`` is the user-facing line
+    ├── ConfigError          the hub's configuration is unusable: names the key path and the file
+    └── InvalidValueError    a topic, filter, ACL pattern or address is malformed (a ValueError)
+
+Authentication and ACL refusals are not exceptions: they are decisions (data) that the broker
+applies, logs and audits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HubError(Exception):
+    """Root of every expected failure; the CLI catches it once and prints ``error: <str>``."""
+
+
+class ConfigError(HubError):
+    """A config value is wrong: ``<key>: <message> (<file>)``.
+
+    *key* is the TOML key path (``acl.publish[1]``), or an option name such as ``--bind``, or
+    empty when the file as a whole is at fault (unreadable, not TOML). *path* is the config file
+    (or the PKI folder for ``--pki`` defaults); None when there is no file to name.
+    """
+
+    def __init__(self, path: Path | str | None, key: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        return f"{text} ({self.path})" if self.path is not None else text
+
+
+class InvalidValueError(HubError, ValueError):
+    """A topic, filter, ACL pattern or HOST:PORT is malformed; the message says why."""

@@ -1,0 +1,226 @@
+"""The CA's operations on one PKI folder, each one registry transaction with its audit event."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from provisioning.config import PKIConfig
+from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
+from provisioning.errors import NotFoundError, UsageError
+from provisioning.fsutil import atomic_write
+from provisioning.issuer import Issuer, parse_serial, serial_hex
+from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
+from provisioning.profile import server_certificate
+from provisioning.registry import Registry, Transaction, operator
+from provisioning.timefmt import iso, utcnow
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a revoke/suspend/resume did: the serials it touched (empty when nothing changed)."""
+
+    device_id: str
+    serials: tuple[str, ...]
+    crl_number: int | None
+
+
+class Authority:
+    """An opened PKI: the registry now, the issuing key only when an operation signs."""
+
+    def __init__(self, root: Path, passphrase: bytes | None = None,
+                 actor: str | None = None) -> None:
+        self.pki = PKI(root)
+        self.paths = self.pki.paths
+        self.config = self.pki.config
+        self.registry = Registry(self.paths.registry)
+        self._passphrase = passphrase
+        self.actor = actor or operator()
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def __enter__(self) -> Authority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @cached_property
+    def ca(self) -> IssuingCA:
+        return self.pki.load_issuing_ca(self._passphrase)
+
+    def issuer(self) -> Issuer:
+        return Issuer(self.registry, self.ca, self.config, self.actor)
+
+    # -- revocation --------------------------------------------------------------------
+
+    def revoke(self, device_id: str, serial: str | None, reason: str) -> Change:
+        """Revoke one certificate, or every unrevoked one of the device and the device itself."""
+        canonical = reason_name(reason)
+        if canonical is None:
+            raise UsageError(f"unknown revocation reason {reason!r}; want one of "
+                             f"{', '.join(REVOKE_REASONS)}", "--reason")
+        ca = self.ca
+        now = utcnow()
+        stamp = iso(now)
+        with self.registry.write(self.actor) as tx:
+            self._device_status(tx, device_id)
+            if serial is not None:
+                number = parse_serial(serial)
+                if number is None:
+                    raise UsageError(f"{serial!r} is not a hexadecimal serial", "--serial")
+                wanted = serial_hex(number)
+                row = tx.execute("SELECT status FROM certificates WHERE serial = ? AND "
+                                 "device_id = ?", (wanted, device_id)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"device {device_id!r} has no certificate with serial "
+                                        f"{serial}", "--serial")
+                serials = [wanted] if row[0] != "revoked" else []
+            else:
+                serials = [r[0] for r in tx.execute(
+                    "SELECT serial FROM certificates WHERE device_id = ? AND status != "
+                    "'revoked'", (device_id,))]
+                tx.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE "
+                           "device_id = ? AND status != 'revoked'", (stamp, device_id))
+            for s in serials:
+                tx.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, "
+                           "reason = ?, hold_prior_status = NULL WHERE serial = ?",
+                           (stamp, canonical, s))
+                tx.audit(stamp, "certificate.revoke", device_id, s, {"reason": canonical})
+            if serial is None:
+                tx.audit(stamp, "device.revoke", device_id, None, {"reason": canonical})
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
+        return Change(device_id, tuple(serials), _crl_number(crl))
+
+    def suspend(self, device_id: str) -> Change:
+        """certificateHold on every active certificate; the device cannot enroll meanwhile."""
+        return self._hold(device_id, hold=True)
+
+    def resume(self, device_id: str) -> Change:
+        """Lift the hold: the certificates return to the status they had before it."""
+        return self._hold(device_id, hold=False)
+
+    def _hold(self, device_id: str, *, hold: bool) -> Change:
+        ca = self.ca
+        now = utcnow()
+        stamp = iso(now)
+        with self.registry.write(self.actor) as tx:
+            status = self._device_status(tx, device_id)
+            if status == "revoked":
+                raise UsageError(f"device {device_id!r} is revoked; a revocation cannot be "
+                                 f"{'suspended' if hold else 'resumed'}", device_id)
+            if hold:
+                serials = [r[0] for r in tx.execute(
+                    "SELECT serial FROM certificates WHERE device_id = ? AND status IN "
+                    "('active', 'superseded')", (device_id,))]
+                for s in serials:
+                    tx.execute("UPDATE certificates SET hold_prior_status = status, "
+                               "status = 'on_hold', revoked_at = ?, reason = "
+                               "'certificateHold' WHERE serial = ?", (stamp, s))
+                new_status, action = "suspended", "device.suspend"
+            else:
+                serials = [r[0] for r in tx.execute(
+                    "SELECT serial FROM certificates WHERE device_id = ? AND status = "
+                    "'on_hold'", (device_id,))]
+                for s in serials:
+                    tx.execute("UPDATE certificates SET status = COALESCE(hold_prior_status, "
+                               "'active'), hold_prior_status = NULL, revoked_at = NULL, "
+                               "reason = NULL WHERE serial = ?", (s,))
+                new_status, action = "active", "device.resume"
+            changed = status != new_status or bool(serials)
+            if not changed:
+                return Change(device_id, (), None)
+            tx.execute("UPDATE devices SET status = ?, updated_at = ? WHERE device_id = ?",
+                       (new_status, stamp, device_id))
+            tx.audit(stamp, action, device_id, None, {"serials": serials})
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
+        return Change(device_id, tuple(serials), _crl_number(crl))
+
+    @staticmethod
+    def _device_status(tx: Transaction, device_id: str) -> str:
+        row = tx.execute("SELECT status FROM devices WHERE device_id = ?",
+                         (device_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no device {device_id!r} in the registry", device_id)
+        return str(row[0])
+
+    def publish_crl(self, out: Path | None = None) -> x509.CertificateRevocationList:
+        ca = self.ca
+        now = utcnow()
+        with self.registry.write(self.actor) as tx:
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now, extra_out=out)
+            tx.audit(iso(now), "crl.publish", None, None, {"crl_number": _crl_number(crl)})
+        return crl
+
+    # -- hub certificates --------------------------------------------------------------
+
+    def server_cert(self, name: str, ips: Sequence[str], out_dir: Path,
+                    days: int | None = None) -> tuple[Path, Path]:
+        """Key and certificate for a hub; the hub's key is made here, a device's never is."""
+        addresses = []
+        for ip in ips:
+            try:
+                addresses.append(ipaddress.ip_address(ip))
+            except ValueError:
+                raise UsageError(f"{ip!r} is not an IP address", "--ip") from None
+        if not name or len(name) > 253:
+            raise UsageError("host name must be 1-253 characters", "--name")
+        ca = self.ca
+        now = utcnow()
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = server_certificate(ca, self.config, name, addresses, key.public_key(),
+                                  days or self.config.default_days, now)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = out_dir / "server.pem", out_dir / "server.key"
+        key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        with self.registry.write(self.actor) as tx:
+            atomic_write(key_path, key_pem, 0o600)
+            atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem)
+            tx.audit(iso(now), "server.issue", None, serial_hex(cert.serial_number),
+                     {"name": name, "ips": list(ips), "not_after": iso(cert.not_valid_after_utc),
+                      "out": str(out_dir.absolute())})
+        return cert_path, key_path
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+
+
+def initialize(root: Path, config: PKIConfig, passphrase: bytes | None) -> PKIPaths:
+    """``init``: CA files, registry with its first audit event, an empty CRL, then pki.toml."""
+    paths = PKIPaths(root)
+    created_root = not root.exists()
+    ca_files, issuing = init_pki(root, config, passphrase)
+    try:
+        now = utcnow()
+        with Registry(paths.registry, create=True) as registry, registry.write(operator()) as tx:
+            tx.audit(iso(now), "pki.init", None, None,
+                     {"trust_domain": config.trust_domain, "organisation": config.organisation,
+                      "encrypted": passphrase is not None})
+            publish_crl(tx, issuing, config, paths.crl, now)
+        atomic_write(paths.config, config.to_toml().encode())
+    except BaseException:
+        for path in [*ca_files, paths.crl, paths.registry,
+                     paths.registry.with_name("registry.db-wal"),
+                     paths.registry.with_name("registry.db-shm")]:
+            path.unlink(missing_ok=True)
+        if created_root:
+            _rmdir_quietly(root)
+        raise
+    return paths
+
+
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()

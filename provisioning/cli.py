@@ -1,0 +1,388 @@
+"""``fleet-provision``: the factory operator's CA tool (DESIGN section 4).
+
+Exit codes: 0 all done, 1 some input rejected (the rest still done), 2 usage.
+Every expected failure is one line on stderr: ``error: <what> (<where>)``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography import x509
+from rich.console import Console
+from rich.table import Table
+
+from provisioning.authority import Authority, initialize
+from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig
+from provisioning.csr import read_inputs
+from provisioning.errors import NotFoundError, PassphraseError, ProvisioningError, UsageError
+from provisioning.identity import device_id_problem
+from provisioning.issuer import SignOptions, SignResult
+from provisioning.pki import ENV_PKI, PKIPaths
+from provisioning.policy import load_manifest
+
+app = typer.Typer(
+    help="Fleet CA: mint per-device certificates from factory CSRs, revoke, publish CRLs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
+                                      show_default=True)]
+PassEnvOpt = Annotated[str | None, typer.Option(
+    "--passphrase-env", metavar="VAR",
+    help="Environment variable holding the CA key passphrase (prompted for when absent "
+         "and the key is encrypted).")]
+DEFAULT_PKI = Path("fleet-pki")
+MAX_DAYS = 36500
+_INIT_OPTIONS = {"trust_domain": "--trust-domain", "organisation": "--org",
+                 "default_days": "--days", "crl_url": "--crl-url", "ocsp_url": "--ocsp-url",
+                 "crl_lifetime_hours": "--crl-hours"}
+DEVICE_STATUSES = ("active", "suspended", "revoked")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _passphrase(env_var: str | None, key_path: Path | None = None) -> bytes | None:
+    """From the named environment variable, else a prompt when the key needs one."""
+    if env_var is not None:
+        value = os.environ.get(env_var)
+        if value is None:
+            raise UsageError(f"environment variable {env_var} is not set", "--passphrase-env")
+        return value.encode()
+    if key_path is not None and _encrypted(key_path):
+        if not sys.stdin.isatty():
+            raise PassphraseError(
+                "CA key is encrypted: give its passphrase with --passphrase-env VAR",
+                str(key_path))
+        return getpass.getpass(f"Passphrase for {key_path}: ").encode()
+    return None
+
+
+def _encrypted(key_path: Path) -> bool:
+    try:
+        with key_path.open("rb") as fh:
+            return b"ENCRYPTED" in fh.readline()
+    except OSError:
+        return False
+
+
+def _authority(pki: Path, passphrase_env: str | None) -> Authority:
+    return Authority(pki, _passphrase(passphrase_env, PKIPaths(pki).issuing_key))
+
+
+def _check_days(days: int | None) -> None:
+    if days is not None and not 1 <= days <= MAX_DAYS:
+        raise UsageError(f"{days} days is out of range (want 1-{MAX_DAYS})", "--days")
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+@app.command()
+def init(
+    org: Annotated[str, typer.Option("--org", help="Organisation, the O of every subject.")],
+    trust_domain: Annotated[str, typer.Option("--trust-domain",
+                                              help="SPIFFE trust domain, e.g. fleet.example.com")],
+    pki: PkiOpt = DEFAULT_PKI,
+    days: Annotated[int, typer.Option("--days", help="Default device validity.")] = DEFAULT_DAYS,
+    crl_url: Annotated[str | None, typer.Option("--crl-url", help="CRL distribution point "
+                                                "put into device certificates.")] = None,
+    ocsp_url: Annotated[str | None, typer.Option("--ocsp-url", help="OCSP responder URL "
+                                                 "put into device certificates.")] = None,
+    crl_hours: Annotated[int, typer.Option("--crl-hours",
+                                           help="CRL lifetime (nextUpdate).")] = DEFAULT_CRL_HOURS,
+    passphrase_env: PassEnvOpt = None,
+    encrypt: Annotated[bool, typer.Option("--encrypt", help="Prompt for a passphrase to "
+                                          "encrypt the CA keys.")] = False,
+) -> None:
+    """Create a PKI folder: root and issuing CA, chain, empty CRL, registry.
+
+    Example: fleet-provision init --pki fleet-pki --org "Acme" --trust-domain fleet.acme.com
+    """
+    try:
+        config = PKIConfig(trust_domain=trust_domain, organisation=org, default_days=days,
+                           crl_url=crl_url, ocsp_url=ocsp_url, crl_lifetime_hours=crl_hours)
+    except ProvisioningError as exc:
+        key = exc.message.split(":", 1)[0]
+        raise UsageError(exc.message.split(": ", 1)[-1], _INIT_OPTIONS.get(key, "init")) from None
+    passphrase = _passphrase(passphrase_env)
+    if passphrase is None and encrypt:
+        first = getpass.getpass("New CA key passphrase: ")
+        if first != getpass.getpass("Repeat passphrase: "):
+            raise UsageError("passphrases do not match", "--encrypt")
+        passphrase = first.encode()
+    if passphrase is not None and not passphrase:
+        raise UsageError("the passphrase is empty", "--passphrase-env")
+    paths = initialize(pki, config, passphrase)
+    err.print(f"created PKI for {org} ({trust_domain}) in {paths.root}")
+    err.print(f"trust bundle for hubs and devices: {paths.chain}")
+    err.print(f"the root key {paths.root_key} is needed by no other command: "
+              "move it offline")
+
+
+@app.command("server-cert")
+def server_cert(
+    name: Annotated[str, typer.Option("--name", help="Host name of the hub (SAN DNS).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for server.pem/server.key.")],
+    pki: PkiOpt = DEFAULT_PKI,
+    ip: Annotated[list[str] | None, typer.Option("--ip", help="IP address SAN; repeatable.")]
+    = None,
+    days: Annotated[int | None, typer.Option("--days", help="Validity in days "
+                                             "[default: from pki.toml]")] = None,
+    passphrase_env: PassEnvOpt = None,
+) -> None:
+    """Issue a TLS server certificate and key for a hub.
+
+    Example: fleet-provision server-cert --name gw1.local --ip 127.0.0.1 --out fleet-pki
+    """
+    _check_days(days)
+    with _authority(pki, passphrase_env) as authority:
+        cert_path, key_path = authority.server_cert(name, ip or [], out_dir, days)
+    err.print(f"wrote {cert_path} (with chain) and {key_path}")
+
+
+@app.command()
+def sign(
+    csrs: Annotated[list[Path], typer.Argument(metavar="CSR_OR_DIR...",
+                                               help="CSR files or folders of *.csr")],
+    pki: PkiOpt = DEFAULT_PKI,
+    manifest: Annotated[Path | None, typer.Option("--manifest",
+                                                  help="Allowed device ids, one a line.")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Device group.")] = None,
+    days: Annotated[int | None, typer.Option("--days", help="Validity in days "
+                                             "[default: from pki.toml]")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for <device-id>.pem [default: PKI/certs]")] = None,
+    renew: Annotated[bool, typer.Option("--renew", help="Replace a device's active "
+                                        "certificate when the CSR has a new key.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+    passphrase_env: PassEnvOpt = None,
+) -> None:
+    """Validate CSRs against policy and issue device certificates.
+
+    Example: fleet-provision sign --manifest line7.txt --group sensors --out certs csrs/
+    """
+    _check_days(days)
+    if group is not None and device_id_problem(group) is not None:
+        raise UsageError(f"group {group!r} is not valid (same rules as a device id)", "--group")
+    allowed = load_manifest(manifest) if manifest is not None else None
+    inputs, problems = read_inputs(csrs)
+    target = out_dir if out_dir is not None else pki / "certs"
+    with _authority(pki, passphrase_env) as authority:
+        target.mkdir(parents=True, exist_ok=True)
+        options = SignOptions(manifest=allowed, group=group, days=days, out_dir=target,
+                              renew=renew)
+        results = [SignResult(src, None, "rejected", reason=why) for src, why in problems]
+        results += authority.issuer().sign(inputs, options)
+    if as_json:
+        _emit_json([r.to_json() for r in results])
+    else:
+        for r in results:
+            line = f"{r.status:9} {r.device_id or '-':24} {r.serial or '-':42} {r.source}"
+            out.print(line + (f"  ({r.reason})" if r.reason else ""), markup=False)
+    counts = {s: sum(1 for r in results if r.status == s) for s in ("issued", "existing",
+                                                                  "rejected")}
+    err.print(f"{counts['issued']} issued, {counts['existing']} existing, "
+              f"{counts['rejected']} rejected; certificates in {target}")
+    if counts["rejected"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def revoke(
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID")],
+    pki: PkiOpt = DEFAULT_PKI,
+    serial: Annotated[str | None, typer.Option("--serial", metavar="HEX",
+                                               help="Revoke only this certificate.")] = None,
+    reason: Annotated[str, typer.Option("--reason", help="RFC 5280 reason, e.g. "
+                                        "keyCompromise.")] = "unspecified",
+    passphrase_env: PassEnvOpt = None,
+) -> None:
+    """Revoke a device (all its certificates) or one certificate; rewrites crl.pem.
+
+    Example: fleet-provision revoke sensor-0042 --reason keyCompromise
+    """
+    with _authority(pki, passphrase_env) as authority:
+        change = authority.revoke(device_id, serial, reason)
+    if change.serials:
+        err.print(f"revoked {len(change.serials)} certificate(s) of {device_id}: "
+                  f"{', '.join(change.serials)}; crl.pem is CRL #{change.crl_number}")
+    else:
+        err.print(f"nothing to revoke: {device_id} has no unrevoked certificate "
+                  f"(crl.pem is CRL #{change.crl_number})")
+
+
+@app.command()
+def suspend(device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID")],
+            pki: PkiOpt = DEFAULT_PKI, passphrase_env: PassEnvOpt = None) -> None:
+    """Put a device's certificates on hold (certificateHold); resume lifts it.
+
+    Example: fleet-provision suspend sensor-0042
+    """
+    with _authority(pki, passphrase_env) as authority:
+        change = authority.suspend(device_id)
+    err.print(f"suspended {device_id}: {len(change.serials)} certificate(s) on hold"
+              if change.crl_number else f"{device_id} is already suspended")
+
+
+@app.command()
+def resume(device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID")],
+           pki: PkiOpt = DEFAULT_PKI, passphrase_env: PassEnvOpt = None) -> None:
+    """Lift a hold put by suspend.
+
+    Example: fleet-provision resume sensor-0042
+    """
+    with _authority(pki, passphrase_env) as authority:
+        change = authority.resume(device_id)
+    err.print(f"resumed {device_id}: {len(change.serials)} certificate(s) back in service"
+              if change.crl_number else f"{device_id} is not suspended")
+
+
+@app.command()
+def crl(pki: PkiOpt = DEFAULT_PKI,
+        out_file: Annotated[Path | None, typer.Option("--out", metavar="FILE",
+                                                      help="Also write the CRL here.")] = None,
+        passphrase_env: PassEnvOpt = None) -> None:
+    """Sign a fresh CRL into crl.pem (and FILE).
+
+    Example: fleet-provision crl --out /srv/www/fleet.crl.pem
+    """
+    with _authority(pki, passphrase_env) as authority:
+        new = authority.publish_crl(out_file)
+    number = new.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    err.print(f"CRL #{number}: {len(new)} revoked, next update "
+              f"{new.next_update_utc:%Y-%m-%dT%H:%M:%SZ}")
+
+
+def _current_cert(certs: list[Any]) -> Any:
+    live = [c for c in certs if c.status in ("active", "on_hold")]
+    return (live or certs or [None])[-1]
+
+
+@app.command()
+def devices(
+    pki: PkiOpt = DEFAULT_PKI,
+    status: Annotated[str | None, typer.Option("--status", help="active, suspended or "
+                                               "revoked")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List devices with their current certificate.
+
+    Example: fleet-provision devices --status active --json
+    """
+    if status is not None and status not in DEVICE_STATUSES:
+        raise UsageError(f"unknown status {status!r}; want one of "
+                         f"{', '.join(DEVICE_STATUSES)}", "--status")
+    with Authority(pki) as authority:
+        rows = []
+        for dev in authority.registry.devices(status):
+            cert = _current_cert(authority.registry.certificates(dev.device_id))
+            rows.append({"device_id": dev.device_id, "status": dev.status, "group": dev.group,
+                         "serial": cert.serial if cert else None,
+                         "not_after": cert.not_after if cert else None})
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table("device", "status", "group", "serial", "not after")
+    for row in rows:
+        table.add_row(row["device_id"], row["status"], row["group"] or "",
+                      row["serial"] or "", row["not_after"] or "")
+    out.print(table)
+
+
+@app.command()
+def device(
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID")],
+    pki: PkiOpt = DEFAULT_PKI,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one device and its certificate history.
+
+    Example: fleet-provision device sensor-0042
+    """
+    with Authority(pki) as authority:
+        dev = authority.registry.device(device_id)
+        if dev is None:
+            raise NotFoundError(f"no device {device_id!r} in the registry", str(pki))
+        certs = authority.registry.certificates(device_id)
+    data = {"device_id": dev.device_id, "status": dev.status, "group": dev.group,
+            "created": dev.created_at, "updated": dev.updated_at, "metadata": dev.metadata,
+            "certificates": [{"serial": c.serial, "status": c.status, "issued": c.issued_at,
+                              "not_before": c.not_before, "not_after": c.not_after,
+                              "sha256": c.fingerprint, "revoked_at": c.revoked_at,
+                              "reason": c.reason} for c in certs]}
+    if as_json:
+        _emit_json(data)
+        return
+    out.print(f"{dev.device_id}  status={dev.status}  group={dev.group or '-'}  "
+              f"created={dev.created_at}", markup=False)
+    table = Table("serial", "status", "issued", "not after", "revoked", "reason")
+    for c in certs:
+        table.add_row(c.serial, c.status, c.issued_at, c.not_after, c.revoked_at or "",
+                      c.reason or "")
+    out.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(pki: PkiOpt = DEFAULT_PKI) -> None:
+    """Recompute the audit chain; name the first broken record.
+
+    Example: fleet-provision audit verify --pki fleet-pki
+    """
+    with Authority(pki) as authority:
+        report = authority.registry.verify_audit()
+    if not report.ok:
+        err.print(f"error: audit chain broken at event #{report.broken_at}: {report.problem} "
+                  f"({authority.paths.registry})", markup=False)
+        raise typer.Exit(1)
+    out.print(f"audit chain ok: {report.count} events")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line per failure, DESIGN section 8 exit codes."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="fleet-provision", standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        _fail("aborted")
+        return 2
+    except typer.TyperException as exc:  # click's UsageError family, vendored by typer
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return 2  # the help text has been printed already
+        where = ctx.command_path if ctx is not None else "fleet-provision"
+        _fail(f"{exc.format_message()} ({where})")
+        return 2
+    except ProvisioningError as exc:
+        _fail(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

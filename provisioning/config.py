@@ -1,0 +1,115 @@
+"""``pki.toml``: the settings of one fleet's PKI, read into a frozen dataclass."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provisioning.errors import PKIError
+from provisioning.identity import is_valid_trust_domain
+
+DEFAULT_DAYS = 365
+DEFAULT_CRL_HOURS = 24
+_KNOWN = {
+    "trust_domain",
+    "organisation",
+    "default_days",
+    "crl_url",
+    "ocsp_url",
+    "crl_lifetime_hours",
+    "station_groups",
+}
+
+
+@dataclass(frozen=True)
+class PKIConfig:
+    """What every certificate and CRL of the fleet is built from."""
+
+    trust_domain: str
+    organisation: str
+    default_days: int = DEFAULT_DAYS
+    crl_url: str | None = None
+    ocsp_url: str | None = None
+    crl_lifetime_hours: int = DEFAULT_CRL_HOURS
+    # Device groups whose certificates may act as factory stations on the enrollment service.
+    station_groups: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not is_valid_trust_domain(self.trust_domain):
+            raise PKIError(
+                f"trust_domain: {self.trust_domain!r} is not a valid trust domain "
+                "(want a lowercase DNS-style name such as fleet.example.com)"
+            )
+        if not self.organisation.strip():
+            raise PKIError("organisation: must not be empty")
+        if not 1 <= self.default_days <= 36500:
+            raise PKIError(f"default_days: {self.default_days} is out of range (want 1-36500)")
+        if not 1 <= self.crl_lifetime_hours <= 24 * 366:
+            raise PKIError(
+                f"crl_lifetime_hours: {self.crl_lifetime_hours} is out of range (want 1-8784)"
+            )
+        for key in ("crl_url", "ocsp_url"):
+            url = getattr(self, key)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise PKIError(f"{key}: {url!r} is not an http(s) URL")
+
+    def to_toml(self) -> str:
+        """Serialise; TOML basic strings accept JSON string escapes, so json.dumps quotes."""
+        lines = [
+            "# Fleet PKI settings; read by every fleet-provision command.",
+            f"trust_domain = {json.dumps(self.trust_domain)}",
+            f"organisation = {json.dumps(self.organisation)}",
+            f"default_days = {self.default_days}",
+            f"crl_lifetime_hours = {self.crl_lifetime_hours}",
+        ]
+        for key in ("crl_url", "ocsp_url"):
+            value = getattr(self, key)
+            if value is None:
+                lines.append(f'# {key} = "http://ca.example.com:8443/{key.split("_")[0]}"')
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        groups = ", ".join(json.dumps(g) for g in self.station_groups)
+        lines.append(f"station_groups = [{groups}]")
+        return "\n".join(lines) + "\n"
+
+
+def load_config(path: Path) -> PKIConfig:
+    """Read and validate ``pki.toml``; errors name the key and the file."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PKIError("no PKI here: pki.toml is missing", str(path)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PKIError(f"pki.toml is not valid TOML: {exc}", str(path)) from exc
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise PKIError(f"unknown key {unknown[0]!r} in pki.toml", str(path))
+    try:
+        return PKIConfig(
+            trust_domain=_get(raw, "trust_domain", str),
+            organisation=_get(raw, "organisation", str),
+            default_days=_get(raw, "default_days", int, DEFAULT_DAYS),
+            crl_url=_get(raw, "crl_url", str, None),
+            ocsp_url=_get(raw, "ocsp_url", str, None),
+            crl_lifetime_hours=_get(raw, "crl_lifetime_hours", int, DEFAULT_CRL_HOURS),
+            station_groups=tuple(_get(raw, "station_groups", list, [])),
+        )
+    except PKIError as exc:
+        raise PKIError(exc.message, str(path)) from None
+
+
+_MISSING = object()
+
+
+def _get(raw: dict[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    if key not in raw:
+        if default is _MISSING:
+            raise PKIError(f"{key}: missing")
+        return default
+    value = raw[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PKIError(f"{key}: want {kind.__name__}, got {type(value).__name__}")
+    return value

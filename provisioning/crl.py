@@ -1,0 +1,99 @@
+"""Building and publishing the CRL: one at a time, numbered monotonically (RFC 5280 §5.2.3)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from provisioning.config import PKIConfig
+from provisioning.fsutil import atomic_write
+from provisioning.pki import IssuingCA
+from provisioning.registry import Transaction
+
+CRL_NUMBER_KEY = "crl_number"
+
+# RFC 5280 §5.3.1 names, as an operator types them.
+REASONS: dict[str, x509.ReasonFlags] = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "cACompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "certificateHold": x509.ReasonFlags.certificate_hold,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+    "aACompromise": x509.ReasonFlags.aa_compromise,
+}
+# certificateHold belongs to suspend/resume; removeFromCRL only exists in delta CRLs.
+REVOKE_REASONS = tuple(name for name in REASONS if name != "certificateHold")
+
+
+def reason_name(text: str) -> str | None:
+    """Canonical RFC 5280 name for *text*, forgiving case, '-' and '_' (key-compromise)."""
+    folded = text.replace("-", "").replace("_", "").lower()
+    for name in REVOKE_REASONS:
+        if name.lower() == folded:
+            return name
+    return None
+
+
+def _current_file_number(path: Path) -> int:
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except (FileNotFoundError, ValueError, x509.ExtensionNotFound):
+        return 0
+
+
+def publish_crl(
+    tx: Transaction, ca: IssuingCA, config: PKIConfig, crl_path: Path, now: dt.datetime,
+    extra_out: Path | None = None,
+) -> x509.CertificateRevocationList:
+    """Build the CRL from the registry as *tx* sees it and replace ``crl.pem`` atomically.
+
+    Called inside the write transaction that changed the revocation state, so two
+    processes can never publish out of order. The number is one past both the registry's
+    and the file's, which keeps it monotonic even if a crash fell between file and commit.
+    """
+    row = tx.execute("SELECT value FROM meta WHERE key = ?", (CRL_NUMBER_KEY,)).fetchone()
+    stored = int(row[0]) if row else 0
+    number = max(stored, _current_file_number(crl_path)) + 1
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(hours=config.crl_lifetime_hours))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca.ski),
+            critical=False,
+        )
+    )
+    rows = tx.execute(
+        "SELECT serial, status, revoked_at, reason FROM certificates "
+        "WHERE status IN ('revoked', 'on_hold') AND not_after > ? ORDER BY revoked_at, serial",
+        (now.strftime("%Y-%m-%dT%H:%M:%SZ"),),
+    ).fetchall()
+    for serial, status, revoked_at, reason in rows:
+        flag = REASONS["certificateHold"] if status == "on_hold" else REASONS.get(
+            reason or "unspecified", x509.ReasonFlags.unspecified)
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(serial, 16))
+            .revocation_date(dt.datetime.strptime(revoked_at, "%Y-%m-%dT%H:%M:%SZ")
+                             .replace(tzinfo=dt.UTC))
+        )
+        # RFC 5280 §5.3.1: omit reasonCode rather than use "unspecified".
+        if flag is not x509.ReasonFlags.unspecified:
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    crl = builder.sign(ca.key, hashes.SHA256())
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    atomic_write(crl_path, pem)
+    if extra_out is not None:
+        atomic_write(extra_out, pem)
+    tx.set_meta(CRL_NUMBER_KEY, str(number))
+    return crl

@@ -1,0 +1,49 @@
+"""The device identity convention, shared by the CA, the hub and the simulator.
+
+Pure functions only: the hub imports this module without the rest of the CA.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_DEVICE_ID_RE = re.compile(rf"^{DEVICE_ID_PATTERN}$")
+# A SPIFFE trust domain is a lowercase DNS-like name (SPIFFE ID spec, section 2.1).
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
+_SPIFFE_PREFIX = "spiffe://"
+_DEVICE_PATH = "/device/"
+
+
+def is_valid_device_id(value: str) -> bool:
+    """True when *value* may name a device (DESIGN section 1)."""
+    return _DEVICE_ID_RE.fullmatch(value) is not None
+
+
+def device_id_problem(value: str) -> str | None:
+    """Why *value* is not a device id, or None when it is one."""
+    if is_valid_device_id(value):
+        return None
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return f"{shown!r} is not a valid device id (want {DEVICE_ID_PATTERN}, 1-64 characters)"
+
+
+def is_valid_trust_domain(value: str) -> bool:
+    """True for a SPIFFE trust domain name such as ``fleet.example.com``."""
+    return _TRUST_DOMAIN_RE.fullmatch(value) is not None
+
+
+def spiffe_id(trust_domain: str, device_id: str) -> str:
+    """The SAN URI that names *device_id* in *trust_domain*."""
+    return f"{_SPIFFE_PREFIX}{trust_domain}{_DEVICE_PATH}{device_id}"
+
+
+def parse_spiffe_id(uri: str) -> tuple[str, str] | None:
+    """Split a device SPIFFE ID into (trust domain, device id); None when it is not one."""
+    if not uri.startswith(_SPIFFE_PREFIX):
+        return None
+    rest = uri[len(_SPIFFE_PREFIX) :]
+    domain, sep, device_id = rest.partition(_DEVICE_PATH)
+    if not sep or not is_valid_trust_domain(domain) or not is_valid_device_id(device_id):
+        return None
+    return domain, device_id

@@ -1,0 +1,274 @@
+"""Batch issuance: CSRs in, certificates out, each in the registry, on disk and in the log.
+
+Signing is CPU work done outside any transaction; the registry is written once per chunk in a
+single ``BEGIN IMMEDIATE`` transaction that re-checks every decision under the write lock, so
+concurrent ``sign`` processes neither duplicate nor lose anything. Output files are promised
+in ``pending_outputs`` inside that transaction and written right after the commit; a crash in
+between is finished by the next ``sign`` (:func:`finish_pending_outputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from provisioning.config import PKIConfig
+from provisioning.csr import CSRFormatError, CSRInput, parse_csr
+from provisioning.fsutil import atomic_write
+from provisioning.pki import IssuingCA
+from provisioning.policy import CSRContext, check, device_id_of
+from provisioning.profile import IssuablePublicKey, device_certificate, random_serial, validity
+from provisioning.registry import Registry, Transaction, operator
+from provisioning.timefmt import iso, utcnow
+
+CHUNK = 256
+Status = Literal["issued", "existing", "rejected"]
+
+
+@dataclass(frozen=True)
+class SignResult:
+    """The outcome for one CSR, as ``sign --json`` prints it."""
+
+    source: str
+    device_id: str | None
+    status: Status
+    serial: str | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "device_id": self.device_id, "status": self.status,
+                "serial": self.serial, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class SignOptions:
+    manifest: frozenset[str] | None = None
+    group: str | None = None
+    days: int | None = None
+    out_dir: Path | None = None
+    renew: bool = False
+
+
+@dataclass
+class _Candidate:
+    source: str
+    device_id: str
+    key_sha256: str
+    public_key: IssuablePublicKey
+    cert: x509.Certificate | None = None
+    result: SignResult | None = None
+    pem: str = field(default="")
+
+
+def public_key_sha256(public_key: IssuablePublicKey) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def serial_hex(serial: int) -> str:
+    """Lowercase hex, whole octets: the form ``openssl x509 -serial`` prints, lowercased."""
+    text = format(serial, "x")
+    return text if len(text) % 2 == 0 else "0" + text
+
+
+def parse_serial(text: str) -> int | None:
+    """Accept what operators paste: any case, with or without ':' separators or 0x."""
+    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        return int(cleaned, 16) if cleaned else None
+    except ValueError:
+        return None
+
+
+def output_bytes(cert_pem: str, ca: IssuingCA) -> bytes:
+    """``OUT/<device-id>.pem``: the device certificate followed by the issuing CA."""
+    return cert_pem.encode("ascii") + ca.chain_pem
+
+
+class Issuer:
+    """Signs CSRs for one PKI; ``progress`` is told after every committed chunk."""
+
+    def __init__(self, registry: Registry, ca: IssuingCA, config: PKIConfig,
+                 actor: str | None = None) -> None:
+        self.actor = actor or operator()
+        self.registry = registry
+        self.ca = ca
+        self.config = config
+
+    def sign(self, inputs: list[CSRInput], options: SignOptions,
+             progress: Callable[[list[SignResult]], None] | None = None) -> list[SignResult]:
+        self.finish_pending_outputs()
+        results: list[SignResult] = []
+        for start in range(0, len(inputs), CHUNK):
+            chunk = self._sign_chunk(inputs[start:start + CHUNK], options)
+            results.extend(chunk)
+            if progress is not None:
+                progress(chunk)
+        return results
+
+    def _sign_chunk(self, inputs: list[CSRInput], options: SignOptions) -> list[SignResult]:
+        now = utcnow()
+        slots: list[SignResult | _Candidate] = [self._screen(item, options) for item in inputs]
+        candidates = [s for s in slots if isinstance(s, _Candidate)]
+        known = self.registry.known_keys([(c.device_id, c.key_sha256) for c in candidates])
+        days = options.days or self.config.default_days
+        not_before, not_after = validity(self.ca, days, now)
+        for cand in candidates:
+            if (cand.device_id, cand.key_sha256) not in known:
+                self._mint(cand, not_before, not_after)
+        writes: list[tuple[Path, str]] = []
+        with self.registry.write(actor=self.actor) as tx:
+            for cand in candidates:
+                self._record(tx, cand, options, now, writes)
+        self._write_outputs(writes)
+        return [s if isinstance(s, SignResult) else _result(s) for s in slots]
+
+    def _screen(self, item: CSRInput, options: SignOptions) -> SignResult | _Candidate:
+        try:
+            csr = parse_csr(item.data)
+        except CSRFormatError as exc:
+            return SignResult(item.source, None, "rejected", reason=str(exc))
+        rejection = check(CSRContext(csr, self.config.trust_domain, options.manifest))
+        device_id = _cn_or_none(csr)
+        if rejection is not None:
+            return SignResult(item.source, device_id, "rejected", reason=str(rejection))
+        public_key = csr.public_key()
+        assert device_id is not None  # cn_is_device_id accepted it  # noqa: S101
+        return _Candidate(item.source, device_id, public_key_sha256(public_key), public_key)  # type: ignore[arg-type]
+
+    def _mint(self, cand: _Candidate, not_before: dt.datetime, not_after: dt.datetime) -> None:
+        cand.cert = device_certificate(self.ca, self.config, cand.device_id, cand.public_key,
+                                       random_serial(), not_before, not_after)
+        cand.pem = cand.cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+    def _record(self, tx: Transaction, cand: _Candidate, options: SignOptions,
+                now: dt.datetime, writes: list[tuple[Path, str]]) -> None:
+        """Decide under the write lock; the read-only pre-check may be stale."""
+        device = tx.execute('SELECT status, "group" FROM devices WHERE device_id = ?',
+                            (cand.device_id,)).fetchone()
+        if device is not None and device[0] != "active":
+            cand.result = _reject(cand, f"device-{device[0]}: device {cand.device_id!r} is "
+                                  f"{device[0]}; want an active device")
+            return
+        same = tx.execute(
+            "SELECT serial, status, pem FROM certificates WHERE device_id = ? AND "
+            "public_key_sha256 = ? ORDER BY issued_at DESC LIMIT 1",
+            (cand.device_id, cand.key_sha256)).fetchone()
+        if same is not None:
+            serial, status, pem = same
+            if status in ("revoked", "on_hold"):
+                cand.result = _reject(cand, f"key-{status.replace('_', '-')}: the certificate "
+                                      f"for this key ({serial}) is {status}; make a new key")
+                return
+            cand.result = SignResult(cand.source, cand.device_id, "existing", serial)
+            self._promise(tx, options, cand.device_id, serial, pem, writes)
+            return
+        current = tx.execute(
+            "SELECT serial FROM certificates WHERE device_id = ? AND status IN "
+            "('active', 'on_hold')", (cand.device_id,)).fetchall()
+        if current and not options.renew:
+            cand.result = _reject(cand, f"has-certificate: device {cand.device_id!r} already "
+                                  f"has active certificate {current[0][0]} for another key; "
+                                  "use --renew to replace it")
+            return
+        if cand.cert is None:  # the pre-check saw this key, but it has gone since: mint now
+            self._mint(cand, *validity(self.ca, options.days or self.config.default_days, now))
+        assert cand.cert is not None  # noqa: S101
+        stamp = iso(now)
+        if device is None:
+            tx.execute('INSERT INTO devices (device_id, status, "group", created_at, '
+                       "updated_at, metadata) VALUES (?, 'active', ?, ?, ?, '{}')",
+                       (cand.device_id, options.group, stamp, stamp))
+            tx.audit(stamp, "device.create", cand.device_id, None, {"group": options.group})
+        elif options.group is not None and device[1] != options.group:
+            tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
+                       (options.group, stamp, cand.device_id))
+            tx.audit(stamp, "device.group", cand.device_id, None,
+                     {"from": device[1], "to": options.group})
+        for (old,) in current:
+            tx.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", (old,))
+            tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"})
+        serial = self._insert(tx, cand, stamp)
+        tx.audit(stamp, "certificate.issue", cand.device_id, serial,
+                 {"source": cand.source, "renewal": bool(current),
+                  "not_after": iso(cand.cert.not_valid_after_utc)})
+        cand.result = SignResult(cand.source, cand.device_id, "issued", serial)
+        self._promise(tx, options, cand.device_id, serial, cand.pem, writes)
+
+    def _insert(self, tx: Transaction, cand: _Candidate, stamp: str) -> str:
+        """Insert the row; a serial collision (2^-159 odds) is re-minted, never reused."""
+        while True:
+            assert cand.cert is not None  # noqa: S101
+            serial = serial_hex(cand.cert.serial_number)
+            fingerprint = cand.cert.fingerprint(hashes.SHA256()).hex()
+            try:
+                tx.execute(
+                    "INSERT INTO certificates (serial, device_id, fingerprint, "
+                    "public_key_sha256, not_before, not_after, status, issued_at, pem) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)",
+                    (serial, cand.device_id, fingerprint, cand.key_sha256,
+                     iso(cand.cert.not_valid_before_utc), iso(cand.cert.not_valid_after_utc),
+                     stamp, cand.pem))
+            except sqlite3.IntegrityError:
+                self._mint(cand, cand.cert.not_valid_before_utc, cand.cert.not_valid_after_utc)
+                continue
+            return serial
+
+    def _promise(self, tx: Transaction, options: SignOptions, device_id: str, serial: str,
+                 pem: str, writes: list[tuple[Path, str]]) -> None:
+        if options.out_dir is None:
+            return
+        path = (options.out_dir / f"{device_id}.pem").absolute()
+        tx.execute("INSERT OR REPLACE INTO pending_outputs (path, serial) VALUES (?, ?)",
+                   (str(path), serial))
+        writes.append((path, pem))
+
+    def _write_outputs(self, writes: list[tuple[Path, str]]) -> None:
+        if not writes:
+            return
+        for path, pem in writes:
+            # No fsync per file: the registry holds the PEM and the promise, so a lost
+            # file is rewritten by the next sign; the batch stays fast.
+            atomic_write(path, output_bytes(pem, self.ca), sync=False)
+        with self.registry.write(actor=self.actor) as tx:
+            tx.executemany("DELETE FROM pending_outputs WHERE path = ?",
+                           [(str(p),) for p, _ in writes])
+
+    def finish_pending_outputs(self) -> int:
+        """Write the files an interrupted run committed but did not get to write."""
+        rows = self.registry.conn.execute(
+            "SELECT p.path, c.pem FROM pending_outputs p JOIN certificates c "
+            "ON c.serial = p.serial").fetchall()
+        writes = [(Path(path), pem) for path, pem in rows]
+        for path, _ in writes:
+            for stray in path.parent.glob(f".{path.name}.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    stray.unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_outputs(writes)
+        return len(writes)
+
+
+def _result(cand: _Candidate) -> SignResult:
+    assert cand.result is not None  # noqa: S101
+    return cand.result
+
+
+def _reject(cand: _Candidate, reason: str) -> SignResult:
+    return SignResult(cand.source, cand.device_id, "rejected", reason=reason)
+
+
+def _cn_or_none(csr: x509.CertificateSigningRequest) -> str | None:
+    with contextlib.suppress(IndexError, ValueError):
+        return device_id_of(csr)
+    return None

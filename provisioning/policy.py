@@ -1,0 +1,197 @@
+"""CSR policy as a chain of small named rules, each failing with what it got and wanted."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from provisioning.errors import UsageError
+from provisioning.identity import device_id_problem, is_valid_device_id, spiffe_id
+
+RSA_MIN_BITS = 2048
+RSA_MAX_BITS = 8192
+ALLOWED_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a CSR was refused: a stable code for machines and a sentence for people."""
+
+    code: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CSRContext:
+    """What the rules look at: the request, and the fleet it asks to join."""
+
+    csr: x509.CertificateSigningRequest
+    trust_domain: str
+    manifest: frozenset[str] | None
+
+
+Rule = Callable[[CSRContext], Rejection | None]
+
+
+def describe_key(key: object) -> str:
+    """A short human name for a public key type, e.g. ``EC secp256k1`` or ``RSA 1024``."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    return type(key).__name__.removeprefix("_").replace("PublicKey", "")
+
+
+def key_type_allowed(ctx: CSRContext) -> Rejection | None:
+    """Keys of DESIGN section 1 only: EC P-256/P-384, Ed25519, RSA 2048-8192."""
+    try:
+        key = ctx.csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return Rejection("key-type", f"unsupported public key ({exc}); want EC P-256/P-384, "
+                         "Ed25519 or RSA 2048-8192")
+    want = "want EC P-256/P-384, Ed25519 or RSA 2048-8192"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in ALLOWED_CURVES:
+            return None
+        return Rejection("key-type", f"got EC curve {key.curve.name}, {want}")
+    if isinstance(key, rsa.RSAPublicKey):
+        if RSA_MIN_BITS <= key.key_size <= RSA_MAX_BITS:
+            return None
+        return Rejection("key-size", f"got RSA {key.key_size} bits, {want}")
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return None
+    return Rejection("key-type", f"got {describe_key(key)} key, {want}")
+
+
+def signature_valid(ctx: CSRContext) -> Rejection | None:
+    """Proof of possession: the CSR must be signed by the key it carries (RFC 2986 §3)."""
+    try:
+        ok = ctx.csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return Rejection("bad-signature", f"CSR signature cannot be checked: {exc}")
+    return None if ok else Rejection("bad-signature", "CSR signature does not verify")
+
+
+def extensions_readable(ctx: CSRContext) -> Rejection | None:
+    """Malformed or duplicate requested extensions make every later check unreliable."""
+    try:
+        _ = ctx.csr.extensions
+    except ValueError as exc:
+        return Rejection("bad-extensions", f"requested extensions are malformed: {exc}")
+    return None
+
+
+def not_a_ca(ctx: CSRContext) -> Rejection | None:
+    """A device never becomes a CA, whatever it asks for."""
+    try:
+        bc = ctx.csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    if bc.ca:
+        return Rejection("ca-requested", "CSR asks for BasicConstraints CA:TRUE, want CA:FALSE")
+    return None
+
+
+def _common_names(csr: x509.CertificateSigningRequest) -> list[str]:
+    # cryptography warns on an over-long CN; the rule below reports it as a rejection.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        attrs = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return [a.value if isinstance(a.value, str) else a.value.decode("utf-8", "replace")
+            for a in attrs]
+
+
+def cn_is_device_id(ctx: CSRContext) -> Rejection | None:
+    """The subject carries exactly one CN, and it is a valid device id."""
+    cns = _common_names(ctx.csr)
+    if len(cns) != 1:
+        return Rejection("bad-cn", f"subject has {len(cns)} CN attributes, want exactly 1")
+    problem = device_id_problem(cns[0])
+    return Rejection("bad-cn", f"CN {problem}") if problem else None
+
+
+def san_matches_cn(ctx: CSRContext) -> Rejection | None:
+    """A requested SAN may only repeat the identity the CN names, never another one."""
+    try:
+        san = ctx.csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    device_id = device_id_of(ctx.csr)
+    want_uri = spiffe_id(ctx.trust_domain, device_id)
+    for name in san:
+        if isinstance(name, x509.UniformResourceIdentifier):
+            if name.value != want_uri:
+                return Rejection("san-mismatch", f"SAN URI {name.value!r} contradicts CN "
+                                 f"{device_id!r}, want {want_uri!r}")
+        elif isinstance(name, x509.DNSName):
+            if name.value != device_id:
+                return Rejection("san-mismatch", f"SAN DNS {name.value!r} contradicts CN "
+                                 f"{device_id!r}")
+        else:
+            return Rejection("san-mismatch", f"SAN entry {name!r} is not allowed, want only "
+                             f"URI {want_uri!r}")
+    return None
+
+
+def in_manifest(ctx: CSRContext) -> Rejection | None:
+    """With a production manifest, only the devices on it are issued certificates."""
+    if ctx.manifest is None:
+        return None
+    device_id = device_id_of(ctx.csr)
+    if device_id in ctx.manifest:
+        return None
+    return Rejection("not-in-manifest", f"device {device_id!r} is not in the manifest")
+
+
+RULES: Sequence[Rule] = (
+    key_type_allowed,
+    signature_valid,
+    extensions_readable,
+    not_a_ca,
+    cn_is_device_id,
+    san_matches_cn,
+    in_manifest,
+)
+
+
+def check(ctx: CSRContext, rules: Sequence[Rule] = RULES) -> Rejection | None:
+    """The first rule that refuses the CSR, or None when all accept it."""
+    for rule in rules:
+        rejection = rule(ctx)
+        if rejection is not None:
+            return rejection
+    return None
+
+
+def device_id_of(csr: x509.CertificateSigningRequest) -> str:
+    """The CN; only meaningful after :func:`cn_is_device_id` accepted it."""
+    return _common_names(csr)[0]
+
+
+def load_manifest(path: Path) -> frozenset[str]:
+    """One device id a line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError("manifest not found", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"manifest cannot be read: {exc}", str(path)) from exc
+    ids: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not is_valid_device_id(line):
+            raise UsageError(f"manifest line {number}: {device_id_problem(line)}", str(path))
+        ids.add(line)
+    return frozenset(ids)

@@ -1,0 +1,270 @@
+"""The SQLite registry: devices, certificates and the audit log, every write one transaction."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import socket
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from provisioning.audit import GENESIS, HEAD_KEY, ChainReport, seal, verify_chain
+from provisioning.errors import RegistryError
+
+SCHEMA_VERSION = 1
+# Long enough to ride out another process's batch; "database is locked" must never surface.
+BUSY_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    serial: str
+    device_id: str
+    fingerprint: str
+    public_key_sha256: str
+    not_before: str
+    not_after: str
+    status: str
+    revoked_at: str | None
+    reason: str | None
+    issued_at: str
+    pem: str
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device_id: str
+    status: str
+    group: str | None
+    created_at: str
+    updated_at: str
+    metadata: dict[str, Any]
+
+
+# A constant, never user input: the f-strings that use it are safe.
+_CERT_COLUMNS = ("serial, device_id, fingerprint, public_key_sha256, not_before, not_after, "
+                 "status, revoked_at, reason, issued_at, pem")
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    devices, certificates = db.table("devices"), db.table("certificates")
+    events = db.table("events")
+    devices.create(
+        {"device_id": str, "status": str, "group": str, "created_at": str,
+         "updated_at": str, "metadata": str, "password_hash": str},
+        pk="device_id", not_null={"status", "created_at", "updated_at", "metadata"},
+    )
+    certificates.create(
+        {"serial": str, "device_id": str, "fingerprint": str, "public_key_sha256": str,
+         "not_before": str, "not_after": str, "status": str, "revoked_at": str,
+         "reason": str, "hold_prior_status": str, "issued_at": str, "pem": str},
+        pk="serial", foreign_keys=[("device_id", "devices", "device_id")],
+        not_null={"device_id", "fingerprint", "public_key_sha256", "not_before",
+                  "not_after", "status", "issued_at", "pem"},
+    )
+    certificates.create_index(["device_id", "public_key_sha256"])
+    certificates.create_index(["fingerprint"], unique=True)
+    events.create(
+        {"id": int, "time": str, "actor": str, "action": str, "device_id": str,
+         "serial": str, "detail": str, "prev_hash": str, "hash": str},
+        pk="id", not_null={"time", "actor", "action", "detail", "prev_hash", "hash"},
+    )
+    events.create_index(["device_id"])
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    # Files the registry promised to write: finished by the next sign after a crash.
+    db.table("pending_outputs").create({"path": str, "serial": str}, pk="path")
+
+
+_MIGRATIONS = {1: _migrate_v1}
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+class Registry:
+    """One open registry; write with ``with registry.write() as tx:``."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        if not create and not path.is_file():
+            raise RegistryError("registry.db is missing", str(path))
+        self.path = path
+        try:
+            self.conn = connect(path)
+            self.db = sqlite_utils.Database(self.conn)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"registry cannot be opened: {exc}", str(path)) from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"registry schema v{version} is newer than this tool (v{SCHEMA_VERSION})",
+                str(self.path),
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._transaction():
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[target](self.db)
+                self.conn.execute(f"PRAGMA user_version = {target}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write(self, actor: str) -> Iterator[Transaction]:
+        """One atomic unit: rows and their audit events commit together or not at all."""
+        try:
+            with self._transaction():
+                tx = Transaction(self.conn, actor)
+                yield tx
+                tx.flush()
+        except sqlite3.OperationalError as exc:
+            raise RegistryError(f"registry write failed: {exc}", str(self.path)) from exc
+
+    # -- reads -------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> DeviceRow | None:
+        row = self.conn.execute(
+            'SELECT device_id, status, "group", created_at, updated_at, metadata '
+            "FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return _device(row) if row else None
+
+    def devices(self, status: str | None = None) -> list[DeviceRow]:
+        sql = ('SELECT device_id, status, "group", created_at, updated_at, metadata '
+               "FROM devices")
+        args: tuple[str, ...] = ()
+        if status:
+            sql += " WHERE status = ?"
+            args = (status,)
+        return [_device(r) for r in self.conn.execute(sql + " ORDER BY device_id", args)]
+
+    def certificates(self, device_id: str | None = None) -> list[CertificateRow]:
+        sql = f"SELECT {_CERT_COLUMNS} FROM certificates"  # noqa: S608
+        args: tuple[str, ...] = ()
+        if device_id is not None:
+            sql += " WHERE device_id = ?"
+            args = (device_id,)
+        return [CertificateRow(*r) for r in
+                self.conn.execute(sql + " ORDER BY issued_at, rowid", args)]
+
+    def certificate(self, serial: str) -> CertificateRow | None:
+        row = self.conn.execute(
+            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?",  # noqa: S608
+            (serial,)
+        ).fetchone()
+        return CertificateRow(*row) if row else None
+
+    def known_keys(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (device id, public-key hash) pairs already have a certificate."""
+        found: set[tuple[str, str]] = set()
+        for device_id, key_hash in pairs:
+            if self.conn.execute(
+                "SELECT 1 FROM certificates WHERE device_id = ? AND public_key_sha256 = ?",
+                (device_id, key_hash),
+            ).fetchone():
+                found.add((device_id, key_hash))
+        return found
+
+    def verify_audit(self) -> ChainReport:
+        return verify_chain(self.conn)
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+
+def _device(row: tuple[Any, ...]) -> DeviceRow:
+    return DeviceRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5] or "{}"))
+
+
+class Transaction:
+    """Writes inside one ``BEGIN IMMEDIATE``; the audit head is read under the same lock."""
+
+    def __init__(self, conn: sqlite3.Connection, actor: str) -> None:
+        self.conn = conn
+        self.actor = actor
+        head = conn.execute("SELECT value FROM meta WHERE key = ?", (HEAD_KEY,)).fetchone()
+        if head:
+            last_id, _, last_hash = head[0].partition(":")
+            self._last_id, self._last_hash = int(last_id), last_hash
+        else:
+            self._last_id, self._last_hash = 0, GENESIS
+        self._events: list[tuple[Any, ...]] = []
+
+    def audit(self, time: str, action: str, device_id: str | None = None,
+              serial: str | None = None, detail: dict[str, Any] | None = None) -> None:
+        text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"))
+        event_id = self._last_id + 1
+        digest = seal(event_id, time, self.actor, action, device_id, serial, text,
+                      self._last_hash)
+        self._events.append((event_id, time, self.actor, action, device_id, serial, text,
+                             self._last_hash, digest))
+        self._last_id, self._last_hash = event_id, digest
+
+    def flush(self) -> None:
+        """Write queued events and the new head, just before the commit."""
+        if not self._events:
+            return
+        self.conn.executemany(
+            "INSERT INTO events (id, time, actor, action, device_id, serial, detail, "
+            "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self._events)
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (HEAD_KEY, f"{self._last_id}:{self._last_hash}"),
+        )
+        self._events.clear()
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, args)
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+
+def operator() -> str:
+    """Who acts, for the audit log: the OS user and host of the operator's shell."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"

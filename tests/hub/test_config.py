@@ -1,0 +1,529 @@
+"""Loading hub.toml: DESIGN section 5's keys, defaults, path resolution and exact error lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from pathlib import Path
+
+import pytest
+
+from hub.acl import AclPolicy, AclRules
+from hub.config import (
+    AuditConfig,
+    AuthConfig,
+    BindAddress,
+    HubConfig,
+    ListenerConfig,
+    MetricsConfig,
+    RevocationConfig,
+    load_config,
+    parse_bind,
+)
+from hub.errors import ConfigError, HubError, InvalidValueError
+
+ANY_HOST = "0.0.0.0"  # noqa: S104 - DESIGN's default bind is every interface
+
+LISTENER = """\
+[listener]
+server_cert = "pki/server.pem"
+server_key = "pki/server.key"
+client_ca = "pki/ca-chain.pem"
+"""
+
+DESIGN_EXAMPLE = """\
+[listener]
+bind = "0.0.0.0:8883"
+server_cert = "pki/server.pem"
+server_key = "pki/server.key"
+client_ca = "pki/ca-chain.pem"
+
+[revocation]
+registry = "pki/registry.db"   # watched: same-host registry
+crl = "pki/crl.pem"
+refresh_seconds = 1
+
+[auth]
+client_id = "must-match"
+password = false
+
+[acl]
+publish = ["devices/{device_id}/#"]
+subscribe = ["devices/{device_id}/#", "fleet/broadcast/#"]
+
+[acl.groups.operators]
+subscribe = ["#"]
+
+[audit]
+path = "hub-audit.db"
+
+[metrics]
+bind = "127.0.0.1:9883"
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A folder holding a PKI subfolder with the files the listener needs."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for name in ("server.pem", "server.key", "ca-chain.pem", "registry.db", "crl.pem"):
+        (pki / name).write_text("placeholder\n")
+    return tmp_path
+
+
+def _write(site: Path, text: str) -> Path:
+    path = site / "hub.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_designs_example_loads(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN section 5's example loads, with paths resolved against the config's folder."""
+    path = _write(site, DESIGN_EXAMPLE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative paths must not depend on the working directory
+    pki = site / "pki"
+    assert load_config(path) == HubConfig(
+        listener=ListenerConfig(
+            server_cert=pki / "server.pem",
+            server_key=pki / "server.key",
+            client_ca=pki / "ca-chain.pem",
+            bind=BindAddress(ANY_HOST, 8883),
+        ),
+        revocation=RevocationConfig(registry=pki / "registry.db", crl_file=pki / "crl.pem"),
+        audit=AuditConfig(site / "hub-audit.db"),
+        auth=AuthConfig(client_id="must-match", password=False),
+        acl=AclPolicy.default(),
+        metrics=MetricsConfig(BindAddress("127.0.0.1", 9883)),
+        source=path,
+    )
+
+
+def test_relative_config_path_resolves_against_its_folder(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config named relative to the working directory still yields absolute paths."""
+    _write(site, LISTENER)
+    monkeypatch.chdir(site)
+    config = load_config("hub.toml")
+    assert config.listener.server_cert == site / "pki" / "server.pem"
+    assert config.audit.path == site / "hub-audit.db"
+    assert config.source == Path("hub.toml")
+
+
+def test_defaults(site: Path) -> None:
+    """Only [listener]'s files are required; everything else has a documented default."""
+    config = load_config(_write(site, LISTENER))
+    assert config.listener.bind == BindAddress(ANY_HOST, 8883)
+    assert config.listener.handshake_timeout == 10.0
+    assert config.listener.min_tls == "1.2"
+    assert config.listener.min_tls_version is ssl.TLSVersion.TLSv1_2
+    assert config.revocation == RevocationConfig(None, None, None, 1.0)
+    assert config.auth == AuthConfig("must-match", password=False)
+    assert config.acl == AclPolicy()  # deny everything
+    assert config.audit.path == site / "hub-audit.db"
+    assert config.metrics.bind is None
+
+
+def test_optional_values(site: Path) -> None:
+    """Every optional key is read: timeouts, TLS 1.3, a CRL URL, absolute paths, groups."""
+    audit = site / "abs" / "audit.db"
+    text = LISTENER + f"""\
+bind = "[::1]:0"
+handshake_timeout = 2.5
+min_tls = "1.3"
+
+[revocation]
+crl = "https://ca.example.com/crl.der"
+refresh_seconds = 0.25
+
+[auth]
+password = true
+
+[acl]
+publish = ["devices/{{device_id}}/#"]
+
+[acl.groups.line-7]
+publish = ["lines/{{group}}/{{device_id}}"]
+
+[acl.groups.empty]
+
+[audit]
+path = "{audit}"
+
+[metrics]
+bind = "localhost:9100"
+"""
+    config = load_config(_write(site, text))
+    assert config.listener.bind == BindAddress("::1", 0)
+    assert config.listener.handshake_timeout == 2.5
+    assert config.listener.min_tls_version is ssl.TLSVersion.TLSv1_3
+    assert config.revocation == RevocationConfig(
+        crl_url="https://ca.example.com/crl.der", refresh_seconds=0.25
+    )
+    assert config.auth.password is True
+    assert config.acl.groups == {
+        "line-7": AclRules.of(publish=["lines/{group}/{device_id}"]),
+        "empty": AclRules(),
+    }
+    assert config.acl.may_publish("d1", "line-7", "lines/line-7/d1")
+    assert config.audit.path == audit
+    assert config.metrics.bind == BindAddress("localhost", 9100)
+
+
+def test_config_is_frozen(site: Path) -> None:
+    """The loaded config cannot be changed behind the hub's back."""
+    config = load_config(_write(site, LISTENER))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.auth = AuthConfig(password=True)  # type: ignore[misc]
+
+
+BAD_CONFIGS = [
+    pytest.param(
+        LISTENER + '[acl]\npublish = ["devices/{device_id}/#", "devices/#/x"]\n',
+        'acl.publish[1]: "devices/#/x" is not a valid topic filter: \'#\' must be last',
+        id="bad-filter",
+    ),
+    pytest.param(
+        LISTENER + '[acl]\nsubscribe = ["devices/{id}/#"]\n',
+        'acl.subscribe[0]: "devices/{id}/#" uses the unknown placeholder {id} '
+        "(want {device_id} or {group})",
+        id="unknown-placeholder",
+    ),
+    pytest.param(
+        LISTENER + "[acl]\nsubscribe = [1]\n",
+        "acl.subscribe[0]: want a topic filter string, got integer 1",
+        id="filter-not-a-string",
+    ),
+    pytest.param(
+        LISTENER + '[acl]\npublish = "devices/#"\n',
+        'acl.publish: want an array of topic filters, got string "devices/#"',
+        id="filters-not-an-array",
+    ),
+    pytest.param(
+        LISTENER + '[acl.groups.operators]\nsubscribe = ["$SYS/#"]\n',
+        'acl.groups.operators.subscribe[0]: "$SYS/#" can never be granted: '
+        "$SYS is closed to devices",
+        id="group-sys",
+    ),
+    pytest.param(
+        LISTENER + '[acl.groups.operators]\nsubscibe = ["#"]\n',
+        "acl.groups.operators.subscibe: unknown key (want one of: publish, subscribe)",
+        id="group-unknown-key",
+    ),
+    pytest.param(
+        LISTENER + '[acl.groups."night shift"]\nsubscribe = ["#"]\n',
+        'acl.groups."night shift": not a group name (want [A-Za-z0-9][A-Za-z0-9._-]{0,63})',
+        id="group-bad-name",
+    ),
+    pytest.param(
+        LISTENER + "[acl]\ngroups = 3\n",
+        "acl.groups: want a table of [acl.groups.NAME] sections, got integer 3",
+        id="groups-not-a-table",
+    ),
+    pytest.param(
+        LISTENER + "[listner]\n",
+        "listner: unknown section (want one of: acl, audit, auth, listener, metrics, revocation)",
+        id="unknown-section",
+    ),
+    pytest.param(
+        LISTENER + 'bnid = "0.0.0.0:1"\n',
+        "listener.bnid: unknown key (want one of: bind, client_ca, handshake_timeout, min_tls, "
+        "server_cert, server_key)",
+        id="unknown-key",
+    ),
+    pytest.param(
+        'listener = "0.0.0.0:8883"\n',
+        'listener: want a table, got string "0.0.0.0:8883"',
+        id="section-not-a-table",
+    ),
+    pytest.param(
+        '[listener]\nserver_key = "pki/server.key"\nclient_ca = "pki/ca-chain.pem"\n',
+        "listener.server_cert: missing (want a path to a PEM file)",
+        id="missing-key",
+    ),
+    pytest.param(
+        "",
+        "listener.server_cert: missing (want a path to a PEM file)",
+        id="empty-file",
+    ),
+    pytest.param(
+        LISTENER.replace("server.key", "sever.key"),
+        "listener.server_key: no such file: {site}/pki/sever.key",
+        id="missing-file",
+    ),
+    pytest.param(
+        LISTENER.replace("pki/ca-chain.pem", "pki"),
+        "listener.client_ca: not a file: {site}/pki",
+        id="directory-not-file",
+    ),
+    pytest.param(
+        LISTENER.replace('"pki/server.pem"', '""'),
+        "listener.server_cert: want a path, got an empty string",
+        id="empty-path",
+    ),
+    pytest.param(
+        LISTENER + "bind = 8883\n",
+        'listener.bind: want a string "HOST:PORT", got integer 8883',
+        id="bind-wrong-type",
+    ),
+    pytest.param(
+        LISTENER + 'bind = "0.0.0.0:99999"\n',
+        'listener.bind: "0.0.0.0:99999" is not HOST:PORT: '
+        'the port must be a number from 0 to 65535, got "99999"',
+        id="bad-port",
+    ),
+    pytest.param(
+        LISTENER + 'bind = "::1:8883"\n',
+        'listener.bind: "::1:8883" is not HOST:PORT: '
+        "write an IPv6 address in brackets, as in [::1]:8883",
+        id="ipv6-without-brackets",
+    ),
+    pytest.param(
+        LISTENER + "[metrics]\nbind = \"metrics host:9883\"\n",
+        'metrics.bind: "metrics host:9883" is not HOST:PORT: '
+        '"metrics host" is not a host name or an IP address',
+        id="metrics-bad-host",
+    ),
+    pytest.param(
+        LISTENER + 'min_tls = "1.1"\n',
+        'listener.min_tls: want "1.2" or "1.3", got "1.1"',
+        id="min-tls",
+    ),
+    pytest.param(
+        LISTENER + "min_tls = 1.3\n",
+        'listener.min_tls: want the string "1.2" or "1.3", got float 1.3',
+        id="min-tls-number",
+    ),
+    pytest.param(
+        LISTENER + "handshake_timeout = -1\n",
+        "listener.handshake_timeout: want a number of seconds above 0, got integer -1",
+        id="negative-timeout",
+    ),
+    pytest.param(
+        LISTENER + "[revocation]\nrefresh_seconds = 0\n",
+        "revocation.refresh_seconds: want a number of seconds above 0, got integer 0",
+        id="zero-refresh",
+    ),
+    pytest.param(
+        LISTENER + "[revocation]\nrefresh_seconds = nan\n",
+        "revocation.refresh_seconds: want a number of seconds above 0, got float nan",
+        id="nan-refresh",
+    ),
+    pytest.param(
+        LISTENER + "[revocation]\nrefresh_seconds = true\n",
+        "revocation.refresh_seconds: want a number of seconds, got boolean true",
+        id="bool-is-not-a-number",
+    ),
+    pytest.param(
+        LISTENER + '[revocation]\ncrl = "ftp://ca.example.com/crl.pem"\n',
+        'revocation.crl: want a path or an http(s) URL, got "ftp://ca.example.com/crl.pem"',
+        id="crl-bad-scheme",
+    ),
+    pytest.param(
+        LISTENER + '[auth]\nclient_id = "any"\n',
+        'auth.client_id: want "must-match" (the only mode), got "any"',
+        id="client-id-mode",
+    ),
+    pytest.param(
+        LISTENER + '[auth]\npassword = "yes"\n',
+        'auth.password: want true or false, got string "yes"',
+        id="password-not-bool",
+    ),
+    pytest.param(
+        LISTENER + "[audit]\npath = 1\n",
+        "audit.path: want a path, got integer 1",
+        id="audit-path-type",
+    ),
+    pytest.param(
+        LISTENER + "[audit]\nfile = \"x.db\"\n",
+        "audit.file: unknown key (want one of: path)",
+        id="audit-unknown-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
+def test_bad_configs_name_the_key_and_the_file(site: Path, text: str, message: str) -> None:
+    """Each bad config is one ConfigError line: `<key path>: <what is wrong> (<file>)`."""
+    path = _write(site, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{message.replace('{site}', str(site))} ({path})"
+    assert info.value.path == path
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    """A missing config file is named, without a key path."""
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"cannot read the config: No such file or directory ({path})"
+    assert info.value.key == ""
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    """A TOML syntax error keeps tomllib's line and column."""
+    path = tmp_path / "hub.toml"
+    path.write_text("[listener\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith("the config is not valid TOML: ")
+    assert "line 1" in str(info.value)
+    assert str(info.value).endswith(f"({path})")
+
+
+def test_config_not_utf8(tmp_path: Path) -> None:
+    """A config that is not UTF-8 text is refused with the reason."""
+    path = tmp_path / "hub.toml"
+    path.write_bytes(b"[listener]\nbind = \"\xff\"\n")
+    with pytest.raises(ConfigError, match=r"^the config is not UTF-8 text: invalid start byte"):
+        load_config(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_bind
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0.0.0.0:8883", (ANY_HOST, 8883)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("localhost:1883", ("localhost", 1883)),
+        ("hub.example.com:65535", ("hub.example.com", 65535)),
+        ("[::1]:8883", ("::1", 8883)),
+        ("[::]:8883", ("::", 8883)),
+        ("[fe80::1%eth0]:8883", ("fe80::1%eth0", 8883)),
+    ],
+)
+def test_parse_bind(value: str, expected: tuple[str, int]) -> None:
+    """HOST:PORT and [IPv6]:PORT parse to (host, port) and print back the same."""
+    bind = parse_bind(value)
+    assert bind == expected
+    host, port = bind
+    assert (host, port) == expected
+    assert str(bind) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("8883", "the port is missing"),
+        ("localhost", "the port is missing"),
+        (":8883", "the host is missing"),
+        ("localhost:", 'the port must be a number from 0 to 65535, got ""'),
+        ("localhost:http", 'the port must be a number from 0 to 65535, got "http"'),
+        ("localhost:-1", 'the port must be a number from 0 to 65535, got "-1"'),
+        ("localhost:+80", 'the port must be a number from 0 to 65535, got "+80"'),
+        ("localhost:65536", 'the port must be a number from 0 to 65535, got "65536"'),
+        ("localhost: 80", 'the port must be a number from 0 to 65535, got " 80"'),
+        ("::1:8883", "write an IPv6 address in brackets, as in [::1]:8883"),
+        ("[1.2.3.4]:8883", '"1.2.3.4" is not an IPv6 address'),
+        ("[zz]:8883", '"zz" is not an IPv6 address'),
+        ("bad_host:1", '"bad_host" is not a host name or an IP address'),
+        ("-lead.example:1", '"-lead.example" is not a host name or an IP address'),
+    ],
+)
+def test_parse_bind_refuses(value: str, why: str) -> None:
+    """A bad address says what is wrong with it."""
+    with pytest.raises(InvalidValueError) as info:
+        parse_bind(value)
+    assert str(info.value) == f'"{value}" is not HOST:PORT: {why}'
+
+
+# ---------------------------------------------------------------------------------------------
+# HubConfig.from_pki
+
+
+def test_from_pki_defaults(site: Path) -> None:
+    """`serve --pki DIR` draws every file from the PKI folder, with DESIGN's default ACL."""
+    pki = site / "pki"
+    assert HubConfig.from_pki(pki) == HubConfig(
+        listener=ListenerConfig(
+            pki / "server.pem", pki / "server.key", pki / "ca-chain.pem",
+            bind=BindAddress(ANY_HOST, 8883),
+        ),
+        revocation=RevocationConfig(registry=pki / "registry.db", crl_file=pki / "crl.pem"),
+        audit=AuditConfig(pki / "hub-audit.db"),
+        acl=AclPolicy.default(),
+        metrics=MetricsConfig(BindAddress("127.0.0.1", 9883)),
+    )
+
+
+def test_from_pki_bind(site: Path) -> None:
+    """--bind overrides the listener address, as a string or a BindAddress."""
+    pki = site / "pki"
+    assert HubConfig.from_pki(pki, "127.0.0.1:0").listener.bind == ("127.0.0.1", 0)
+    assert HubConfig.from_pki(pki, BindAddress("::1", 1)).listener.bind == ("::1", 1)
+
+
+def test_from_pki_with_a_crl_only(site: Path) -> None:
+    """A gateway holding the CA bundle and a CRL, but no registry, still gets a config."""
+    (site / "pki" / "registry.db").unlink()
+    revocation = HubConfig.from_pki(site / "pki").revocation
+    assert revocation.registry is None
+    assert revocation.crl_file == site / "pki" / "crl.pem"
+
+
+@pytest.mark.parametrize(
+    ("remove", "bind", "message"),
+    [
+        ("server.pem", None,
+         "--pki: no such file: {pki}/server.pem; make it with fleet-provision server-cert ({pki})"),
+        ("server.key", None,
+         "--pki: no such file: {pki}/server.key; make it with fleet-provision server-cert ({pki})"),
+        ("ca-chain.pem", None, "--pki: no such file: {pki}/ca-chain.pem ({pki})"),
+        (None, "hub.local", '--bind: "hub.local" is not HOST:PORT: the port is missing'),
+    ],
+)
+def test_from_pki_refuses(site: Path, remove: str | None, bind: str | None, message: str) -> None:
+    """A PKI folder without the hub's files, or a bad --bind, is one clear line."""
+    pki = site / "pki"
+    if remove:
+        (pki / remove).unlink()
+    with pytest.raises(ConfigError) as info:
+        HubConfig.from_pki(pki, bind)
+    assert str(info.value) == message.format(pki=pki)
+
+
+def test_from_pki_needs_a_revocation_source(site: Path) -> None:
+    """Without registry.db or crl.pem the hub could never learn of a revocation: refused."""
+    pki = site / "pki"
+    (pki / "registry.db").unlink()
+    (pki / "crl.pem").unlink()
+    with pytest.raises(ConfigError) as info:
+        HubConfig.from_pki(pki)
+    assert str(info.value) == (
+        f"--pki: no registry.db or crl.pem: the hub needs one to learn of revocations ({pki})"
+    )
+
+
+def test_from_pki_missing_folder(tmp_path: Path) -> None:
+    """A --pki folder that does not exist is named."""
+    with pytest.raises(ConfigError) as info:
+        HubConfig.from_pki(tmp_path / "nope")
+    assert str(info.value) == f"--pki: no such directory ({tmp_path / 'nope'})"
+
+
+# ---------------------------------------------------------------------------------------------
+# ConfigError
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "message", "expected"),
+    [
+        ("hub.toml", "acl.publish[1]", "bad", "acl.publish[1]: bad (hub.toml)"),
+        ("hub.toml", "", "not TOML", "not TOML (hub.toml)"),
+        (None, "--bind", "bad", "--bind: bad"),
+    ],
+)
+def test_config_error_text(path: str | None, key: str, message: str, expected: str) -> None:
+    """ConfigError keeps its fields and prints `<key>: <message> (<file>)`."""
+    error = ConfigError(path, key, message)
+    assert (error.path, error.key, error.message) == (path, key, message)
+    assert str(error) == expected
+    assert isinstance(error, HubError)
