@@ -5,6 +5,9 @@ Pure functions only: the hub imports this module without the rest of the CA.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import re
 
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -47,3 +50,30 @@ def parse_spiffe_id(uri: str) -> tuple[str, str] | None:
     if not sep or not is_valid_trust_domain(domain) or not is_valid_device_id(device_id):
         return None
     return domain, device_id
+
+
+# -- the optional MQTT password (second factor) -------------------------------------------------
+# Stored as "scrypt$N$r$p$salt_hex$hash_hex"; the hub verifies with the same pure function, so
+# a gateway needs neither the CA nor a shared library beyond hashlib.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(secret: str, salt: bytes | None = None) -> str:
+    """A salted scrypt hash of *secret* for the registry; the secret itself is never stored."""
+    salt = salt if salt is not None else os.urandom(16)
+    digest = hashlib.scrypt(secret.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R,
+                            p=_SCRYPT_P, dklen=32)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(secret: str, stored: str) -> bool:
+    """Constant-time check of *secret* against a :func:`hash_password` string."""
+    try:
+        scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(secret.encode("utf-8"), salt=bytes.fromhex(salt_hex),
+                                n=int(n), r=int(r), p=int(p), dklen=len(digest_hex) // 2)
+    except ValueError:
+        return False
+    return hmac.compare_digest(digest, bytes.fromhex(digest_hex))

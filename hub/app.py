@@ -1,0 +1,56 @@
+"""Running the hub: uvloop where available, signals, a ready line, orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from hub.broker import HubBroker
+from hub.config import HubConfig
+from hub.runtime import HubRuntime
+
+log = logging.getLogger("hub")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # amqtt logs three INFO lines per connection and transitions one per state change.
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def serve(config: HubConfig, *, ready: Callable[[HubBroker], None] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or *stop*); the runtime starts first and stops last."""
+    runtime = HubRuntime(config)
+    await runtime.start()
+    try:
+        broker = HubBroker(runtime)
+        await broker.start()
+        try:
+            stop = stop or asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            if ready is not None:
+                ready(broker)
+            await stop.wait()
+        finally:
+            await broker.shutdown()
+    finally:
+        await runtime.stop()
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed: the TLS and socket work of a gateway is its whole load."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -1,0 +1,239 @@
+"""amqtt with the fixes the hub needs: authenticate first, then touch sessions.
+
+Stock amqtt 0.12.1 (see docs/amqtt-internals.md) cleans or takes over a session before it
+authenticates, stores refused sessions, keeps the old connection's TLS object on resume,
+never enforces keep-alive, hands every client the retained messages of everybody's
+subscriptions, and leaves a connection that published to a ``$`` topic half-dead. Each
+override below closes one of those; they rely on amqtt internals, hence the exact pin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+from hub.gatekeeper import Decision, LiveSession
+from hub.listener import TLSListener
+from hub.runtime import HubRuntime
+from hub.tls import server_context
+
+log = logging.getLogger("hub.broker")
+
+CONNECT_TIMEOUT = 10.0  # a client that completed TLS but sends no CONNECT loses its slot
+TAKEOVER_TIMEOUT = 5.0
+LISTENER = "default"
+_DECISION = "fleet_hub.decision"
+_AUTHENTICATED = "fleet_hub.authenticated"
+_LOCK = "fleet_hub.connect_lock"
+# Kicks that mean the credential is gone: the session's queued state goes with the connection.
+_CREDENTIAL_GONE = {"revoked", "on-hold", "device-suspended", "device-revoked"}
+
+
+class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """Stock leaves ``handle_read_timeout`` empty: keep-alive is never enforced."""
+
+    def handle_read_timeout(self) -> None:
+        # [MQTT-3.1.2-24]: no packet within 1.5x keep-alive -> disconnect.
+        asyncio.ensure_future(self.handle_connection_closed())  # noqa: RUF006
+
+
+class HubBroker(Broker):  # type: ignore[misc]
+    """The broker ``fleet-hub serve`` runs: our listener, our plugins, authenticate-first."""
+
+    def __init__(self, runtime: HubRuntime) -> None:
+        self.hub_runtime = runtime  # before super(): the plugins look for it while loading
+        self._closed_events: dict[int, asyncio.Event] = {}
+        self._connect_locks: dict[str, asyncio.Lock] = {}
+        source = str(runtime.config.source or "")
+        plugin_config = {"config": source}
+        super().__init__({
+            # amqtt's own listener code never opens a socket: ours hands it finished TLS streams.
+            "listeners": {LISTENER: {"type": "external", "bind": "127.0.0.1:0"}},
+            "plugins": {"hub.plugins.FleetAuthPlugin": plugin_config,
+                        "hub.plugins.FleetTopicPlugin": plugin_config},
+        })
+        listener = runtime.config.listener
+        self.listener = TLSListener(server_context(listener), self._on_stream,
+                                    runtime.gatekeeper.handshake_refused,
+                                    handshake_timeout=listener.handshake_timeout)
+
+    async def start(self) -> None:
+        await super().start()
+        bind = self.hub_runtime.config.listener.bind
+        await self.listener.start(bind.host, bind.port)
+
+    async def shutdown(self) -> None:
+        await self.listener.close()
+        await super().shutdown()
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.external_connected(StreamReaderAdapter(reader), StreamWriterAdapter(writer),
+                                      LISTENER)
+
+    # -- CONNECT: authenticate the new connection before anything else -----------------------
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> tuple[Any, Any]:
+        try:
+            handler, incoming = await asyncio.wait_for(
+                HubHandler.init_from_connect(reader, writer, self.plugins_manager),
+                CONNECT_TIMEOUT)
+        except (AMQTTError, MQTTError, NoDataError, TimeoutError, ConnectionError,
+                asyncio.IncompleteReadError) as exc:
+            await _close(writer)
+            raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}: "
+                             f"{type(exc).__name__}") from exc
+        client_id = incoming.client_id or ""
+        lock = self._connect_locks.setdefault(client_id, asyncio.Lock())
+        await lock.acquire()  # two CONNECTs with one client id never interleave
+        try:
+            decision = await self._admit(incoming)
+            if not decision.accepted:
+                await _refuse(writer)
+                raise MQTTError(f"{client_id!r} refused: {decision.reason}")
+            session = await self._choose_session(incoming, client_id)
+        except BaseException:
+            self._release(client_id, lock)
+            raise
+        session.attributes[_LOCK] = lock
+        session.attributes[_AUTHENTICATED] = True
+        return handler, session
+
+    async def _admit(self, incoming: Any) -> Decision:
+        try:
+            ok = await Broker._authenticate(self, incoming, None)  # the plugins, as configured
+        except Exception:
+            log.exception("auth plugin failed; refusing %s", incoming.client_id)
+            ok = False
+        decision = incoming.attributes.get(_DECISION)
+        if not isinstance(decision, Decision):
+            return Decision(False, "plugin-error")
+        return decision if ok else Decision(False, decision.reason or "refused",
+                                            decision.detail, decision.identity, decision.group)
+
+    async def _choose_session(self, incoming: Any, client_id: str) -> Any:
+        """Take over, clean or resume only now, for an authenticated client."""
+        existing = self._sessions.get(client_id)
+        if existing is not None and existing[0].transitions.is_connected():
+            await self._take_over(client_id, existing[1])
+        if incoming.clean_session:
+            await self._delete_session(client_id)
+            incoming.parent = 0
+            return incoming
+        if client_id in self._sessions:
+            session = self._sessions[client_id][0]
+            # Everything that belongs to the *new* connection, its TLS object above all.
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
+                         "keep_alive", "username", "password", "ssl_object", "remote_address",
+                         "remote_port", "clean_session"):
+                setattr(session, name, getattr(incoming, name))
+            session.attributes[_DECISION] = incoming.attributes[_DECISION]
+            session.parent = 1
+            return session
+        incoming.parent = 0
+        return incoming
+
+    async def _take_over(self, client_id: str, old_handler: Any) -> None:
+        closed = self._closed_events.setdefault(id(old_handler), asyncio.Event())
+        self.hub_runtime.gatekeeper.detach(client_id)
+        await old_handler.handle_connection_closed()
+        try:
+            await asyncio.wait_for(closed.wait(), TAKEOVER_TIMEOUT)
+        except TimeoutError:
+            log.warning("old connection of %s did not close in time; stopping it", client_id)
+            await self._stop_handler(old_handler)
+
+    def _release(self, client_id: str, lock: asyncio.Lock) -> None:
+        lock.release()
+        if not lock.locked() and self._connect_locks.get(client_id) is lock and \
+                not getattr(lock, "_waiters", None):
+            del self._connect_locks[client_id]
+
+    async def _authenticate(self, session: Any, _listener: Any) -> bool:
+        """Called by stock ``_handle_client_session``: the answer was computed already."""
+        lock = session.attributes.pop(_LOCK, None)
+        authenticated = bool(session.attributes.pop(_AUTHENTICATED, False))
+        if authenticated:
+            self._track(session)
+        if lock is not None:
+            # From here to amqtt storing the session there is no await: still atomic.
+            self._release(session.client_id, lock)
+        return authenticated
+
+    def _track(self, session: Any) -> None:
+        decision: Decision = session.attributes[_DECISION]
+        assert decision.identity is not None  # noqa: S101
+        client_id = session.client_id
+        peer = f"{session.remote_address}:{session.remote_port}"
+
+        async def kick(reason: str) -> None:
+            # The gatekeeper tracks only the current connection of a client id (a take-over
+            # detaches the old one first), so the stored entry is the one to close.
+            entry = self._sessions.get(client_id)
+            if entry is None:
+                return
+            session.will_flag = False  # a refused device's last will is not delivered
+            if reason in _CREDENTIAL_GONE:
+                await self._cleanup_session(client_id)
+            else:
+                await entry[1].handle_connection_closed()
+
+        live = LiveSession(client_id, decision.identity, peer, kick)
+        session.attributes["fleet_hub.live"] = live
+        self.hub_runtime.gatekeeper.attach(live)
+
+    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
+        live = client_session.attributes.get("fleet_hub.live")
+        try:
+            await super()._client_message_loop(client_session, handler)
+        finally:
+            if live is not None:
+                self.hub_runtime.gatekeeper.detach(client_session.client_id, live)
+            event = self._closed_events.pop(id(handler), None)
+            if event is not None:
+                event.set()
+
+    # -- after CONNECT --------------------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
+        # Same function the topic plugin calls, without a task per message (hot path).
+        return self.hub_runtime.topic_allowed(session, topic, str(action.value))
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Any) -> None:
+        # Stock serves every client the retained messages of every filter in the broker.
+        subscribers = self._subscriptions.get(subscription[0], [])
+        if not any(s.client_id == session.client_id for s, _ in subscribers):
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def _handle_message_delivery(self, client_session: Any, handler: Any,
+                                       wait_deliver: Any) -> bool:
+        ok: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        if not ok:  # an invalid PUBLISH: stock stops reading but keeps the socket open
+            await handler.handle_connection_closed()
+        return ok
+
+
+async def _refuse(writer: Any) -> None:
+    """CONNACK 0x05 with session-present 0 [MQTT-3.2.2-4], then close; nothing else changed."""
+    with contextlib.suppress(Exception):
+        await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+    await _close(writer)
+
+
+async def _close(writer: Any) -> None:
+    with contextlib.suppress(Exception):
+        await writer.close()

@@ -1,0 +1,136 @@
+"""The mutual-TLS listener: accept, hand-shake under a timeout, then give the broker a stream.
+
+Sockets are accepted by hand and upgraded with ``loop.connect_accepted_socket(ssl=...)``,
+which raises the handshake's failure to us: the hub learns *why* OpenSSL refused a client
+(expired, unknown issuer, wrong EKU, no certificate) and audits it, where ``start_server``
+would only log it at debug level. Works the same on asyncio and uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+from hub.tls import HandshakeRefusal, classify
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RefusalHandler = Callable[[str, HandshakeRefusal], None]
+READ_LIMIT = 2**16
+ACCEPT_BURST = 256  # accepts per readiness event: a reconnect storm drains the backlog fast
+
+
+class TLSListener:
+    """A listening socket whose every connection is upgraded to TLS with the hub's context."""
+
+    def __init__(self, context: ssl.SSLContext, on_stream: StreamHandler,
+                 on_refused: RefusalHandler, *, handshake_timeout: float = 10.0,
+                 backlog: int = 4096) -> None:
+        self._context = context
+        self._on_stream = on_stream
+        self._on_refused = on_refused
+        self._timeout = handshake_timeout
+        self._backlog = backlog
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        infos = await self._loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                             flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(self._backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._accept_ready)
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None  # noqa: S101
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def connections(self) -> int:
+        return len(self._tasks)
+
+    def _accept_ready(self) -> None:
+        assert self._sock is not None  # noqa: S101
+        assert self._loop is not None  # noqa: S101
+        for _ in range(ACCEPT_BURST):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: leave the rest in the backlog until descriptors free up.
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return
+                raise
+            conn.setblocking(False)
+            task = self._loop.create_task(self._serve(conn, addr))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, addr: object) -> None:
+        assert self._loop is not None  # noqa: S101
+        peer = _format_peer(addr)
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
+        # Our own reference: uvloop returns its SSL protocol here, not the app protocol.
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self._context, ssl_handshake_timeout=self._timeout)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            conn.close()
+            self._on_refused(peer, classify(_unwrap_timeout(exc)))
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+        try:
+            await self._on_stream(reader, writer)
+        finally:
+            if not transport.is_closing():
+                transport.close()
+
+    async def close(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _unwrap_timeout(exc: BaseException) -> BaseException:
+    # asyncio reports a handshake timeout as ConnectionAbortedError("SSL handshake is taking
+    # longer than N seconds"); both loops' variants mean the same to an operator.
+    if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
+        return TimeoutError(str(exc))
+    return exc
+
+
+def _format_peer(peername: object) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername)
+
+
+def close_quietly(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()

@@ -1,0 +1,61 @@
+"""The authentication plugin: certificate identity, revocation, client id, password."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.plugins.base import BaseAuthPlugin
+
+from hub.gatekeeper import LiveSession
+from hub.plugins.shared import ensure_started, release, runtime_for
+
+
+class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
+    """Admits a client only on a valid, unrevoked device certificate that names its client id.
+
+    Under ``fleet-hub`` the broker authenticates before touching any session; under a stock
+    amqtt this plugin does the same checks but amqtt has already changed session state by then.
+    """
+
+    @dataclass
+    class Config:
+        config: str = "hub.toml"  # path of the hub's TOML configuration
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.runtime, self.owned = runtime_for(context, self.config.config)
+
+    async def on_broker_pre_start(self) -> None:
+        if self.owned:
+            await ensure_started(self.runtime)
+
+    async def authenticate(self, *, session: Any) -> bool | None:
+        if not self.runtime.started:
+            await ensure_started(self.runtime)
+        decision = await self.runtime.authenticate(session)
+        return decision.accepted
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Any) -> None:
+        """Stock amqtt only: track the session so a revocation can close it."""
+        if not self.owned:
+            return
+        decision = client_session.attributes.get("fleet_hub.decision")
+        if decision is None or not decision.accepted or decision.identity is None:
+            return
+        broker = self.context._broker_instance
+        peer = f"{client_session.remote_address}:{client_session.remote_port}"
+
+        async def kick(_reason: str) -> None:
+            client_session.will_flag = False  # a revoked device's will is not trusted
+            await broker._cleanup_session(client_id)
+
+        self.runtime.gatekeeper.attach(LiveSession(client_id, decision.identity, peer, kick))
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Any) -> None:
+        if self.owned:
+            self.runtime.gatekeeper.detach(client_id)
+
+    async def close(self) -> None:
+        if self.owned:
+            await release(self.context, self.runtime)

@@ -1,0 +1,28 @@
+"""The topic plugin: per-device ACL on publish and subscribe, deny by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.plugins.base import BaseTopicPlugin
+
+from hub.plugins.shared import runtime_for
+
+
+class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
+    """``{device_id}``/``{group}`` ACL from hub.toml; the username is never consulted."""
+
+    @dataclass
+    class Config:
+        config: str = "hub.toml"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.runtime, _ = runtime_for(context, self.config.config)
+
+    async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
+                              action: Any = None) -> bool | None:
+        if topic is None or action is None:
+            return False
+        return self.runtime.topic_allowed(session, topic, str(getattr(action, "value", action)))

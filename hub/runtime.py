@@ -1,0 +1,104 @@
+"""One hub's moving parts: revocation watcher, audit store, metrics and the gatekeeper.
+
+Shared by ``fleet-hub`` (which builds it) and by our amqtt plugins when a stock amqtt loads
+them from its own configuration (then the plugin builds it from ``hub.toml``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hub.acl import AclPolicy
+from hub.audit import AuditStore
+from hub.config import HubConfig
+from hub.gatekeeper import Decision, Gatekeeper
+from hub.metrics import Metrics, MetricsServer
+from hub.revocation import RevocationWatcher, load_ca_bundle
+
+log = logging.getLogger("hub")
+
+SYS_PREFIX = "$"
+
+
+class HubRuntime:
+    """Start order: audit (so nothing is lost), revocation (fail if no source), metrics."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.audit = AuditStore(config.audit.path)
+        self.watcher = RevocationWatcher(config.revocation,
+                                         load_ca_bundle(config.listener.client_ca),
+                                         on_change=self._revocation_changed)
+        self.gatekeeper = Gatekeeper(config, self.watcher, self.audit, self.metrics)
+        self.acl: AclPolicy = config.acl
+        self.metrics_server: MetricsServer | None = None
+        self.started = False
+
+    async def start(self) -> None:
+        self.audit.open()
+        try:
+            await self.watcher.start()
+            if self.config.metrics.bind is not None:
+                self.metrics_server = MetricsServer(
+                    self.config.metrics.bind, self.metrics, self.watcher.health,
+                    extra=lambda: {"fleet_hub_audit_dropped_total":
+                                   float(self.audit.statistics().dropped)})
+                await self.metrics_server.start()
+        except BaseException:
+            await self.watcher.stop()
+            self.audit.close()
+            raise
+        self.started = True
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        await self.gatekeeper.drain()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        await self.watcher.stop()
+        self.audit.close()
+
+    def _revocation_changed(self, old: Any, new: Any) -> None:
+        self.gatekeeper.revocation_changed(old, new)
+
+    # -- authorisation used by the plugins and the broker ---------------------------------------
+
+    async def authenticate(self, session: Any) -> Decision:
+        """Decide on an amqtt Session carrying *this* connection's TLS object."""
+        ssl_object = getattr(session, "ssl_object", None)
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        peer = f"{session.remote_address}:{session.remote_port}"
+        decision = await self.gatekeeper.admit(der, session.client_id or "", session.password,
+                                               peer, will_topic=_will_topic(session),
+                                               acl=self.acl)
+        session.attributes["fleet_hub.decision"] = decision
+        return decision
+
+    def topic_allowed(self, session: Any, topic: str, action: str) -> bool:
+        """ACL for publish and subscribe; the username plays no part (DESIGN section 5)."""
+        if action == "receive":
+            return True  # delivery is bounded by the subscription, checked when it was made
+        decision: Decision | None = session.attributes.get("fleet_hub.decision") \
+            if session is not None else None
+        if decision is None or not decision.accepted or decision.identity is None:
+            return False
+        device_id = decision.identity.device_id
+        if action == "subscribe":
+            allowed = self.acl.may_subscribe(device_id, decision.group, topic)
+        else:
+            allowed = self.acl.may_publish(device_id, decision.group, topic)
+        if not allowed:
+            self.metrics.acl_denied(action)
+            self.audit.record("acl-deny", device_id=device_id,
+                              serial=decision.identity.serial_hex,
+                              peer=f"{session.remote_address}:{session.remote_port}",
+                              reason=f"{action} {topic}")
+        return allowed
+
+
+def _will_topic(session: Any) -> str | None:
+    return session.will_topic if getattr(session, "will_flag", False) else None
