@@ -24,7 +24,7 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-async def serve(config: HubConfig, *, ready: Callable[[HubBroker], None] | None = None,
+async def serve_hub(config: HubConfig, *, ready: Callable[[HubBroker], None] | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Serve until SIGINT/SIGTERM (or *stop*); the runtime starts first and stops last."""
     runtime = HubRuntime(config)

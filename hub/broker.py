@@ -100,13 +100,15 @@ class HubBroker(Broker):  # type: ignore[misc]
         await lock.acquire()  # two CONNECTs with one client id never interleave
         try:
             decision = await self._admit(incoming)
-            if not decision.accepted:
-                await _refuse(writer)
-                raise MQTTError(f"{client_id!r} refused: {decision.reason}")
-            session = await self._choose_session(incoming, client_id)
+            session = await self._choose_session(incoming, client_id) \
+                if decision.accepted else None
         except BaseException:
             self._release(client_id, lock)
             raise
+        if session is None:
+            self._release(client_id, lock)
+            await _refuse(writer)
+            raise MQTTError(f"{client_id!r} refused: {decision.reason}")
         session.attributes[_LOCK] = lock
         session.attributes[_AUTHENTICATED] = True
         return handler, session

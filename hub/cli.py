@@ -49,8 +49,8 @@ def serve(
 
     Example: fleet-hub serve --config /etc/fleet-hub/hub.toml
     """
-    from hub.app import configure_logging, run  # noqa: PLC0415
-    from hub.app import serve as serve_hub
+    # Imported here so `check` and `events` start without loading amqtt.
+    from hub.app import configure_logging, run, serve_hub  # noqa: PLC0415
     from hub.broker import HubBroker  # noqa: PLC0415
 
     loaded = _load(config, pki, bind)

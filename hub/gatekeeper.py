@@ -180,5 +180,4 @@ def _unidentified(serial: int) -> DeviceIdentity:
 
 
 def _group(snapshot: Snapshot, device_id: str) -> str | None:
-    groups = getattr(snapshot, "groups", None)
-    return groups.get(device_id) if groups else None
+    return snapshot.groups.get(device_id)

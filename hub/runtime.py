@@ -87,10 +87,13 @@ class HubRuntime:
         if decision is None or not decision.accepted or decision.identity is None:
             return False
         device_id = decision.identity.device_id
+        # The group as the registry says now: a device enrolled a moment ago, or moved to
+        # another group, gets its group's rules without reconnecting.
+        group = self.watcher.snapshot.groups.get(device_id)
         if action == "subscribe":
-            allowed = self.acl.may_subscribe(device_id, decision.group, topic)
+            allowed = self.acl.may_subscribe(device_id, group, topic)
         else:
-            allowed = self.acl.may_publish(device_id, decision.group, topic)
+            allowed = self.acl.may_publish(device_id, group, topic)
         if not allowed:
             self.metrics.acl_denied(action)
             self.audit.record("acl-deny", device_id=device_id,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,29 @@ class Fleet:
             cert = device_certificate(authority.ca, authority.config, device_id,
                                       key.public_key(), random_serial(), not_before, not_after)
             chain = authority.ca.chain_pem
+        path = self.root / "devices" / f"{device_id}.pem"
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
+        return Device(device_id, path, key_path, format(cert.serial_number, "x"))
+
+    def device_without_uri(self, device_id: str) -> Device:
+        """A certificate from our CA whose SAN holds a DNS name but no SPIFFE URI."""
+        key, key_path = self._key(device_id)
+        with Authority(self.pki) as authority:
+            ca = authority.ca
+            now = dt.datetime.now(dt.UTC)
+            cert = (x509.CertificateBuilder()
+                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                                device_id)]))
+                    .issuer_name(ca.cert.subject).public_key(key.public_key())
+                    .serial_number(random_serial())
+                    .not_valid_before(now - dt.timedelta(minutes=5))
+                    .not_valid_after(now + dt.timedelta(days=1))
+                    .add_extension(x509.SubjectAlternativeName([x509.DNSName(device_id)]),
+                                   critical=False)
+                    .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID
+                                                          .CLIENT_AUTH]), critical=False)
+                    .sign(ca.key, hashes.SHA256()))
+            chain = ca.chain_pem
         path = self.root / "devices" / f"{device_id}.pem"
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
         return Device(device_id, path, key_path, format(cert.serial_number, "x"))
@@ -204,6 +228,10 @@ class RunningHub:
         if self.process.stderr is not None:
             self.process.stderr.close()
         return self.process.returncode
+
+    def settle(self, refresh: float = 0.5) -> None:
+        """Let the hub's registry watcher see the latest CA action (it polls every refresh)."""
+        time.sleep(2 * refresh + 0.2)
 
     def events(self, device: str | None = None) -> list[dict[str, object]]:
         """What `fleet-hub events --json` prints (the audit store is flushed in batches)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-
 from pathlib import Path
 
 from tests.integration.fleet import Fleet, RunningHub
