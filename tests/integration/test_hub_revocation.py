@@ -1,0 +1,143 @@
+"""Live sessions lose their connection the moment their certificate stops being good."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fleet import Fleet, RunningHub
+from tests.integration.mqtt import Client
+
+ACCEPTED, NOT_AUTHORIZED = 0, 135
+REFRESH = 0.5
+
+
+def _kick(hub: RunningHub, device: str, timeout: float = 5.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        kicks = [r for r in hub.events(device) if r["event"] == "kick"]
+        if kicks or time.monotonic() > deadline:
+            assert kicks, f"no kick recorded for {device}"
+            return kicks[-1]
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("action", "reason"), [("revoke", "revoked"),
+                                                ("suspend", "on-hold")])
+def test_live_session_is_closed_within_refresh_plus_one_second(
+        action: str, reason: str, fleet: Fleet, hub: RunningHub,
+        connect: Callable[..., Client]) -> None:
+    """revoke/suspend while connected: the hub closes the session and refuses reconnects."""
+    name = f"live-{action}"
+    device = fleet.device(name)
+    client = connect(device)
+    assert client.connect() == ACCEPTED
+    started = time.monotonic()
+    getattr(fleet, action)(name)
+    assert client.wait_disconnected(REFRESH + 1.0)
+    assert client.disconnected_at is not None
+    assert client.disconnected_at - started <= REFRESH + 1.0
+    kick = _kick(hub, name)
+    assert (kick["reason"], kick["serial"]) == (reason, device.serial)
+    assert connect(device).connect() == NOT_AUTHORIZED
+
+
+def test_session_is_closed_at_certificate_not_after(fleet: Fleet, hub: RunningHub,
+                                                    connect: Callable[..., Client]) -> None:
+    """A certificate that expires mid-session ends the session at its not-after."""
+    now = dt.datetime.now(dt.UTC)
+    short = fleet.device_with_validity("short-lived", now - dt.timedelta(minutes=1),
+                                       now + dt.timedelta(seconds=3))
+    client = connect(short)
+    assert client.connect() == ACCEPTED
+    assert client.wait_disconnected(8)
+    assert _kick(hub, "short-lived")["reason"] == "expired"
+
+
+@pytest.fixture
+def crl_only_hub(fleet: Fleet) -> Iterator[RunningHub]:
+    """A gateway that knows revocations only from crl.pem (no registry on this host)."""
+    config = fleet.write_config("hub-crl.toml", revocation=f'crl = "pki/crl.pem"\n'
+                                f"refresh_seconds = {REFRESH}")
+    text = config.read_text().replace('path = "hub-audit.db"', 'path = "hub-crl-audit.db"')
+    config.write_text(text)
+    running = RunningHub.start(config)
+    yield running
+    assert running.stop() == 0
+
+
+def test_crl_file_source_kicks_too(fleet: Fleet, crl_only_hub: RunningHub,
+                                   connect: Callable[..., Client]) -> None:
+    """With only a CRL, a revocation still closes the live session within the refresh."""
+    device = fleet.device("crl-dev")
+    client = connect(device, port=crl_only_hub.port)
+    assert client.connect() == ACCEPTED
+    fleet.revoke("crl-dev")
+    assert client.wait_disconnected(REFRESH + 1.0)
+    assert _kick(crl_only_hub, "crl-dev")["reason"] == "revoked"
+
+
+def test_healthz_and_metrics(fleet: Fleet, hub: RunningHub) -> None:
+    """/healthz is ok with fresh sources; /metrics counts accepts, refusals and kicks."""
+    import json
+    import urllib.request
+
+    assert hub.metrics_port is not None
+    base = f"http://127.0.0.1:{hub.metrics_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:  # noqa: S310
+        assert response.status == 200
+        assert json.loads(response.read())["status"] == "ok"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:  # noqa: S310
+        text = response.read().decode()
+    assert "# TYPE fleet_hub_connects_accepted_total counter" in text
+    assert 'fleet_hub_revocation_source_up{source="registry"} 1' in text
+
+
+def test_stale_crl_makes_healthz_fail_but_keeps_the_list(
+        fleet: Fleet, tmp_path: Path, connect: Callable[..., Client]) -> None:
+    """A CRL past nextUpdate is still enforced, and /healthz says degraded (503)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from provisioning.authority import Authority
+
+    device = fleet.device("stale-dev")
+    fleet.revoke("stale-dev")
+    with Authority(fleet.pki) as authority:
+        ca = authority.ca
+        current = x509.load_pem_x509_crl((fleet.pki / "crl.pem").read_bytes())
+        now = dt.datetime.now(dt.UTC)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+                   .last_update(now - dt.timedelta(days=2))
+                   .next_update(now - dt.timedelta(days=1))
+                   .add_extension(x509.CRLNumber(10_000), critical=False))
+        for entry in current:
+            builder = builder.add_revoked_certificate(entry)
+        stale = builder.sign(ca.key, hashes.SHA256())
+    crl_path = tmp_path / "stale.pem"
+    crl_path.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    config = fleet.write_config("hub-stale.toml",
+                                revocation=f'crl = "{crl_path}"\nrefresh_seconds = 0.5')
+    config.write_text(config.read_text().replace('"hub-audit.db"', '"hub-stale-audit.db"'))
+    running = RunningHub.start(config)
+    try:
+        client = connect(device, port=running.port)
+        assert client.connect() == NOT_AUTHORIZED
+        url = f"http://127.0.0.1:{running.metrics_port}/healthz"
+        with pytest.raises(urllib.error.HTTPError) as failure:
+            urllib.request.urlopen(url, timeout=5)
+        assert failure.value.code == 503
+        body = json.loads(failure.value.read())
+        assert body["status"] == "degraded"
+        assert body["revocation"][0]["stale"] is True
+        failure.value.close()
+    finally:
+        assert running.stop() == 0

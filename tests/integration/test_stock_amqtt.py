@@ -1,0 +1,91 @@
+"""Our plugins inside a stock amqtt, loaded from amqtt's own YAML configuration."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fleet import Fleet
+from tests.integration.mqtt import Client
+
+ACCEPTED, NOT_AUTHORIZED = 0, 135
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def stock(fleet: Fleet) -> Iterator[int]:
+    """`amqtt -c stock.yaml` with FleetAuthPlugin and FleetTopicPlugin."""
+    hub_toml = fleet.write_config("hub-stock.toml")
+    hub_toml.write_text(hub_toml.read_text().replace('"hub-audit.db"', '"stock-audit.db"')
+                        .replace('bind = "127.0.0.1:0"\n\n[revocation]',
+                                 'bind = "127.0.0.1:0"\n\n[revocation]'))
+    port = _free_port()
+    yaml = fleet.root / "stock.yaml"
+    yaml.write_text(f"""
+listeners:
+  default:
+    type: tcp
+    bind: 127.0.0.1:{port}
+    ssl: true
+    certfile: {fleet.pki / 'server.pem'}
+    keyfile: {fleet.pki / 'server.key'}
+    cafile: {fleet.ca}
+plugins:
+  hub.plugins.FleetAuthPlugin:
+    config: {hub_toml}
+  hub.plugins.FleetTopicPlugin:
+    config: {hub_toml}
+""")
+    amqtt = Path(sys.executable).parent / "amqtt"
+    process = subprocess.Popen([str(amqtt), "-c", str(yaml)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=fleet.root)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.1)
+    yield port
+    process.terminate()
+    process.wait(15)
+
+
+def test_stock_amqtt_runs_our_checks(fleet: Fleet, stock: int,
+                                     connect: Callable[..., Client]) -> None:
+    """Valid device in; revoked, client-id mismatch and no-certificate out; ACL enforced."""
+    good = fleet.device("stock-good")
+    revoked = fleet.device("stock-revoked")
+    fleet.revoke("stock-revoked")
+    time.sleep(1.2)
+    client = connect(good, port=stock)
+    assert client.connect() == ACCEPTED
+    assert client.subscribe("devices/stock-good/#", "#") == [1, 0x80]
+    assert connect(revoked, port=stock).connect() == NOT_AUTHORIZED
+    assert connect(good, "stock-other", port=stock).connect() == NOT_AUTHORIZED
+    # Stock amqtt completes TLS without a certificate (CERT_OPTIONAL); our plugin refuses.
+    assert connect(None, "stock-good", port=stock).connect() == NOT_AUTHORIZED
+
+
+def test_stock_amqtt_with_our_plugin_still_kicks_revoked_sessions(
+        fleet: Fleet, stock: int, connect: Callable[..., Client]) -> None:
+    """Even under a stock amqtt, the plugin closes a live session on revocation."""
+    device = fleet.device("stock-live")
+    client = connect(device, port=stock)
+    assert client.connect() == ACCEPTED
+    fleet.revoke("stock-live")
+    assert client.wait_disconnected(2.0)
