@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from hub.broker import HubBroker
 from hub.config import HubConfig
 from hub.runtime import HubRuntime
+from hub.tls import server_context
 
 log = logging.getLogger("hub")
 
@@ -37,6 +39,7 @@ async def serve_hub(config: HubConfig, *, ready: Callable[[HubBroker], None] | N
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, _reload_tls, broker, config)
             if ready is not None:
                 ready(broker)
             await stop.wait()
@@ -44,6 +47,16 @@ async def serve_hub(config: HubConfig, *, ready: Callable[[HubBroker], None] | N
             await broker.shutdown()
     finally:
         await runtime.stop()
+
+
+def _reload_tls(broker: HubBroker, config: HubConfig) -> None:
+    """SIGHUP: re-read server.pem/server.key/client_ca for new connections (rotation)."""
+    try:
+        broker.listener.replace_context(server_context(config.listener))
+    except (OSError, ssl.SSLError) as exc:
+        log.error("TLS reload failed, keeping the old certificate: %s", exc)  # noqa: TRY400
+        return
+    log.warning("TLS context reloaded from %s", config.listener.server_cert)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:

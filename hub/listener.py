@@ -55,6 +55,10 @@ class TLSListener:
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._accept_ready)
 
+    def replace_context(self, context: ssl.SSLContext) -> None:
+        """New handshakes use *context* (a rotated server certificate); live ones keep theirs."""
+        self._context = context
+
     @property
     def port(self) -> int:
         assert self._sock is not None  # noqa: S101
