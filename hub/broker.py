@@ -27,7 +27,6 @@ from hub.tls import server_context
 
 log = logging.getLogger("hub.broker")
 
-CONNECT_TIMEOUT = 10.0  # a client that completed TLS but sends no CONNECT loses its slot
 TAKEOVER_TIMEOUT = 5.0
 LISTENER = "default"
 _DECISION = "fleet_hub.decision"
@@ -89,7 +88,9 @@ class HubBroker(Broker):  # type: ignore[misc]
         try:
             handler, incoming = await asyncio.wait_for(
                 HubHandler.init_from_connect(reader, writer, self.plugins_manager),
-                CONNECT_TIMEOUT)
+                # A client that completed TLS but sends no CONNECT loses its slot as fast as
+                # one that stalls the handshake.
+                self.hub_runtime.config.listener.handshake_timeout)
         except (AMQTTError, MQTTError, NoDataError, TimeoutError, ConnectionError,
                 asyncio.IncompleteReadError) as exc:
             await _close(writer)
