@@ -13,10 +13,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from provisioning import tokens
 from provisioning.config import PKIConfig
 from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
 from provisioning.errors import NotFoundError, UsageError
 from provisioning.fsutil import atomic_write
+from provisioning.identity import hash_password
 from provisioning.issuer import Issuer, parse_serial, serial_hex
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
@@ -164,8 +166,11 @@ class Authority:
     # -- hub certificates --------------------------------------------------------------
 
     def server_cert(self, name: str, ips: Sequence[str], out_dir: Path,
-                    days: int | None = None) -> tuple[Path, Path]:
-        """Key and certificate for a hub; the hub's key is made here, a device's never is."""
+                    days: int | None = None, basename: str = "server") -> tuple[Path, Path]:
+        """Key and certificate for a hub (or the enrollment service: ``basename="est-server"``).
+
+        The server's key is made here; a device's never is.
+        """
         addresses = []
         for ip in ips:
             try:
@@ -180,7 +185,7 @@ class Authority:
         cert = server_certificate(ca, self.config, name, addresses, key.public_key(),
                                   days or self.config.default_days, now)
         out_dir.mkdir(parents=True, exist_ok=True)
-        cert_path, key_path = out_dir / "server.pem", out_dir / "server.key"
+        cert_path, key_path = out_dir / f"{basename}.pem", out_dir / f"{basename}.key"
         key_pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -191,6 +196,31 @@ class Authority:
                      {"name": name, "ips": list(ips), "not_after": iso(cert.not_valid_after_utc),
                       "out": str(out_dir.absolute())})
         return cert_path, key_path
+
+
+    # -- enrollment tokens and device passwords (no CA key needed) ------------------------
+
+    def create_token(self, name: str) -> str:
+        """A new enrollment token; returns the secret, which is stored only as a hash."""
+        return tokens.create(self.registry, name, self.actor)
+
+    def revoke_token(self, name: str) -> bool:
+        """Revoke a token; False when it was revoked already."""
+        return tokens.revoke(self.registry, name, self.actor)
+
+    def set_password(self, device_id: str, password: str | None) -> None:
+        """Store the hash of the device's MQTT password (the hub's optional second factor).
+
+        ``None`` clears it. The scrypt hash is computed before the write lock is taken.
+        """
+        stored = hash_password(password) if password is not None else None
+        stamp = iso(utcnow())
+        with self.registry.write(self.actor) as tx:
+            self._device_status(tx, device_id)
+            tx.execute("UPDATE devices SET password_hash = ?, updated_at = ? WHERE device_id = ?",
+                       (stored, stamp, device_id))
+            tx.audit(stamp, "device.password.set" if stored else "device.password.clear",
+                     device_id)
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:

@@ -21,6 +21,7 @@ _KNOWN = {
     "ocsp_url",
     "crl_lifetime_hours",
     "station_groups",
+    "manifest",
 }
 
 
@@ -36,6 +37,8 @@ class PKIConfig:
     crl_lifetime_hours: int = DEFAULT_CRL_HOURS
     # Device groups whose certificates may act as factory stations on the enrollment service.
     station_groups: tuple[str, ...] = field(default_factory=tuple)
+    # The production manifest EST enrollments are held to, relative to the PKI folder.
+    manifest: str | None = None
 
     def __post_init__(self) -> None:
         if not is_valid_trust_domain(self.trust_domain):
@@ -55,6 +58,15 @@ class PKIConfig:
             url = getattr(self, key)
             if url is not None and not url.startswith(("http://", "https://")):
                 raise PKIError(f"{key}: {url!r} is not an http(s) URL")
+        for group in self.station_groups:
+            if not isinstance(group, str) or not group:
+                raise PKIError(f"station_groups: {group!r} is not a group name")
+        if self.manifest is not None and not self.manifest.strip():
+            raise PKIError("manifest: must not be empty (leave the key out for no manifest)")
+
+    def manifest_path(self, root: Path) -> Path | None:
+        """The manifest file for EST enrollments, relative paths taken from the PKI folder."""
+        return root / self.manifest if self.manifest is not None else None
 
     def to_toml(self) -> str:
         """Serialise; TOML basic strings accept JSON string escapes, so json.dumps quotes."""
@@ -72,7 +84,12 @@ class PKIConfig:
             else:
                 lines.append(f"{key} = {json.dumps(value)}")
         groups = ", ".join(json.dumps(g) for g in self.station_groups)
+        lines.append("# Device groups whose certificates may enroll others over EST (stations).")
         lines.append(f"station_groups = [{groups}]")
+        if self.manifest is None:
+            lines.append('# manifest = "manifest.txt"   # EST enrollments: allowed device ids')
+        else:
+            lines.append(f"manifest = {json.dumps(self.manifest)}")
         return "\n".join(lines) + "\n"
 
 
@@ -96,6 +113,7 @@ def load_config(path: Path) -> PKIConfig:
             ocsp_url=_get(raw, "ocsp_url", str, None),
             crl_lifetime_hours=_get(raw, "crl_lifetime_hours", int, DEFAULT_CRL_HOURS),
             station_groups=tuple(_get(raw, "station_groups", list, [])),
+            manifest=_get(raw, "manifest", str, None),
         )
     except PKIError as exc:
         raise PKIError(exc.message, str(path)) from None

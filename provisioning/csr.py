@@ -16,10 +16,18 @@ _CSR_LABELS = {b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST"}
 
 @dataclass(frozen=True)
 class CSRInput:
-    """One CSR to sign and the name it is reported under."""
+    """One CSR to sign and the name it is reported under.
+
+    ``actor`` names who asked, for the audit log, when a batch serves several callers (the
+    enrollment service); ``renews`` is the serial of the certificate an EST re-enrollment
+    renews: the CSR must name the same device, and the same key is then renewed, not
+    answered with the existing certificate.
+    """
 
     source: str
     data: bytes
+    actor: str | None = None
+    renews: str | None = None
 
 
 class CSRFormatError(ValueError):

@@ -4,7 +4,8 @@
     ├── UsageError               bad options or environment: exit code 2
     │   ├── PKIError             PKI folder missing, incomplete or already present
     │   └── PassphraseError      a CA key is encrypted and the passphrase is missing or wrong
-    ├── NotFoundError            a device or certificate the command names does not exist
+    ├── NotFoundError            a device, certificate or token the command names does not exist
+    ├── ConflictError            a name the command would create is already taken
     └── RegistryError            the registry cannot be read or written
 
 CSR refusals are not exceptions: they are data (:class:`provisioning.policy.Rejection`),
@@ -44,6 +45,10 @@ class PassphraseError(UsageError):
 
 class NotFoundError(ProvisioningError):
     """A device or certificate named on the command line does not exist (exit 1)."""
+
+
+class ConflictError(ProvisioningError):
+    """A name the command would create (an enrollment token) already exists (exit 1)."""
 
 
 class RegistryError(ProvisioningError):

@@ -43,6 +43,8 @@ class SignResult:
     status: Status
     serial: str | None = None
     reason: str | None = None
+    # The certificate (PEM) for "issued" and "existing": what the enrollment service returns.
+    pem: str | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "device_id": self.device_id, "status": self.status,
@@ -64,6 +66,8 @@ class _Candidate:
     device_id: str
     key_sha256: str
     public_key: IssuablePublicKey
+    actor: str | None = None
+    renews: str | None = None
     cert: x509.Certificate | None = None
     result: SignResult | None = None
     pem: str = field(default="")
@@ -106,17 +110,25 @@ class Issuer:
         self.config = config
 
     def sign(self, inputs: list[CSRInput], options: SignOptions,
-             progress: Callable[[list[SignResult]], None] | None = None) -> list[SignResult]:
+             progress: Callable[[list[SignResult]], None] | None = None,
+             in_transaction: Callable[[Transaction], None] | None = None) -> list[SignResult]:
+        """Issue per chunk; *in_transaction* also writes into each chunk's transaction.
+
+        The enrollment service passes its queued audit events that way, so a busy batch
+        costs one commit instead of two.
+        """
         self.finish_pending_outputs()
         results: list[SignResult] = []
         for start in range(0, len(inputs), CHUNK):
-            chunk = self._sign_chunk(inputs[start:start + CHUNK], options)
+            chunk = self._sign_chunk(inputs[start:start + CHUNK], options, in_transaction)
             results.extend(chunk)
             if progress is not None:
                 progress(chunk)
         return results
 
-    def _sign_chunk(self, inputs: list[CSRInput], options: SignOptions) -> list[SignResult]:
+    def _sign_chunk(self, inputs: list[CSRInput], options: SignOptions,
+                    in_transaction: Callable[[Transaction], None] | None = None,
+                    ) -> list[SignResult]:
         now = utcnow()
         slots: list[SignResult | _Candidate] = [self._screen(item, options) for item in inputs]
         candidates = [s for s in slots if isinstance(s, _Candidate)]
@@ -124,12 +136,14 @@ class Issuer:
         days = options.days or self.config.default_days
         not_before, not_after = validity(self.ca, days, now)
         for cand in candidates:
-            if (cand.device_id, cand.key_sha256) not in known:
+            if (cand.device_id, cand.key_sha256) not in known or cand.renews is not None:
                 self._mint(cand, not_before, not_after)
         writes: list[tuple[Path, str]] = []
         with self.registry.write(actor=self.actor) as tx:
             for cand in candidates:
                 self._record(tx, cand, options, now, writes)
+            if in_transaction is not None:
+                in_transaction(tx)
         self._write_outputs(writes)
         return [s if isinstance(s, SignResult) else _result(s) for s in slots]
 
@@ -144,7 +158,8 @@ class Issuer:
             return SignResult(item.source, device_id, "rejected", reason=str(rejection))
         public_key = csr.public_key()
         assert device_id is not None  # cn_is_device_id accepted it  # noqa: S101
-        return _Candidate(item.source, device_id, public_key_sha256(public_key), public_key)  # type: ignore[arg-type]
+        return _Candidate(item.source, device_id, public_key_sha256(public_key), public_key,  # type: ignore[arg-type]
+                          actor=item.actor, renews=item.renews)
 
     def _mint(self, cand: _Candidate, not_before: dt.datetime, not_after: dt.datetime) -> None:
         cand.cert = device_certificate(self.ca, self.config, cand.device_id, cand.public_key,
@@ -160,17 +175,23 @@ class Issuer:
             cand.result = _reject(cand, f"device-{device[0]}: device {cand.device_id!r} is "
                                   f"{device[0]}; want an active device")
             return
+        if cand.renews is not None and not self._renewable(tx, cand):
+            return
         same = tx.execute(
             "SELECT serial, status, pem FROM certificates WHERE device_id = ? AND "
-            "public_key_sha256 = ? ORDER BY issued_at DESC LIMIT 1",
+            "public_key_sha256 = ? ORDER BY issued_at DESC, rowid DESC LIMIT 1",
             (cand.device_id, cand.key_sha256)).fetchone()
+        # RFC 7030 4.2.2: re-enrolling with the key of the certificate being renewed renews
+        # it. A retry after that renewal finds the newer certificate first: "existing".
+        if same is not None and same[0] == cand.renews:
+            same = None
         if same is not None:
             serial, status, pem = same
             if status in ("revoked", "on_hold"):
                 cand.result = _reject(cand, f"key-{status.replace('_', '-')}: the certificate "
                                       f"for this key ({serial}) is {status}; make a new key")
                 return
-            cand.result = SignResult(cand.source, cand.device_id, "existing", serial)
+            cand.result = SignResult(cand.source, cand.device_id, "existing", serial, pem=pem)
             self._promise(tx, options, cand.device_id, serial, pem, writes)
             return
         current = tx.execute(
@@ -179,7 +200,7 @@ class Issuer:
         if current and not options.renew:
             cand.result = _reject(cand, f"has-certificate: device {cand.device_id!r} already "
                                   f"has active certificate {current[0][0]} for another key; "
-                                  "use --renew to replace it")
+                                  "use --renew (EST: simplereenroll) to replace it")
             return
         if cand.cert is None:  # the pre-check saw this key, but it has gone since: mint now
             self._mint(cand, *validity(self.ca, options.days or self.config.default_days, now))
@@ -189,21 +210,40 @@ class Issuer:
             tx.execute('INSERT INTO devices (device_id, status, "group", created_at, '
                        "updated_at, metadata) VALUES (?, 'active', ?, ?, ?, '{}')",
                        (cand.device_id, options.group, stamp, stamp))
-            tx.audit(stamp, "device.create", cand.device_id, None, {"group": options.group})
+            tx.audit(stamp, "device.create", cand.device_id, None, {"group": options.group},
+                     actor=cand.actor)
         elif options.group is not None and device[1] != options.group:
             tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
                        (options.group, stamp, cand.device_id))
             tx.audit(stamp, "device.group", cand.device_id, None,
-                     {"from": device[1], "to": options.group})
+                     {"from": device[1], "to": options.group}, actor=cand.actor)
         for (old,) in current:
             tx.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", (old,))
-            tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"})
+            tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"},
+                     actor=cand.actor)
         serial = self._insert(tx, cand, stamp)
         tx.audit(stamp, "certificate.issue", cand.device_id, serial,
                  {"source": cand.source, "renewal": bool(current),
-                  "not_after": iso(cand.cert.not_valid_after_utc)})
-        cand.result = SignResult(cand.source, cand.device_id, "issued", serial)
+                  "not_after": iso(cand.cert.not_valid_after_utc)}, actor=cand.actor)
+        cand.result = SignResult(cand.source, cand.device_id, "issued", serial, pem=cand.pem)
         self._promise(tx, options, cand.device_id, serial, cand.pem, writes)
+
+    @staticmethod
+    def _renewable(tx: Transaction, cand: _Candidate) -> bool:
+        """Re-checked under the write lock: the renewed certificate is the device's and live."""
+        row = tx.execute("SELECT device_id, status FROM certificates WHERE serial = ?",
+                         (cand.renews,)).fetchone()
+        if row is None:
+            cand.result = _reject(cand, f"renew-unknown: certificate {cand.renews} is not in "
+                                  "the registry")
+        elif row[0] != cand.device_id:
+            cand.result = _reject(cand, f"device-mismatch: the CSR names {cand.device_id!r}, "
+                                  f"the certificate being renewed names {row[0]!r}; want the "
+                                  "same device id")
+        elif row[1] in ("revoked", "on_hold"):
+            cand.result = _reject(cand, f"renew-{row[1].replace('_', '-')}: certificate "
+                                  f"{cand.renews} is {row[1]}; it cannot be renewed")
+        return cand.result is None
 
     def _insert(self, tx: Transaction, cand: _Candidate, stamp: str) -> str:
         """Insert the row; a serial collision (2^-159 odds) is re-minted, never reused."""

@@ -17,7 +17,7 @@ import sqlite_utils
 from provisioning.audit import GENESIS, HEAD_KEY, ChainReport, seal, verify_chain
 from provisioning.errors import RegistryError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Long enough to ride out another process's batch; "database is locked" must never surface.
 BUSY_TIMEOUT_S = 60.0
 
@@ -81,7 +81,15 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
     db.table("pending_outputs").create({"path": str, "serial": str}, pk="path")
 
 
-_MIGRATIONS = {1: _migrate_v1}
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Enrollment tokens for the EST service: the secret itself is never stored, only its hash."""
+    db.table("tokens").create(
+        {"name": str, "hash": str, "created_at": str, "revoked_at": str},
+        pk="name", not_null={"hash", "created_at"},
+    )
+
+
+_MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -226,12 +234,14 @@ class Transaction:
         self._events: list[tuple[Any, ...]] = []
 
     def audit(self, time: str, action: str, device_id: str | None = None,
-              serial: str | None = None, detail: dict[str, Any] | None = None) -> None:
+              serial: str | None = None, detail: dict[str, Any] | None = None,
+              actor: str | None = None) -> None:
+        """Queue one event; *actor* overrides the transaction's (a batch serves many callers)."""
+        who = actor or self.actor
         text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"))
         event_id = self._last_id + 1
-        digest = seal(event_id, time, self.actor, action, device_id, serial, text,
-                      self._last_hash)
-        self._events.append((event_id, time, self.actor, action, device_id, serial, text,
+        digest = seal(event_id, time, who, action, device_id, serial, text, self._last_hash)
+        self._events.append((event_id, time, who, action, device_id, serial, text,
                              self._last_hash, digest))
         self._last_id, self._last_hash = event_id, digest
 
