@@ -1,0 +1,68 @@
+"""[auth] password = true: the MQTT password is a second factor checked against the registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.integration.fleet import Fleet, RunningHub
+from tests.integration.mqtt import Client
+
+ACCEPTED, NOT_AUTHORIZED = 0, 135
+
+
+@pytest.fixture(scope="module")
+def password_hub(fleet: Fleet) -> Iterator[RunningHub]:
+    config = fleet.write_config("hub-password.toml", password=True)
+    config.write_text(config.read_text().replace('"hub-audit.db"', '"hub-password-audit.db"'))
+    running = RunningHub.start(config)
+    yield running
+    assert running.stop() == 0
+
+
+def _set_password(fleet: Fleet, device_id: str, secret: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "provisioning.cli", "password", "set",
+                           "--pki", str(fleet.pki), device_id, "--password-env", "DEV_PW"],
+                          env={**os.environ, "DEV_PW": secret}, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_password_is_required_and_checked(fleet: Fleet, password_hub: RunningHub,
+                                          connect: Callable[..., Client]) -> None:
+    """No password, a wrong one, or none set: refused (bad-password); the right one: in."""
+    device = fleet.device("pw-dev")
+    unset = connect(device, port=password_hub.port, username="pw-dev", password="x")
+    assert unset.connect() == NOT_AUTHORIZED
+    _set_password(fleet, "pw-dev", "correct horse")
+    password_hub.settle()
+    assert connect(device, port=password_hub.port).connect() == NOT_AUTHORIZED
+    wrong = connect(device, port=password_hub.port, username="pw-dev", password="wrong")
+    assert wrong.connect() == NOT_AUTHORIZED
+    right = connect(device, port=password_hub.port, username="ignored-name",
+                    password="correct horse")
+    assert right.connect() == ACCEPTED
+    deadline = time.monotonic() + 5
+    while True:
+        reasons = [r["reason"] for r in password_hub.events("pw-dev") if r["event"] == "reject"]
+        if len(reasons) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert reasons == ["bad-password"] * 3
+
+
+def test_password_does_not_replace_the_certificate(fleet: Fleet, password_hub: RunningHub,
+                                                   connect: Callable[..., Client]) -> None:
+    """The right password with another device's certificate is still a client-id mismatch."""
+    fleet.device("pw-owner")
+    _set_password(fleet, "pw-owner", "s3cret")
+    other = fleet.device("pw-other")
+    password_hub.settle()
+    client = connect(other, "pw-owner", port=password_hub.port, username="pw-owner",
+                     password="s3cret")
+    assert client.connect() == NOT_AUTHORIZED
