@@ -6,6 +6,7 @@
     │   └── PassphraseError      a CA key is encrypted and the passphrase is missing or wrong
     ├── NotFoundError            a device, certificate or token the command names does not exist
     ├── ConflictError            a name the command would create is already taken
+    ├── OutputError              a certificate file cannot be written (disk full, permissions)
     └── RegistryError            the registry cannot be read or written
 
 CSR refusals are not exceptions: they are data (:class:`provisioning.policy.Rejection`),
@@ -49,6 +50,10 @@ class NotFoundError(ProvisioningError):
 
 class ConflictError(ProvisioningError):
     """A name the command would create (an enrollment token) already exists (exit 1)."""
+
+
+class OutputError(ProvisioningError):
+    """An output file could not be written; the registry still holds the promise."""
 
 
 class RegistryError(ProvisioningError):

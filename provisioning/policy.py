@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -33,11 +34,27 @@ class Rejection:
 
 @dataclass(frozen=True)
 class CSRContext:
-    """What the rules look at: the request, and the fleet it asks to join."""
+    """What the rules look at: the request, and the fleet it asks to join.
+
+    The parsed pieces are computed once: several rules and the issuer need them.
+    """
 
     csr: x509.CertificateSigningRequest
     trust_domain: str
     manifest: frozenset[str] | None
+
+    @cached_property
+    def common_names(self) -> list[str]:
+        return _common_names(self.csr)
+
+    @property
+    def device_id(self) -> str | None:
+        names = self.common_names
+        return names[0] if names else None
+
+    @cached_property
+    def public_key(self) -> object:
+        return self.csr.public_key()
 
 
 Rule = Callable[[CSRContext], Rejection | None]
@@ -55,7 +72,7 @@ def describe_key(key: object) -> str:
 def key_type_allowed(ctx: CSRContext) -> Rejection | None:
     """Keys of DESIGN section 1 only: EC P-256/P-384, Ed25519, RSA 2048-8192."""
     try:
-        key = ctx.csr.public_key()
+        key = ctx.public_key
     except (ValueError, UnsupportedAlgorithm) as exc:
         return Rejection("key-type", f"unsupported public key ({exc}); want EC P-256/P-384, "
                          "Ed25519 or RSA 2048-8192")
@@ -113,7 +130,7 @@ def _common_names(csr: x509.CertificateSigningRequest) -> list[str]:
 
 def cn_is_device_id(ctx: CSRContext) -> Rejection | None:
     """The subject carries exactly one CN, and it is a valid device id."""
-    cns = _common_names(ctx.csr)
+    cns = ctx.common_names
     if len(cns) != 1:
         return Rejection("bad-cn", f"subject has {len(cns)} CN attributes, want exactly 1")
     problem = device_id_problem(cns[0])
@@ -126,7 +143,7 @@ def san_matches_cn(ctx: CSRContext) -> Rejection | None:
         san = ctx.csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
-    device_id = device_id_of(ctx.csr)
+    device_id = ctx.common_names[0]
     want_uri = spiffe_id(ctx.trust_domain, device_id)
     for name in san:
         if isinstance(name, x509.UniformResourceIdentifier):
@@ -147,7 +164,7 @@ def in_manifest(ctx: CSRContext) -> Rejection | None:
     """With a production manifest, only the devices on it are issued certificates."""
     if ctx.manifest is None:
         return None
-    device_id = device_id_of(ctx.csr)
+    device_id = ctx.common_names[0]
     if device_id in ctx.manifest:
         return None
     return Rejection("not-in-manifest", f"device {device_id!r} is not in the manifest")
