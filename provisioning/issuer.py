@@ -30,7 +30,7 @@ from provisioning.fsutil import atomic_write
 from provisioning.pki import IssuingCA
 from provisioning.policy import CSRContext, check
 from provisioning.profile import IssuablePublicKey, device_certificate, random_serial, validity
-from provisioning.registry import Registry, Transaction, operator
+from provisioning.registry import IN_BATCH, Registry, Transaction, operator
 from provisioning.timefmt import iso, utcnow
 
 CHUNK = 256
@@ -164,8 +164,10 @@ class Issuer:
                 self._mint(cand, not_before, not_after)
         writes: list[tuple[Path, str]] = []
         with self.registry.write(actor=self.actor) as tx:
+            view = _ChunkView(tx, [c.device_id for c in candidates])
             for cand in candidates:
-                self._record(tx, cand, options, now, writes)
+                self._record(tx, view, cand, options, now, writes)
+            view.flush()
             if in_transaction is not None:
                 in_transaction(tx)
             if written:
@@ -193,21 +195,18 @@ class Issuer:
                                        random_serial(), not_before, not_after)
         cand.pem = cand.cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
-    def _record(self, tx: Transaction, cand: _Candidate, options: SignOptions,
-                now: dt.datetime, writes: list[tuple[Path, str]]) -> None:
+    def _record(self, tx: Transaction, view: _ChunkView, cand: _Candidate,
+                options: SignOptions, now: dt.datetime,
+                writes: list[tuple[Path, str]]) -> None:
         """Decide under the write lock; the read-only pre-check may be stale."""
-        device = tx.execute('SELECT status, "group" FROM devices WHERE device_id = ?',
-                            (cand.device_id,)).fetchone()
+        device = view.devices.get(cand.device_id)
         if device is not None and device[0] != "active":
             cand.result = _reject(cand, f"device-{device[0]}: device {cand.device_id!r} is "
                                   f"{device[0]}; want an active device")
             return
         if cand.renews is not None and not self._renewable(tx, cand):
             return
-        same = tx.execute(
-            "SELECT serial, status, pem FROM certificates WHERE device_id = ? AND "
-            "public_key_sha256 = ? ORDER BY issued_at DESC, rowid DESC LIMIT 1",
-            (cand.device_id, cand.key_sha256)).fetchone()
+        same = view.newest_with_key(cand.device_id, cand.key_sha256)
         # RFC 7030 4.2.2: re-enrolling with the key of the certificate being renewed renews
         # it. A retry after that renewal finds the newer certificate first: "existing".
         if same is not None and same[0] == cand.renews:
@@ -219,14 +218,12 @@ class Issuer:
                                       f"for this key ({serial}) is {status}; make a new key")
                 return
             cand.result = SignResult(cand.source, cand.device_id, "existing", serial, pem=pem)
-            self._promise(tx, options, cand.device_id, serial, pem, writes)
+            self._promise(view, options, cand.device_id, serial, pem, writes)
             return
-        current = tx.execute(
-            "SELECT serial FROM certificates WHERE device_id = ? AND status IN "
-            "('active', 'on_hold')", (cand.device_id,)).fetchall()
+        current = view.live_serials(cand.device_id)
         if current and not options.renew:
             cand.result = _reject(cand, f"has-certificate: device {cand.device_id!r} already "
-                                  f"has active certificate {current[0][0]} for another key; "
+                                  f"has active certificate {current[0]} for another key; "
                                   "use --renew (EST: simplereenroll) to replace it")
             return
         if cand.cert is None:  # the pre-check saw this key, but it has gone since: mint now
@@ -234,26 +231,29 @@ class Issuer:
         assert cand.cert is not None  # noqa: S101
         stamp = iso(now)
         if device is None:
-            tx.execute('INSERT INTO devices (device_id, status, "group", created_at, '
-                       "updated_at, metadata) VALUES (?, 'active', ?, ?, ?, '{}')",
-                       (cand.device_id, options.group, stamp, stamp))
+            view.add_device(cand.device_id, options.group, stamp)
             tx.audit(stamp, "device.create", cand.device_id, None, {"group": options.group},
                      actor=cand.actor)
         elif options.group is not None and device[1] != options.group:
+            view.flush()  # the device row may be one of this chunk's pending inserts
             tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
                        (options.group, stamp, cand.device_id))
+            view.devices[cand.device_id] = ("active", options.group)
             tx.audit(stamp, "device.group", cand.device_id, None,
                      {"from": device[1], "to": options.group}, actor=cand.actor)
-        for (old,) in current:
+        for old in current:
             tx.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", (old,))
+            view.set_status(cand.device_id, old, "superseded")
             tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"},
                      actor=cand.actor)
+        view.flush()  # the certificate row refers to the device row
         serial = self._insert(tx, cand, stamp)
+        view.add_certificate(cand.device_id, serial, cand.key_sha256, cand.pem)
         tx.audit(stamp, "certificate.issue", cand.device_id, serial,
                  {"source": cand.source, "renewal": bool(current),
                   "not_after": iso(cand.cert.not_valid_after_utc)}, actor=cand.actor)
         cand.result = SignResult(cand.source, cand.device_id, "issued", serial, pem=cand.pem)
-        self._promise(tx, options, cand.device_id, serial, cand.pem, writes)
+        self._promise(view, options, cand.device_id, serial, cand.pem, writes)
 
     @staticmethod
     def _renewable(tx: Transaction, cand: _Candidate) -> bool:
@@ -291,13 +291,13 @@ class Issuer:
                 continue
             return serial
 
-    def _promise(self, tx: Transaction, options: SignOptions, device_id: str, serial: str,
+    @staticmethod
+    def _promise(view: _ChunkView, options: SignOptions, device_id: str, serial: str,
                  pem: str, writes: list[tuple[Path, str]]) -> None:
         if options.out_dir is None:
             return
-        path = (options.out_dir / f"{device_id}.pem").absolute()
-        tx.execute("INSERT OR REPLACE INTO pending_outputs (path, serial) VALUES (?, ?)",
-                   (str(path), serial))
+        path = view.out_dir(options.out_dir) / f"{device_id}.pem"
+        view.promises.append((str(path), serial))
         writes.append((path, pem))
 
     def _write_files(self, writes: list[tuple[Path, str]]) -> list[Path]:
@@ -332,6 +332,72 @@ class Issuer:
             raise OutputError(f"cannot write certificate file: {exc.strerror}",
                               exc.filename or "--out") from exc
         return len(writes)
+
+
+class _ChunkView:
+    """The registry rows one chunk's decisions need, read in two queries under the lock.
+
+    Decisions update the view as they go, so two CSRs of one chunk see each other; inserts
+    of devices and promises are batched and flushed before anything that refers to them.
+    """
+
+    def __init__(self, tx: Transaction, device_ids: list[str]) -> None:
+        self.tx = tx
+        self.devices: dict[str, tuple[str, str | None]] = {}
+        # device -> [serial, status, public-key hash, pem], oldest first
+        self.certs: dict[str, list[list[str]]] = {}
+        self.new_devices: list[tuple[str, str | None, str, str]] = []
+        self.promises: list[tuple[str, str]] = []
+        self._out: tuple[Path, Path] | None = None
+        ids = sorted(set(device_ids))
+        for start in range(0, len(ids), IN_BATCH):
+            part = ids[start:start + IN_BATCH]
+            marks = ",".join("?" * len(part))
+            for row in tx.execute('SELECT device_id, status, "group" FROM devices '  # noqa: S608
+                                  f"WHERE device_id IN ({marks})", tuple(part)):
+                self.devices[row[0]] = (row[1], row[2])
+            for row in tx.execute(
+                    "SELECT device_id, serial, status, public_key_sha256, pem "  # noqa: S608
+                    f"FROM certificates WHERE device_id IN ({marks}) "
+                    "ORDER BY issued_at, rowid", tuple(part)):
+                self.certs.setdefault(row[0], []).append([row[1], row[2], row[3], row[4]])
+
+    def newest_with_key(self, device_id: str, key_sha256: str) -> tuple[str, str, str] | None:
+        for serial, status, key, pem in reversed(self.certs.get(device_id, [])):
+            if key == key_sha256:
+                return serial, status, pem
+        return None
+
+    def live_serials(self, device_id: str) -> list[str]:
+        return [c[0] for c in self.certs.get(device_id, []) if c[1] in ("active", "on_hold")]
+
+    def set_status(self, device_id: str, serial: str, status: str) -> None:
+        for cert in self.certs.get(device_id, []):
+            if cert[0] == serial:
+                cert[1] = status
+
+    def add_device(self, device_id: str, group: str | None, stamp: str) -> None:
+        self.devices[device_id] = ("active", group)
+        self.new_devices.append((device_id, group, stamp, stamp))
+
+    def add_certificate(self, device_id: str, serial: str, key_sha256: str, pem: str) -> None:
+        self.certs.setdefault(device_id, []).append([serial, "active", key_sha256, pem])
+
+    def out_dir(self, folder: Path) -> Path:
+        if self._out is None or self._out[0] != folder:
+            self._out = (folder, folder.absolute())
+        return self._out[1]
+
+    def flush(self) -> None:
+        if self.new_devices:
+            self.tx.executemany('INSERT INTO devices (device_id, status, "group", created_at, '
+                                "updated_at, metadata) VALUES (?, 'active', ?, ?, ?, '{}')",
+                                self.new_devices)
+            self.new_devices.clear()
+        if self.promises:
+            self.tx.executemany("INSERT OR REPLACE INTO pending_outputs (path, serial) "
+                                "VALUES (?, ?)", self.promises)
+            self.promises.clear()
 
 
 def _remove_dead_temporaries(folder: Path) -> None:
