@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
-from provisioning.issuer import SignOptions
+from provisioning.issuer import SignOptions, serial_hex
 from provisioning.profile import device_certificate, random_serial
 
 TRUST_DOMAIN = "fleet.test"
@@ -92,7 +92,7 @@ class Fleet:
             chain = authority.ca.chain_pem
         path = self.root / "devices" / f"{device_id}.pem"
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
-        return Device(device_id, path, key_path, format(cert.serial_number, "x"))
+        return Device(device_id, path, key_path, serial_hex(cert.serial_number))
 
     def device_without_uri(self, device_id: str) -> Device:
         """A certificate from our CA whose SAN holds a DNS name but no SPIFFE URI."""
@@ -115,7 +115,7 @@ class Fleet:
             chain = ca.chain_pem
         path = self.root / "devices" / f"{device_id}.pem"
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
-        return Device(device_id, path, key_path, format(cert.serial_number, "x"))
+        return Device(device_id, path, key_path, serial_hex(cert.serial_number))
 
     def revoke(self, device_id: str, reason: str = "keyCompromise") -> None:
         with Authority(self.pki) as authority:
