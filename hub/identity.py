@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from provisioning.identity import parse_spiffe_id
+from provisioning.identity import parse_spiffe_id, serial_hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +23,7 @@ class DeviceIdentity:
 
     @property
     def serial_hex(self) -> str:
-        text = format(self.serial, "x")
-        return text if len(text) % 2 == 0 else "0" + text
+        return serial_hex(self.serial)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from provisioning.config import PKIConfig
 from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
 from provisioning.errors import NotFoundError, UsageError
 from provisioning.fsutil import atomic_write
-from provisioning.identity import hash_password
-from provisioning.issuer import Issuer, parse_serial, serial_hex
+from provisioning.identity import hash_password, serial_hex
+from provisioning.issuer import Issuer, parse_serial
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
 from provisioning.registry import Registry, Transaction, operator

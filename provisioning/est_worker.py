@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.errors import ProvisioningError
-from provisioning.issuer import CHUNK, SignOptions, SignResult, serial_hex
+from provisioning.identity import serial_hex
+from provisioning.issuer import CHUNK, SignOptions, SignResult
 from provisioning.ocsp import Responder
 from provisioning.registry import Transaction
 from provisioning.timefmt import iso, utcnow

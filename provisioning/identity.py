@@ -52,6 +52,15 @@ def parse_spiffe_id(uri: str) -> tuple[str, str] | None:
     return domain, device_id
 
 
+def serial_hex(serial: int) -> str:
+    """Serials as every output shows them: lowercase hex in whole octets, no separators.
+
+    The form ``openssl x509 -serial`` prints, lowercased, so they compare as text anywhere.
+    """
+    text = format(serial, "x")
+    return text if len(text) % 2 == 0 else "0" + text
+
+
 # -- the optional MQTT password (second factor) -------------------------------------------------
 # Stored as "scrypt$N$r$p$salt_hex$hash_hex"; the hub verifies with the same pure function, so
 # a gateway needs neither the CA nor a shared library beyond hashlib.

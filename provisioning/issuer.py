@@ -27,6 +27,7 @@ from provisioning.config import PKIConfig
 from provisioning.csr import CSRFormatError, CSRInput, parse_csr
 from provisioning.errors import OutputError
 from provisioning.fsutil import atomic_write
+from provisioning.identity import serial_hex as serial_hex  # noqa: PLC0414 (re-export)
 from provisioning.pki import IssuingCA
 from provisioning.policy import CSRContext, check
 from provisioning.profile import IssuablePublicKey, device_certificate, random_serial, validity
@@ -80,12 +81,6 @@ def public_key_sha256(public_key: IssuablePublicKey) -> str:
     der = public_key.public_bytes(serialization.Encoding.DER,
                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
-
-
-def serial_hex(serial: int) -> str:
-    """Lowercase hex, whole octets: the form ``openssl x509 -serial`` prints, lowercased."""
-    text = format(serial, "x")
-    return text if len(text) % 2 == 0 else "0" + text
 
 
 def parse_serial(text: str) -> int | None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from provisioning.crl import REASONS
-from provisioning.issuer import serial_hex
+from provisioning.identity import serial_hex
 from provisioning.pki import IssuingCA
 from provisioning.timefmt import parse_iso
 
