@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import ssl
@@ -40,6 +41,11 @@ async def serve_hub(config: HubConfig, *, ready: Callable[[HubBroker], None] | N
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             loop.add_signal_handler(signal.SIGHUP, _reload_tls, broker, config)
+            # Start-up objects (config, CA bundle, amqtt) never die: keep the collector off
+            # them, and collect young objects less often; a connect makes many.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 50, 100)
             if ready is not None:
                 ready(broker)
             await stop.wait()

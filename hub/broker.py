@@ -20,6 +20,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
+from hub import session
 from hub.gatekeeper import Decision, LiveSession
 from hub.listener import TLSListener
 from hub.runtime import HubRuntime
@@ -49,6 +50,7 @@ class HubBroker(Broker):  # type: ignore[misc]
 
     def __init__(self, runtime: HubRuntime) -> None:
         self.hub_runtime = runtime  # before super(): the plugins look for it while loading
+        session.install()
         self._closed_events: dict[int, asyncio.Event] = {}
         self._connect_locks: dict[str, asyncio.Lock] = {}
         source = str(runtime.config.source or "")
