@@ -40,6 +40,11 @@ _CREDENTIAL_GONE = {"revoked", "on-hold", "device-suspended", "device-revoked"}
 class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """Stock leaves ``handle_read_timeout`` empty: keep-alive is never enforced."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_subscriptions = session.SlimQueue()
+        self._pending_unsubscriptions = session.SlimQueue()
+
     def handle_read_timeout(self) -> None:
         # [MQTT-3.1.2-24]: no packet within 1.5x keep-alive -> disconnect.
         asyncio.ensure_future(self.handle_connection_closed())  # noqa: RUF006
