@@ -15,7 +15,6 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -119,30 +118,19 @@ class Issuer:
         if options.out_dir is not None:
             options.out_dir.mkdir(parents=True, exist_ok=True)
         results: list[SignResult] = []
-        # Files of chunk N are written by one thread while chunk N+1 is signed: creating
-        # files costs I/O waits, not CPU. Their promises are cleared in the next transaction.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sign-files") as files:
-            writing: Future[list[Path]] | None = None
-            for start in range(0, len(inputs), CHUNK):
-                done = self._collect(writing)
-                chunk, writes = self._sign_chunk(inputs[start:start + CHUNK], options,
-                                                 in_transaction, done)
-                writing = files.submit(self._write_files, writes) if writes else None
-                results.extend(chunk)
-                if progress is not None:
-                    progress(chunk)
-            self._clear_promises(self._collect(writing))
+        # The files of a chunk are written right after its commit, in this thread: a writer
+        # thread would wait for the GIL between every syscall while signing holds it. Their
+        # promises are cleared in the next chunk's transaction, saving a commit per chunk.
+        written: list[Path] = []
+        for start in range(0, len(inputs), CHUNK):
+            chunk, writes = self._sign_chunk(inputs[start:start + CHUNK], options,
+                                             in_transaction, written)
+            written = self._write_files(writes)
+            results.extend(chunk)
+            if progress is not None:
+                progress(chunk)
+        self._clear_promises(written)
         return results
-
-    @staticmethod
-    def _collect(writing: Future[list[Path]] | None) -> list[Path]:
-        if writing is None:
-            return []
-        try:
-            return writing.result()
-        except OSError as exc:
-            raise OutputError(f"cannot write certificate file: {exc.strerror}",
-                              exc.filename or "--out") from exc
 
     def _sign_chunk(self, inputs: list[CSRInput], options: SignOptions,
                     in_transaction: Callable[[Transaction], None] | None = None,
@@ -301,8 +289,12 @@ class Issuer:
         No fsync: SIGKILL cannot lose them, and after a power cut re-running the same batch
         rewrites every file from the registry (each CSR comes back "existing").
         """
-        for path, pem in writes:
-            atomic_write(path, output_bytes(pem, self.ca), sync=False)
+        try:
+            for path, pem in writes:
+                atomic_write(path, output_bytes(pem, self.ca), sync=False)
+        except OSError as exc:
+            raise OutputError(f"cannot write certificate file: {exc.strerror}",
+                              exc.filename or "--out") from exc
         return [path for path, _ in writes]
 
     def _clear_promises(self, written: list[Path]) -> None:
@@ -321,11 +313,7 @@ class Issuer:
         for folder in {path.parent for path, _ in writes}:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_dead_temporaries(folder)
-        try:
-            self._clear_promises(self._write_files(writes))
-        except OSError as exc:
-            raise OutputError(f"cannot write certificate file: {exc.strerror}",
-                              exc.filename or "--out") from exc
+        self._clear_promises(self._write_files(writes))
         return len(writes)
 
 
