@@ -1,1 +1,16 @@
-"""fleet-sim: thousands of virtual devices exercising mutual TLS, attacks and revocation."""
+"""fleet-sim: thousands of virtual devices exercising mutual TLS, attacks and revocation.
+
+    factory.py    a device's own EC P-256 key and CSR
+    enroll.py     certificates in bulk (provisioning library or EST), the fleet folder cache
+    transport.py  TCP and TLS on the event loop, each phase timed
+    device.py     one paho-mqtt client driven by the loop (aiomqtt's wiring), no threads
+    worker.py     a worker process: its share of the fleet on one loop
+    scenarios.py  the attack scenarios and their material
+    fleet.py      the parent: enrollment, workers, the hold, revocation
+    report.py     the report: JSON and rich tables
+    display.py    live progress
+    lab.py        a PKI, hub.toml and ``fleet-hub serve`` in a folder (quickstart, tests)
+    cli.py        ``fleet-sim`` (typer)
+
+Import rule: provisioning yes, hub never (the hub is a process on the network).
+"""

@@ -1,10 +1,201 @@
-"""``fleet-sim``: not built yet; says so instead of pretending (issue: Simulator)."""
+"""``fleet-sim``: thousands of virtual devices exercising mutual TLS, attacks and revocation.
+
+Exit codes: 0 every expectation held, 1 some observed outcome differed (or the CA refused
+the fleet), 2 usage. Every expected failure is one line on stderr: ``error: <what> (<where>)``.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from device_sim.display import Display
+from device_sim.errors import SimError, UsageError
+from device_sim.fleet import RunSettings, run_fleet
+from device_sim.lab import HubProcess, make_pki, write_hub_config
+from device_sim.report import render
+from provisioning.errors import ProvisioningError
+from provisioning.pki import PKI
+
+app = typer.Typer(
+    help="Virtual device fleets: per-device certificates, mutual TLS, attacks, revocation.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+DEFAULT_PKI = Path("fleet-pki")
+TOKEN_ENV = "FLEET_SIM_TOKEN"  # noqa: S105  (the name of a variable, not a secret)
+QUICKSTART_DEVICES = 500
+
+out = Console(highlight=False, soft_wrap=True)
 
 
-def main() -> None:
-    sys.stderr.write("error: fleet-sim is not yet available in this release (fleet-sim)\n")
-    sys.exit(2)
+def parse_broker(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{text!r} is not HOST:PORT", "--broker")
+    return host, int(port)
+
+
+def _token(env_var: str) -> tuple[str, str]:
+    value = os.environ.get(env_var)
+    if not value or ":" not in value:
+        raise UsageError(f"--enroll needs an enrollment token in ${env_var} as NAME:SECRET "
+                         "(fleet-provision token create prints one)", "--token-env")
+    name, _, secret = value.partition(":")
+    return name, secret
+
+
+def _finish(report: dict[str, Any], report_file: Path | None) -> None:
+    render(report, out)
+    if report_file is not None:
+        try:
+            report_file.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write the report: {exc.strerror}", str(report_file),
+                             ) from None
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    broker: Annotated[str, typer.Option("--broker", metavar="HOST:PORT",
+                                        help="The MQTT broker (mutual TLS).")],
+    devices: Annotated[int, typer.Option("--devices", min=1, max=1_000_000,
+                                         help="Fleet size.")],
+    pki: Annotated[Path, typer.Option("--pki", envvar="FLEET_PKI", help="PKI folder.")]
+    = DEFAULT_PKI,
+    rate: Annotated[float, typer.Option("--rate", min=0.1,
+                                        help="Connects per second (ramp).")] = 200.0,
+    duration: Annotated[float, typer.Option(
+        "--duration", min=0, help="Seconds the whole fleet stays connected.")] = 10.0,
+    publish_interval: Annotated[float, typer.Option(
+        "--publish-interval", min=0.05, help="Seconds between telemetry messages.")] = 5.0,
+    revoke: Annotated[float, typer.Option(
+        "--revoke", min=0.0, max=1.0, metavar="FRACTION",
+        help="Revoke this fraction of the connected devices mid-run.")] = 0.0,
+    attacks: Annotated[bool, typer.Option("--attacks", help="Add the attack scenarios.")]
+    = False,
+    processes: Annotated[int | None, typer.Option(
+        "--processes", min=1, max=256,
+        help="Worker processes [default: one per 1,000 devices, up to the CPUs]")] = None,
+    report: Annotated[Path | None, typer.Option("--report", metavar="FILE",
+                                                help="Write the report as JSON.")] = None,
+    fleet_dir: Annotated[Path | None, typer.Option(
+        "--fleet-dir", metavar="DIR",
+        help="Device keys and certificates, kept for the next run [default: PKI/sim-fleet]",
+    )] = None,
+    enroll: Annotated[str | None, typer.Option(
+        "--enroll", metavar="URL",
+        help="Enroll through the EST service at URL instead of the library.")] = None,
+    token_env: Annotated[str, typer.Option(
+        "--token-env", metavar="VAR",
+        help="Environment variable holding the enrollment token as NAME:SECRET.")]
+    = TOKEN_ENV,
+    connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1,
+                                                   help="Seconds per connect.")] = 30.0,
+    revocation_timeout: Annotated[float, typer.Option(
+        "--revocation-timeout", min=0.1,
+        help="Seconds a revoked live device may stay connected.")] = 10.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No live progress.")] = False,
+) -> None:
+    """Enroll a fleet, connect it to a broker, attack, revoke, and report.
+
+    Example: fleet-sim run --pki fleet-pki --broker 127.0.0.1:8883 --devices 1000 --attacks
+    --revoke 0.05 --report report.json
+    """
+    host, port = parse_broker(broker)
+    PKI(pki)  # a missing or incomplete PKI is a usage error now, not mid-run
+    if enroll is not None and not enroll.startswith(("https://", "http://")):
+        raise UsageError(f"{enroll!r} is not an http(s) URL", "--enroll")
+    settings = RunSettings(
+        pki=pki, host=host, port=port, devices=devices, rate=rate, duration=duration,
+        publish_interval=publish_interval, revoke=revoke, attacks=attacks,
+        processes=processes, fleet_dir=fleet_dir, enroll_url=enroll,
+        enroll_token=_token(token_env) if enroll is not None else None,
+        connect_timeout=connect_timeout, revocation_timeout=revocation_timeout)
+    with Display(quiet=quiet) as display:
+        result = run_fleet(settings, display)
+    _finish(result, report)
+
+
+@app.command()
+def quickstart(
+    devices: Annotated[int, typer.Option("--devices", min=1, max=20_000,
+                                         help="Fleet size.")] = QUICKSTART_DEVICES,
+    report: Annotated[Path | None, typer.Option("--report", metavar="FILE",
+                                                help="Write the report as JSON.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No live progress.")] = False,
+) -> None:
+    """The whole story in a temporary folder: PKI, hub, enrollment, attacks, revocation.
+
+    Example: fleet-sim quickstart
+    """
+    started = time.monotonic()
+    with Display(quiet=quiet) as display, tempfile.TemporaryDirectory(
+            prefix="fleet-sim-") as tmp:
+        root = Path(tmp)
+        display.phase(f"creating a PKI and a hub certificate in {root}")
+        pki = make_pki(root)
+        config = write_hub_config(root, pki)
+        display.phase(f"starting fleet-hub serve --config {config}")
+        with HubProcess(config) as hub:
+            display.phase(f"hub ready on {hub.host}:{hub.port}")
+            settings = RunSettings(pki=pki, host="127.0.0.1", port=hub.port, devices=devices,
+                                   rate=500.0, duration=3.0, publish_interval=2.0,
+                                   revoke=0.05, attacks=True)
+            result = run_fleet(settings, display)
+            display.phase("stopping the hub")
+        display.phase(f"done in {time.monotonic() - started:.1f} s")
+    _finish(result, report)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """The exit code of one invocation; one line per failure (DESIGN section 8)."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="fleet-sim", standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        _fail("aborted")
+        return 2
+    except typer.TyperException as exc:  # click's UsageError family, vendored by typer
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return 2
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "fleet-sim"
+        _fail(f"{exc.format_message()} ({where})")
+        return 2
+    except SimError as exc:
+        _fail(str(exc))
+        return exc.exit_code
+    except ProvisioningError as exc:
+        _fail(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    return int(result) if isinstance(result, int) else 0  # typer.Exit(n) comes back as n
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console-script entry point: exits with :func:`run_cli`'s code."""
+    sys.exit(run_cli(argv))
+
+
+if __name__ == "__main__":
+    main()

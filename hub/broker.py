@@ -33,6 +33,7 @@ LISTENER = "default"
 _DECISION = "fleet_hub.decision"
 _AUTHENTICATED = "fleet_hub.authenticated"
 _LOCK = "fleet_hub.connect_lock"
+_WRITER = "fleet_hub.writer"
 # Kicks that mean the credential is gone: the session's queued state goes with the connection.
 _CREDENTIAL_GONE = {"revoked", "on-hold", "device-suspended", "device-revoked"}
 
@@ -117,8 +118,12 @@ class HubBroker(Broker):  # type: ignore[misc]
             self._release(client_id, lock)
             await _refuse(writer)
             raise MQTTError(f"{client_id!r} refused: {decision.reason}")
+        if session.keep_alive:
+            # [MQTT-3.1.2-24]: silence is tolerated for one and a half keep-alive periods.
+            session.keep_alive = -(-session.keep_alive * 3 // 2)
         session.attributes[_LOCK] = lock
         session.attributes[_AUTHENTICATED] = True
+        session.attributes[_WRITER] = writer
         return handler, session
 
     async def _admit(self, incoming: Any) -> Decision:
@@ -187,18 +192,22 @@ class HubBroker(Broker):  # type: ignore[misc]
         assert decision.identity is not None  # noqa: S101
         client_id = session.client_id
         peer = f"{session.remote_address}:{session.remote_port}"
+        writer = session.attributes.get(_WRITER)
 
         async def kick(reason: str) -> None:
             # The gatekeeper tracks only the current connection of a client id (a take-over
             # detaches the old one first), so the stored entry is the one to close.
-            entry = self._sessions.get(client_id)
-            if entry is None:
-                return
             session.will_flag = False  # a refused device's last will is not delivered
-            if reason in _CREDENTIAL_GONE:
-                await self._cleanup_session(client_id)
-            else:
-                await entry[1].handle_connection_closed()
+            entry = self._sessions.get(client_id)
+            if entry is not None:
+                if reason in _CREDENTIAL_GONE:
+                    await self._cleanup_session(client_id)
+                else:
+                    await entry[1].handle_connection_closed()
+            # And close this connection's socket itself: a kick that lands between amqtt
+            # storing the session and starting its handler would otherwise leave it open.
+            if writer is not None:
+                await _close(writer)
 
         live = LiveSession(client_id, decision.identity, peer, kick)
         session.attributes["fleet_hub.live"] = live
@@ -223,7 +232,10 @@ class HubBroker(Broker):  # type: ignore[misc]
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Any) -> None:
-        # Stock serves every client the retained messages of every filter in the broker.
+        # Stock calls this for every filter in the broker at each CONNECT: leave at once when
+        # nothing is retained, and serve only filters this client actually subscribed to.
+        if not self._retained_messages:
+            return
         subscribers = self._subscriptions.get(subscription[0], [])
         if not any(s.client_id == session.client_id for s, _ in subscribers):
             return

@@ -1,0 +1,345 @@
+"""The parent of a run: enroll, spread the fleet over worker processes, attack, revoke, report.
+
+Timeline: enrollment (cached in the fleet folder) → workers start and report ready → every
+worker ramps its share of the fleet at ``rate / processes`` connects per second, interleaved
+→ the hold: ``duration`` seconds with every device connected and publishing; meanwhile the
+attack scenarios run here (their own devices) and the revocation: ``revoke`` of the connected
+devices are revoked through the provisioning library, each disconnect is timed from its own
+revocation, then each revoked device reconnects once → stop: telemetry still in flight is
+awaited, every device sends DISCONNECT → the workers send their records → the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import multiprocessing
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from device_sim.display import Display
+from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
+from device_sim.errors import UsageError
+from device_sim.report import RunFacts, build
+from device_sim.scenarios import AttackKit, AttackRunner, ScenarioResult, prepare
+from device_sim.worker import (
+    RECONNECT_TIMEOUT,
+    Counters,
+    WorkerPlan,
+    WorkerResult,
+    new_loop,
+    raise_nofile,
+    watch_pipe,
+    worker_main,
+)
+from provisioning.authority import Authority
+
+Observer = Callable[[str], None]  # told "enrolled", "ramp-start", "ramp-end", "stop", "done"
+DEVICES_PER_PROCESS = 1000
+SPREAD_SOURCES_ABOVE = 20000  # past this many devices on loopback, vary the source address
+READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    pki: Path
+    host: str
+    port: int
+    devices: int
+    rate: float = 200.0
+    duration: float = 10.0
+    publish_interval: float = 5.0
+    revoke: float = 0.0
+    attacks: bool = False
+    processes: int | None = None  # None: one per 1,000 devices, at most one per CPU
+    fleet_dir: Path | None = None
+    enroll_url: str | None = None
+    enroll_token: tuple[str, str] | None = None
+    connect_timeout: float = 30.0
+    revocation_timeout: float = 10.0
+    check_hostname: bool = True
+
+    @property
+    def broker(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def worker_count(self) -> int:
+        if self.processes is not None:
+            return max(1, min(self.processes, self.devices))
+        return max(1, min(os.cpu_count() or 1, math.ceil(self.devices / DEVICES_PER_PROCESS)))
+
+
+def check_broker(host: str, port: int, timeout: float = 5.0) -> None:
+    """Fail fast, with the reason, when nothing listens at --broker."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot reach the broker at {host}:{port}: "
+                         f"{exc.strerror or exc}", "--broker") from None
+
+
+def enroller_for(settings: RunSettings) -> Enroller:
+    if settings.enroll_url is None:
+        return LibraryEnroller(settings.pki)
+    if settings.enroll_token is None:
+        raise UsageError("--enroll needs an enrollment token", "--enroll")
+    return ESTEnroller(settings.enroll_url, settings.enroll_token,
+                       settings.pki / "ca-chain.pem",
+                       (settings.pki / "issuing-ca.pem").read_bytes())
+
+
+def run_fleet(settings: RunSettings, display: Display | None = None,
+              observer: Observer | None = None) -> dict[str, Any]:
+    """One whole run; returns the report (see :func:`device_sim.report.build`)."""
+    display = display or Display(quiet=True)
+    notify = observer or (lambda _phase: None)
+    raise_nofile()
+    started = time.monotonic()
+    check_broker(settings.host, settings.port)
+    fleet_dir = settings.fleet_dir or settings.pki / "sim-fleet"
+    display.phase(f"enrolling {settings.devices} devices (each its own P-256 key and CSR) "
+                  f"into {fleet_dir}")
+    enrollment = FleetDir(fleet_dir).prepare(settings.pki, settings.devices,
+                                             enroller_for(settings), display.enroll)
+    display.phase(f"{enrollment.enrolled} certificates issued ({enrollment.method}), "
+                  f"{enrollment.cached} reused from the fleet folder, "
+                  f"{enrollment.retired} retired, in {enrollment.seconds:.1f} s")
+    kit = prepare(settings.pki, fleet_dir / "attack") if settings.attacks else None
+    notify("enrolled")
+
+    async def main() -> RunFacts:
+        return await _Parent(settings, enrollment, kit, display, notify).run()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        facts = runner.run(main())
+    facts.wall_s = time.monotonic() - started
+    facts.enrollment = {"method": enrollment.method, "enrolled": enrollment.enrolled,
+                        "cached": enrollment.cached, "retired": enrollment.retired,
+                        "seconds": round(enrollment.seconds, 3), "fleet_dir": str(fleet_dir)}
+    report = build(facts)
+    notify("done")
+    return report
+
+
+@dataclass
+class _Link:
+    index: int
+    conn: Connection
+    process: BaseProcess
+    ready: bool = False
+    ramp_done: bool = False
+    counters: Counters = field(default_factory=Counters)
+    picked: list[str] | None = None
+    result: WorkerResult | None = None
+
+
+class _Parent:
+    def __init__(self, settings: RunSettings, enrollment: Enrollment, kit: AttackKit | None,
+                 display: Display, notify: Observer) -> None:
+        self.settings = settings
+        self.enrollment = enrollment
+        self.kit = kit
+        self.display = display
+        self.notify = notify
+        self.ca_pem = (settings.pki / "ca-chain.pem").read_text()
+        self.links: list[_Link] = []
+        self.changed = asyncio.Event()
+        self.revoked_at: dict[str, float] = {}
+        self.scenarios: list[ScenarioResult] = []
+        self.errors: list[str] = []
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        s = self.settings
+        count = s.worker_count()
+        context = multiprocessing.get_context("spawn")
+        spread = s.devices > SPREAD_SOURCES_ABOVE and s.host.startswith("127.")
+        for index in range(count):
+            share = [(i, files) for i, files in enumerate(self.enrollment.devices)
+                     if i % count == index]
+            plan = WorkerPlan(index, share, s.host, s.port, self.ca_pem, s.rate,
+                              s.publish_interval, s.connect_timeout, s.check_hostname,
+                              spread_sources=spread)
+            ours, theirs = context.Pipe()
+            process = context.Process(target=worker_main, args=(plan, theirs),
+                                      name=f"fleet-sim-worker-{index}", daemon=True)
+            process.start()
+            theirs.close()
+            link = _Link(index, ours, process)
+            self.links.append(link)
+            watch_pipe(asyncio.get_running_loop(), ours, functools.partial(self._receive, link))
+
+    def _receive(self, link: _Link) -> None:
+        try:
+            while link.conn.poll():
+                self._handle(link, link.conn.recv())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(link.conn.fileno())
+            if link.result is None:
+                link.result = WorkerResult(link.index, [], 0.0, 0.0, 0.0, 0.0,
+                                           [f"worker {link.index} exited early "
+                                            f"(code {link.process.exitcode})"])
+        self.changed.set()
+
+    def _handle(self, link: _Link, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ready":
+            link.ready = True
+        elif kind == "progress":
+            link.counters = message[1]
+            self.display.fleet(self.total(), self.settings.devices, len(self.revoked_at))
+        elif kind == "ramp_done":
+            link.ramp_done = True
+        elif kind == "picked":
+            link.picked = list(message[1])
+        elif kind == "result":
+            link.result = message[1]
+
+    def total(self) -> Counters:
+        out = Counters()
+        for link in self.links:
+            for f in fields(Counters):
+                setattr(out, f.name, getattr(out, f.name) + getattr(link.counters, f.name))
+        return out
+
+    async def _until(self, condition: Callable[[], bool], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not condition():
+            if all(link.result is not None for link in self.links):
+                return condition()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        return True
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        for link in self.links:
+            with contextlib.suppress(OSError):
+                link.conn.send(message)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self) -> RunFacts:
+        s = self.settings
+        cpu_start = _cpu()
+        self._start_workers()
+        display = self.display
+        try:
+            if not await self._until(lambda: all(k.ready for k in self.links), READY_TIMEOUT):
+                why = "; ".join(e for k in self.links if k.result for e in k.result.errors)
+                raise UsageError(f"worker processes did not start: {why or 'no answer'}",
+                                 "--processes")
+            ramp_start = time.monotonic() + 0.1
+            self._send(("go", ramp_start))
+            self.notify("ramp-start")
+            display.phase(f"connecting {s.devices} devices at {s.rate:g}/s over "
+                          f"{len(self.links)} processes to {s.broker}")
+            await self._until(lambda: all(k.ramp_done or k.result for k in self.links), None)
+            self.notify("ramp-end")
+            hold_end = time.monotonic() + s.duration
+            display.phase(f"{self.total().connected} connected; holding {s.duration:g} s"
+                          + (", attacking" if self.kit else "")
+                          + (f", revoking {s.revoke:.0%}" if s.revoke > 0 else ""))
+            jobs = []
+            if self.kit is not None:
+                jobs.append(asyncio.create_task(self._attacks(self.kit)))
+            if s.revoke > 0:
+                jobs.append(asyncio.create_task(self._revocation()))
+            await asyncio.sleep(max(0.0, hold_end - time.monotonic()))
+            if jobs:
+                await asyncio.gather(*jobs)
+            self.notify("stop")
+            display.phase("disconnecting")
+            self._send(("stop",))
+            await self._until(lambda: all(k.result is not None for k in self.links), 120)
+        finally:
+            for link in self.links:
+                link.process.join(5)
+                if link.process.is_alive():
+                    link.process.kill()
+                    link.process.join()
+                asyncio.get_running_loop().remove_reader(link.conn.fileno())
+                link.conn.close()
+        results = [k.result or WorkerResult(k.index, [], 0.0, 0.0, 0.0, 0.0,
+                                            [f"worker {k.index} sent no result"])
+                   for k in self.links]
+        return RunFacts(s.devices, s.broker, results, ramp_start, self.scenarios,
+                        self.revoked_at, s.revocation_timeout, s.revoke > 0,
+                        parent_cpu_s=_cpu() - cpu_start, errors=self.errors)
+
+    async def _attacks(self, kit: AttackKit) -> None:
+        runner = AttackRunner(kit, self.settings.host, self.settings.port, self.ca_pem,
+                              check_hostname=self.settings.check_hostname)
+        self.scenarios = await runner.run()
+
+    def _shares(self, total: int) -> list[int]:
+        """Split *total* over the workers in proportion to their live devices."""
+        live = [k.counters.connected for k in self.links]
+        whole = sum(live)
+        if whole == 0:
+            return [0] * len(live)
+        exact = [total * n / whole for n in live]
+        shares = [int(x) for x in exact]
+        order = sorted(range(len(live)), key=lambda i: exact[i] - shares[i], reverse=True)
+        for i in order[:total - sum(shares)]:
+            shares[i] += 1
+        return shares
+
+    async def _revocation(self) -> None:
+        s = self.settings
+        connected = self.total().connected
+        total = min(connected, max(1, round(s.revoke * connected))) if connected else 0
+        for link, share in zip(self.links, self._shares(total), strict=True):
+            link.picked = None
+            with contextlib.suppress(OSError):
+                link.conn.send(("pick", share))
+        await self._until(lambda: all(k.picked is not None for k in self.links), 30)
+        ids = [d for k in self.links for d in (k.picked or [])]
+        if not ids:
+            self.errors.append("no connected device to revoke")
+            return
+        self.display.phase(f"revoking {len(ids)} live devices through the CA")
+        times = await asyncio.to_thread(revoke_devices, s.pki, ids, self.revoked_at)
+        last = max(times.values())
+
+        def all_gone() -> bool:
+            return self.total().revoked_gone >= len(ids)
+
+        await self._until(all_gone, last + s.revocation_timeout - time.monotonic())
+        self._send(("deadline",))
+        await self._until(lambda: self.total().reconnects >= len(ids), RECONNECT_TIMEOUT + 5)
+
+
+def revoke_devices(pki: Path, device_ids: list[str], into: dict[str, float],
+                   ) -> dict[str, float]:
+    """Revoke each device as an operator would, back to back with one opened CA.
+
+    Each revocation is its own registry transaction and CRL (``Authority.revoke``), stamped
+    with ``time.monotonic()`` right after its commit: that is when the broker may learn it.
+    """
+    with Authority(pki, actor="fleet-sim") as authority:
+        _ = authority.ca  # load the key before the first stamp
+        for device_id in device_ids:
+            authority.revoke(device_id, None, "keyCompromise")
+            into[device_id] = time.monotonic()
+    return into
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -1,0 +1,53 @@
+"""The paho seam and the transport: what the simulator relies on, pinned."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from device_sim.device import Device, Outcome
+from device_sim.enroll import FleetDir, LibraryEnroller
+from device_sim.transport import Credentials, client_context
+from device_sim.worker import source_address
+from tests.device_sim.conftest import Lab
+
+
+def test_paho_still_has_the_socket_seam() -> None:
+    """reconnect() creates its socket through _create_socket (paho 2.0-2.2)."""
+    assert callable(getattr(mqtt.Client, "_create_socket", None))
+
+
+def test_source_addresses_stay_in_loopback() -> None:
+    """One 127/8 source address per 250 connections, never 127.0.0.0."""
+    assert source_address(0) == "127.0.0.1"
+    assert source_address(250) == "127.0.0.2"
+    assert source_address(250 * 300).startswith("127.0.1.")
+
+
+def test_phases_are_timed(lab: Lab, tmp_path: Path) -> None:
+    """TCP, TLS and CONNECT-to-CONNACK are each measured; a refusal keeps what it reached."""
+    ca = (lab.pki / "ca-chain.pem").read_text()
+    [files] = FleetDir(tmp_path / "fleet", prefix="phases-").prepare(
+        lab.pki, 1, LibraryEnroller(lab.pki)).devices
+
+    async def attempt(creds: Credentials, client_id: str) -> Outcome:
+        device = Device(client_id, client_context(ca, creds), "127.0.0.1", lab.hub.port)
+        outcome = await device.connect(10)
+        await device.disconnect()
+        assert not device.connected
+        return outcome
+
+    good = asyncio.run(attempt(Credentials(files.cert, files.key), files.device_id))
+    assert good.accepted
+    assert good.tcp_s
+    assert good.tls_s
+    assert good.mqtt_s
+    assert good.total_s == good.tcp_s + good.tls_s + good.mqtt_s
+    anonymous = asyncio.run(attempt(Credentials(None, None), "nobody"))
+    assert anonymous.stage == "closed"  # TLS 1.3: the hub closes after the handshake
+    assert anonymous.refused
+    assert anonymous.tcp_s
+    assert anonymous.tls_s
+    assert anonymous.mqtt_s is None
