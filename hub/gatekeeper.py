@@ -141,6 +141,12 @@ class Gatekeeper:
         session.expiry = loop.call_later(delay, self._evict, session, "expired")
         self.live[session.client_id] = session
         self.metrics.connection_opened()
+        # The decision was taken on an earlier snapshot: a revocation that landed between
+        # the check and now would otherwise never reach this session.
+        reason = refusal(self.watcher.snapshot, session.identity.serial,
+                         session.identity.device_id)
+        if reason is not None:
+            self._evict(session, reason)
 
     def detach(self, client_id: str, session: LiveSession | None = None) -> None:
         current = self.live.get(client_id)
