@@ -65,8 +65,10 @@ def test_what_mosquitto_gets_wrong(mosquitto_run: SimRun, name: str) -> None:
 def test_how_mosquitto_breaks_them(mosquitto_run: SimRun) -> None:
     """The observed outcomes, as the report words them."""
     observed = {s["name"]: s["observed"] for s in mosquitto_run.report["scenarios"]}  # type: ignore[index]
-    assert observed["expired"] == "refused in TLS: sslv3 alert certificate expired"
-    assert observed["foreign-ca"] == "refused in TLS: tlsv1 alert unknown ca"
+    # Mosquitto sends an alert ("certificate expired", "unknown ca"), but with TLS 1.3 the
+    # client may read the closed socket before it: either way the refusal is in TLS.
+    assert observed["expired"].startswith("refused in TLS: ")
+    assert observed["foreign-ca"].startswith("refused in TLS: ")
     assert observed["revoked-before-connect"] == "accepted (CONNACK 0)"
     assert observed["client-id-spoofing"] == ("accepted (CONNACK 0); the victim was "
                                               "disconnected")
