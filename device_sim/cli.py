@@ -6,6 +6,7 @@ the fleet), 2 usage. Every expected failure is one line on stderr: ``error: <wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -135,14 +136,19 @@ def quickstart(
     report: Annotated[Path | None, typer.Option("--report", metavar="FILE",
                                                 help="Write the report as JSON.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No live progress.")] = False,
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="Keep the temporary folder (PKI, registry, hub audit) and print its "
+        "path.")] = False,
 ) -> None:
     """The whole story in a temporary folder: PKI, hub, enrollment, attacks, revocation.
 
     Example: fleet-sim quickstart
     """
     started = time.monotonic()
-    with Display(quiet=quiet) as display, tempfile.TemporaryDirectory(
-            prefix="fleet-sim-") as tmp:
+    # TemporaryDirectory(delete=False) needs Python 3.12.
+    folder = (contextlib.nullcontext(tempfile.mkdtemp(prefix="fleet-sim-")) if keep
+              else tempfile.TemporaryDirectory(prefix="fleet-sim-"))
+    with Display(quiet=quiet) as display, folder as tmp:
         root = Path(tmp)
         display.phase(f"creating a PKI and a hub certificate in {root}")
         pki = make_pki(root)
@@ -156,6 +162,8 @@ def quickstart(
             result = run_fleet(settings, display)
             display.phase("stopping the hub")
         display.phase(f"done in {time.monotonic() - started:.1f} s")
+        if keep:
+            sys.stderr.write(f"fleet-sim: kept {root} (fleet-hub events --config {config})\n")
     _finish(result, report)
 
 

@@ -29,6 +29,8 @@ from hub.tls import server_context
 log = logging.getLogger("hub.broker")
 
 TAKEOVER_TIMEOUT = 5.0
+STOP_TIMEOUT = 5.0
+HANG_UP_GRACE = 1.0  # seconds a kicked device has to answer the TLS close_notify
 LISTENER = "default"
 _DECISION = "fleet_hub.decision"
 _AUTHENTICATED = "fleet_hub.authenticated"
@@ -160,6 +162,23 @@ class HubBroker(Broker):  # type: ignore[misc]
         incoming.parent = 0
         return incoming
 
+    async def _stop_handler(self, handler: BrokerProtocolHandler) -> None:
+        """Stock, bounded: a handler whose reader ignored its cancellation is cut off.
+
+        amqtt's reader awaits ``asyncio.wait_for(read, keep-alive)``; on Python 3.11 a
+        cancellation that coincides with a packet arriving is swallowed (fixed in 3.12), the
+        reader goes on and ``handler.stop()`` waits for it forever with the socket open.
+        Aborting the transport ends the reader (EOF), which then finishes the stop itself.
+        """
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await super()._stop_handler(handler)
+        except TimeoutError:
+            log.warning("a connection handler did not stop in %g s; aborting its socket",
+                        STOP_TIMEOUT)
+            if handler.writer is not None:
+                _abort(handler.writer)
+
     async def _take_over(self, client_id: str, old_handler: Any) -> None:
         closed = self._closed_events.setdefault(id(old_handler), asyncio.Event())
         self.hub_runtime.gatekeeper.detach(client_id)
@@ -195,19 +214,25 @@ class HubBroker(Broker):  # type: ignore[misc]
         writer = session.attributes.get(_WRITER)
 
         async def kick(reason: str) -> None:
-            # The gatekeeper tracks only the current connection of a client id (a take-over
-            # detaches the old one first), so the stored entry is the one to close.
             session.will_flag = False  # a refused device's last will is not delivered
-            entry = self._sessions.get(client_id)
-            if entry is not None:
-                if reason in _CREDENTIAL_GONE:
-                    await self._cleanup_session(client_id)
-                else:
-                    await entry[1].handle_connection_closed()
-            # And close this connection's socket itself: a kick that lands between amqtt
-            # storing the session and starting its handler would otherwise leave it open.
+            # Hang up first, whatever state amqtt is in: no dependence on amqtt's handler
+            # stopping (on Python 3.11 its reader can swallow the cancellation, see
+            # _stop_handler), nor on a kick landing before amqtt started the handler.
             if writer is not None:
-                await _close(writer)
+                _hang_up(writer)
+            # The gatekeeper tracks only the current connection of a client id (a take-over
+            # detaches the old one first), so the stored entry is the one to clean up.
+            entry = self._sessions.get(client_id)
+            if entry is None:
+                return
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    if reason in _CREDENTIAL_GONE:
+                        await self._cleanup_session(client_id)
+                    else:
+                        await entry[1].handle_connection_closed()
+            except TimeoutError:
+                log.warning("clean-up after kicking %s took over %g s", client_id, STOP_TIMEOUT)
 
         live = LiveSession(client_id, decision.identity, peer, kick)
         session.attributes["fleet_hub.live"] = live
@@ -254,6 +279,31 @@ async def _refuse(writer: Any) -> None:
     with contextlib.suppress(Exception):
         await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
     await _close(writer)
+
+
+def _hang_up(writer: Any) -> None:
+    """Close an amqtt writer's connection now: TLS close_notify, TCP abort after a grace.
+
+    A device that reads sees a clean close at once (and mosquitto_sub, say, reconnects and is
+    told "not authorised"); one that never reads cannot hold the socket past the grace.
+    """
+    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    if transport is None:
+        return
+    transport.close()
+
+    def abort() -> None:
+        with contextlib.suppress(Exception):  # already gone: nothing to do
+            transport.abort()
+
+    asyncio.get_running_loop().call_later(HANG_UP_GRACE, abort)
+
+
+def _abort(writer: Any) -> None:
+    """Close the TCP connection under an amqtt writer adapter now, without a TLS goodbye."""
+    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 async def _close(writer: Any) -> None:

@@ -1,4 +1,4 @@
-"""The README's quickstart: a factory line in a temporary folder, run with the real CLI.
+"""A provisioning walk-through: a factory line in a temporary folder, run with the real CLI.
 
 Each step prints the command an operator would type, then its output.
 """
@@ -56,7 +56,7 @@ def _make_csr(work: Path, device_id: str) -> None:
 
 def main() -> None:
     fleet = _fleet()
-    with tempfile.TemporaryDirectory(prefix="fleet-quickstart-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fleet-walkthrough-") as tmp:
         work = Path(tmp)
         (work / "csrs").mkdir()
         (work / "device-keys").mkdir()
@@ -81,7 +81,7 @@ def main() -> None:
             _run(["openssl", "crl", "-in", "fleet-pki/crl.pem", "-CAfile",
                   "fleet-pki/ca-chain.pem", "-noout", "-text"], work)
         _run([fleet, "audit", "verify", "--pki", "fleet-pki"], work)
-        print("\nquickstart done: every step above is a real fleet-provision command.")
+        print("\nwalkthrough done: every step above is a real fleet-provision command.")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.device_sim.conftest import fleet_sim
@@ -20,3 +24,23 @@ def test_quickstart_passes_and_cleans_up(tmp_path: Path) -> None:
     assert {"client-id-spoofing", "revocation-disconnect", "subscribe-all"} <= names
     folder = Path(result.report["enrollment"]["fleet_dir"])
     assert not folder.exists()  # the temporary folder is gone
+
+
+def test_quickstart_keep_leaves_the_folder_with_the_hub_audit(tmp_path: Path) -> None:
+    """--keep: the PKI, registry and hub audit store stay for inspection, path printed."""
+    result = fleet_sim("quickstart", "--devices", "5", "--keep", report=tmp_path / "q.json")
+    assert result.code == 0, result.stdout + result.stderr
+    assert result.report is not None
+    kept = Path(result.report["enrollment"]["fleet_dir"]).parent.parent  # FOLDER/pki/sim-fleet
+    try:
+        assert f"kept {kept}" in result.stderr
+        assert (kept / "hub.toml").is_file()
+        assert (kept / "pki" / "registry.db").is_file()
+        events = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "events", "--config", str(kept / "hub.toml"),
+             "--json"], capture_output=True, text=True, timeout=60, check=True)
+        kicked = [e for e in json.loads(events.stdout)
+                  if e["event"] == "kick"]
+        assert len(kicked) == result.report["revocation"]["revoked"]
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)

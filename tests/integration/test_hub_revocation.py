@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hub.broker import HANG_UP_GRACE
 from tests.integration.fleet import Fleet, RunningHub
 from tests.integration.mqtt import Client
 
@@ -141,3 +145,64 @@ def test_stale_crl_makes_healthz_fail_but_keeps_the_list(
         failure.value.close()
     finally:
         assert running.stop() == 0
+
+
+def _mqtt_connect(client_id: str, keepalive: int = 60) -> bytes:
+    name = client_id.encode()
+    body = (b"\x00\x04MQTT\x04\x02" + keepalive.to_bytes(2, "big")
+            + len(name).to_bytes(2, "big") + name)
+    return bytes([0x10, len(body)]) + body
+
+
+def _silent_client(port: int, ca: Path, device: Any) -> socket.socket:
+    """TLS + CONNECT + CONNACK through a memory BIO; afterwards it never reads TLS again.
+
+    Returns the raw TCP socket, so a test sees the TCP close itself, not the TLS goodbye.
+    """
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(device.cert), str(device.key))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def pump(step: Callable[[], object]) -> object:
+        while True:
+            try:
+                result = step()
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                assert data, "the hub closed the connection during set-up"
+                incoming.write(data)
+                continue
+            raw.sendall(outgoing.read())
+            return result
+
+    pump(tls.do_handshake)
+    pump(lambda: tls.write(_mqtt_connect(device.device_id)))
+    connack = pump(lambda: tls.read(4))
+    assert connack == b"\x20\x02\x00\x00"
+    return raw
+
+
+def test_revoked_device_that_ignores_the_tls_goodbye_is_cut_off(
+        fleet: Fleet, hub: RunningHub) -> None:
+    """A revoked device cannot hold the socket by never reading the TLS close_notify."""
+    device = fleet.device("silent-revoked")
+    raw = _silent_client(hub.port, fleet.ca, device)
+    try:
+        fleet.revoke("silent-revoked")
+        deadline = time.monotonic() + REFRESH + 1.0 + HANG_UP_GRACE + 0.5
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            raw.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                closed = raw.recv(65536) == b""
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                closed = True
+        assert closed, "the TCP connection of a kicked device is still open"
+        assert _kick(hub, "silent-revoked")["reason"] == "revoked"
+    finally:
+        raw.close()
