@@ -22,9 +22,12 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from hub import session
 from hub.gatekeeper import Decision, LiveSession
+from hub.handler import HubHandler
 from hub.listener import TLSListener
+from hub.router import Router
 from hub.runtime import HubRuntime
 from hub.tls import server_context
+from hub.topictree import valid_filter
 
 log = logging.getLogger("hub.broker")
 
@@ -38,19 +41,6 @@ _LOCK = "fleet_hub.connect_lock"
 _WRITER = "fleet_hub.writer"
 # Kicks that mean the credential is gone: the session's queued state goes with the connection.
 _CREDENTIAL_GONE = {"revoked", "on-hold", "device-suspended", "device-revoked"}
-
-
-class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
-    """Stock leaves ``handle_read_timeout`` empty: keep-alive is never enforced."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pending_subscriptions = session.SlimQueue()
-        self._pending_unsubscriptions = session.SlimQueue()
-
-    def handle_read_timeout(self) -> None:
-        # [MQTT-3.1.2-24]: no packet within 1.5x keep-alive -> disconnect.
-        asyncio.ensure_future(self.handle_connection_closed())  # noqa: RUF006
 
 
 class HubBroker(Broker):  # type: ignore[misc]
@@ -69,6 +59,9 @@ class HubBroker(Broker):  # type: ignore[misc]
             "plugins": {"hub.plugins.FleetAuthPlugin": plugin_config,
                         "hub.plugins.FleetTopicPlugin": plugin_config},
         })
+        # Subscriptions live in the router's topic tree; amqtt's own table stays empty, so
+        # its per-CONNECT walk over every filter in the broker costs nothing.
+        self.router = Router(self._sessions, runtime.metrics)
         listener = runtime.config.listener
         self.listener = TLSListener(server_context(listener), self._on_stream,
                                     runtime.gatekeeper.handshake_refused,
@@ -106,6 +99,7 @@ class HubBroker(Broker):  # type: ignore[misc]
             await _close(writer)
             raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}: "
                              f"{type(exc).__name__}") from exc
+        handler.hub = self
         client_id = incoming.client_id or ""
         lock = self._connect_locks.setdefault(client_id, asyncio.Lock())
         await lock.acquire()  # two CONNECTs with one client id never interleave
@@ -257,21 +251,68 @@ class HubBroker(Broker):  # type: ignore[misc]
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Any) -> None:
-        # Stock calls this for every filter in the broker at each CONNECT: leave at once when
-        # nothing is retained, and serve only filters this client actually subscribed to.
-        if not self._retained_messages:
-            return
-        subscribers = self._subscriptions.get(subscription[0], [])
-        if not any(s.client_id == session.client_id for s, _ in subscribers):
+        # Only for a filter this client holds (stock also calls it for everybody's filters).
+        if not self._retained_messages or \
+                subscription[0] not in self.router.tree.filters_of(session.client_id):
             return
         await super()._publish_retained_messages_for_subscription(subscription, session)
 
+    # -- routing: the topic tree instead of amqtt's filter table and broadcast loop -------------
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Any, int]]]:
+        """Stock's shape, {filter: [(session, qos)]}, built from the tree (for plugins)."""
+        table: dict[str, list[tuple[Any, int]]] = {}
+        for client_id, filters in self.router.tree.items():
+            entry = self._sessions.get(client_id)
+            if entry is None:
+                continue
+            for topic_filter, qos in filters.items():
+                table.setdefault(topic_filter, []).append((entry[0], qos))
+        return table
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
+        topic_filter, qos = subscription
+        if not valid_filter(topic_filter):
+            return 0x80  # [MQTT-4.7.1-2/3]
+        if not self.hub_runtime.topic_allowed(session, topic_filter, "subscribe"):
+            return 0x80
+        max_qos = self.config.get("max-qos", qos)
+        granted = min(qos, max_qos) if isinstance(max_qos, int) else qos
+        self.router.tree.subscribe(session.client_id, topic_filter, granted)
+        return granted
+
+    async def _del_all_subscriptions(self, session: Any) -> None:
+        self.router.tree.unsubscribe_all(session.client_id)
+
+    def _del_subscription(self, a_filter: str, session: Any) -> int:
+        return int(self.router.tree.unsubscribe(session.client_id, a_filter))
+
+    async def _broadcast_message(self, session: Any, topic: str | None,
+                                 data: bytes | bytearray | None,
+                                 force_qos: int | None = None) -> None:
+        """Will messages and plugins' broadcasts: routed at once, like every PUBLISH."""
+        if topic and data is not None:
+            # Stock delivers these at the subscription's QoS when none is given.
+            self.router.route(session, topic, bytes(data), 2 if force_qos is None else force_qos)
+
     async def _handle_message_delivery(self, client_session: Any, handler: Any,
                                        wait_deliver: Any) -> bool:
-        ok: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
-        if not ok:  # an invalid PUBLISH: stock stops reading but keeps the socket open
+        """A PUBLISH that took amqtt's flow (QoS 2): checked and routed like the rest."""
+        message = wait_deliver.result()
+        if message is None:
+            return True
+        topic = message.topic
+        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            # Stock stops reading but keeps the socket open: close it [MQTT-4.8.0-1].
             await handler.handle_connection_closed()
-        return ok
+            return False
+        self.hub_runtime.metrics.messages_in()
+        if self.hub_runtime.topic_allowed(client_session, topic, "publish"):
+            self.router.route(client_session, topic, bytes(message.data), message.qos)
+            if message.publish_packet is not None and message.publish_packet.retain_flag:
+                await self.retain_message(client_session, topic, message.data, message.qos)
+        return True
 
 
 async def _refuse(writer: Any) -> None:

@@ -2,7 +2,8 @@
 
     HubError                 every expected failure; ``str()`` is the user-facing line
     ├── ConfigError          the hub's configuration is unusable: names the key path and the file
-    └── InvalidValueError    a topic, filter, ACL pattern or address is malformed (a ValueError)
+    ├── InvalidValueError    a topic, filter, ACL pattern or address is malformed (a ValueError)
+    └── MalformedPacketError a client's bytes are not MQTT: its connection is closed
 
 Authentication and ACL refusals are not exceptions: they are decisions (data) that the broker
 applies, logs and audits.
@@ -38,3 +39,7 @@ class ConfigError(HubError):
 
 class InvalidValueError(HubError, ValueError):
     """A topic, filter, ACL pattern or HOST:PORT is malformed; the message says why."""
+
+
+class MalformedPacketError(HubError):
+    """A client sent bytes that are not MQTT 3.1.1 [MQTT-4.8.0-1]; the message says how."""
