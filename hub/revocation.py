@@ -63,6 +63,7 @@ _AUDIT_HEAD_KEY: Final = "audit_head"  # provisioning.audit.HEAD_KEY (the hub ma
 _CERT_REASONS: Final = {"revoked": "revoked", "on_hold": "on-hold"}
 _DEVICE_REASONS: Final = {"suspended": "device-suspended", "revoked": "device-revoked"}
 _SQLITE_TIMEOUT_S: Final = 5.0
+FAST_POLL_SECONDS: Final = 0.1
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 
 
@@ -164,6 +165,7 @@ class _Source:
     """Last good data, health and once-per-change logging; subclasses implement ``_attempt``."""
 
     name = "source"
+    local = False  # cheap to look at: polled every FAST_POLL_SECONDS, not refresh_seconds
 
     def __init__(self, where: str) -> None:
         self.where = where
@@ -249,6 +251,7 @@ class _RegistrySource(_Source):
     """The same-host registry; its connection is used by one worker thread at a time."""
 
     name = "registry"
+    local = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path))
@@ -423,6 +426,7 @@ def _entries(crl: x509.CertificateRevocationList) -> dict[int, str]:
 
 class _CrlFileSource(_Source):
     name = "crl-file"
+    local = True
 
     def __init__(self, path: Path, verifier: _CrlVerifier) -> None:
         super().__init__(str(path))
@@ -609,24 +613,37 @@ class RevocationWatcher:
 
     async def _run(self) -> None:
         interval = self._config.refresh_seconds
+        # Local sources (the registry: one PRAGMA; a CRL file: one stat) are looked at every
+        # FAST_POLL_SECONDS, so a revocation closes sessions within a tenth of a second; a
+        # CRL URL is fetched every refresh_seconds.
+        local = [source for source in self._sources if source.local]
+        tick = min(interval, FAST_POLL_SECONDS) if local else interval
         loop = asyncio.get_running_loop()
-        due = loop.time() + interval
+        due_all = loop.time() + interval
+        due = loop.time() + tick
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), max(0.0, due - loop.time()))
             if self._stopping.is_set():
                 return
-            due = loop.time() + interval
+            now = loop.time()
+            everything = now >= due_all - tick / 2
+            if everything:
+                due_all = now + interval
+            due = now + tick
             try:
                 # A slow CRL fetch may take longer than one interval: it carries on in the
                 # background rather than delay the registry's news.
-                await self._cycle(budget=interval, notify=True)
+                await self._cycle(budget=interval, notify=True,
+                                  sources=None if everything else local)
             except Exception:  # the loop must outlive any bug: a dead loop would fail open
                 logger.exception("revocation refresh failed")
 
-    async def _cycle(self, *, budget: float | None, notify: bool) -> bool:
+    async def _cycle(self, *, budget: float | None, notify: bool,
+                     sources: list[_Source] | None = None) -> bool:
         async with self._lock:
-            polled = await asyncio.gather(*(source.poll(budget) for source in self._sources))
+            polled = await asyncio.gather(*(source.poll(budget)
+                                            for source in sources or self._sources))
             return any(polled) and self._publish(notify=notify)
 
     def _publish(self, *, notify: bool) -> bool:

@@ -206,3 +206,22 @@ def test_revoked_device_that_ignores_the_tls_goodbye_is_cut_off(
         assert _kick(hub, "silent-revoked")["reason"] == "revoked"
     finally:
         raw.close()
+
+
+def test_registry_revocation_is_seen_long_before_refresh_seconds(
+        fleet: Fleet, connect: Callable[..., Client]) -> None:
+    """The registry is looked at every 0.1 s: refresh_seconds = 5 still kicks within 1 s."""
+    config = fleet.write_config("hub-slow.toml", refresh=5)
+    config.write_text(config.read_text().replace('"hub-audit.db"', '"hub-slow-audit.db"'))
+    running = RunningHub.start(config)
+    try:
+        device = fleet.device("fast-poll")
+        client = connect(device, port=running.port)
+        assert client.connect() == ACCEPTED
+        started = time.monotonic()
+        fleet.revoke("fast-poll")
+        assert client.wait_disconnected(3.0)
+        assert client.disconnected_at is not None
+        assert client.disconnected_at - started < 1.0
+    finally:
+        assert running.stop() == 0
