@@ -21,6 +21,10 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 RefusalHandler = Callable[[str, HandshakeRefusal], None]
 READ_LIMIT = 2**16
 ACCEPT_BURST = 256  # accepts per readiness event: a reconnect storm drains the backlog fast
+# TLS handshakes computed at once. In a reconnect storm the rest wait their turn (their
+# ClientHello already received), so a started handshake finishes in milliseconds instead of
+# thousands sharing the CPU until every one of them hits handshake_timeout.
+MAX_HANDSHAKES = 64
 
 
 class TLSListener:
@@ -28,7 +32,7 @@ class TLSListener:
 
     def __init__(self, context: ssl.SSLContext, on_stream: StreamHandler,
                  on_refused: RefusalHandler, *, handshake_timeout: float = 10.0,
-                 backlog: int = 4096) -> None:
+                 backlog: int = 4096, max_handshakes: int = MAX_HANDSHAKES) -> None:
         self._context = context
         self._on_stream = on_stream
         self._on_refused = on_refused
@@ -37,6 +41,7 @@ class TLSListener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(max_handshakes)
 
     async def start(self, host: str, port: int) -> None:
         self._loop = asyncio.get_running_loop()
@@ -93,8 +98,13 @@ class TLSListener:
         # Our own reference: uvloop returns its SSL protocol here, not the app protocol.
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            transport, _ = await self._loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=self._context, ssl_handshake_timeout=self._timeout)
+            # A slot is taken only once the ClientHello is there: a client that connects and
+            # says nothing waits without holding one (and is dropped at handshake_timeout).
+            await self._readable(conn)
+            async with self._slots:
+                transport, _ = await self._loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self._context,
+                    ssl_handshake_timeout=self._timeout)
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -108,6 +118,23 @@ class TLSListener:
         finally:
             if not transport.is_closing():
                 transport.close()
+
+    async def _readable(self, conn: socket.socket) -> None:
+        """Until *conn* has data (or EOF); TimeoutError after handshake_timeout."""
+        assert self._loop is not None  # noqa: S101
+        ready: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        fd = conn.fileno()
+        self._loop.add_reader(fd, wake)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await ready
+        finally:
+            self._loop.remove_reader(fd)
 
     async def close(self) -> None:
         if self._sock is not None and self._loop is not None:
