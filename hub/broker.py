@@ -235,13 +235,49 @@ class HubBroker(Broker):  # type: ignore[misc]
     async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
         live = client_session.attributes.get("fleet_hub.live")
         try:
-            await super()._client_message_loop(client_session, handler)
+            await self._message_loop(client_session, handler)
         finally:
             if live is not None:
                 self.hub_runtime.gatekeeper.detach(client_session.client_id, live)
             event = self._closed_events.pop(id(handler), None)
             if event is not None:
                 event.set()
+
+    async def _message_loop(self, session: Any, handler: Any) -> None:
+        """Stock's loop, on one future: it kept four tasks per connection waiting forever.
+
+        Subscriptions, unsubscriptions, QoS 2 deliveries and the end of the connection each
+        wake the handler's single future (:meth:`HubHandler.poke`); they are then handled in
+        stock's order with stock's methods.
+        """
+        disconnect = handler._disconnect_waiter
+        if disconnect is None:  # the handler never started
+            return
+        disconnect.add_done_callback(lambda _: handler.poke())
+        subscriptions = handler._pending_subscriptions
+        unsubscriptions = handler._pending_unsubscriptions
+        deliveries = session.delivered_message_queue
+        deliveries.notify = handler.poke
+        try:
+            while True:
+                if disconnect.done():
+                    await self._handle_disconnect(session, handler, disconnect)
+                    return
+                if not subscriptions.empty():
+                    await self._handle_subscription(session, handler,
+                                                    _Ready(subscriptions.get_nowait()))
+                elif not unsubscriptions.empty():
+                    await self._handle_unsubscription(session, handler,
+                                                      _Ready(unsubscriptions.get_nowait()))
+                elif not deliveries.empty():
+                    if not await self._handle_message_delivery(
+                            session, handler, _Ready(deliveries.get_nowait())):
+                        return
+                else:
+                    await handler.sleep()
+        finally:
+            if deliveries.notify == handler.poke:
+                deliveries.notify = None
 
     # -- after CONNECT --------------------------------------------------------------------------
 
@@ -320,6 +356,18 @@ async def _refuse(writer: Any) -> None:
     with contextlib.suppress(Exception):
         await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
     await _close(writer)
+
+
+class _Ready:
+    """A finished 'future' for stock handlers that take one and call ``result()``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def result(self) -> Any:
+        return self._value
 
 
 def _hang_up(writer: Any) -> None:

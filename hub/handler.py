@@ -61,48 +61,89 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pending_subscriptions = hub_session.SlimQueue()
-        self._pending_unsubscriptions = hub_session.SlimQueue()
+        self._pending_subscriptions = hub_session.SlimQueue(self.poke)
+        self._pending_unsubscriptions = hub_session.SlimQueue(self.poke)
         self.hub: Any = None
         self._topics: dict[bytes, str] = {}
         self._epoch_snapshot: object = None
         self._epoch_acl: object = None
         self._tasks: deque[asyncio.Task[Any]] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._keepalive_s: float | None = None
+        self._last_read = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    # -- the broker's message loop sleeps on one future, woken by any news ---------------------
+
+    def poke(self) -> None:
+        """Something arrived for the broker's message loop (a SUBSCRIBE, a delivery, the end)."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def sleep(self) -> asyncio.Future[None]:
+        self._wake = self._loop.create_future()
+        return self._wake
+
+    # -- keep-alive: one timer per connection, moved only when it fires ------------------------
+
+    async def start(self) -> None:
+        # Stock arms a write timer per packet sent whose callback does nothing for a broker.
+        self._keepalive_s = getattr(self, "keepalive_timeout", None)
+        self.keepalive_timeout = None
+        await super().start()
 
     def handle_read_timeout(self) -> None:
         # Stock leaves this empty: keep-alive would never be enforced [MQTT-3.1.2-24].
         asyncio.ensure_future(self.handle_connection_closed())  # noqa: RUF006
 
+    def _arm_idle_timer(self) -> None:
+        if self._keepalive_s:
+            self._idle_timer = self._loop.call_at(self._last_read + self._keepalive_s,
+                                                  self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self._loop.time() < self._last_read + (self._keepalive_s or 0):
+            self._arm_idle_timer()  # data came meanwhile: sleep until the new deadline
+            return
+        self._expired = True  # [MQTT-3.1.2-24]: nothing within 1.5x keep-alive
+        task = self._reader_task
+        if task is not None and not task.done():
+            task.cancel()
+
     async def _reader_loop(self) -> None:
         assert self._reader_ready is not None  # noqa: S101  (start() made it)
         self._reader_ready.set()
         stream: asyncio.StreamReader = self.reader._reader
-        keepalive = self.keepalive_timeout
+        loop = self._loop
+        self._last_read = loop.time()
+        self._arm_idle_timer()
         buf = bytearray()
         try:
             while True:
-                if keepalive:
-                    async with asyncio.timeout(keepalive):
-                        chunk = await stream.read(READ_SIZE)
-                else:
-                    chunk = await stream.read(READ_SIZE)
+                chunk = await stream.read(READ_SIZE)
                 if not chunk:
                     break
+                self._last_read = loop.time()
                 buf += chunk
                 used = await self._consume(buf)
                 if used < 0:
                     break
                 del buf[:used]
         except asyncio.CancelledError:
-            log.debug("reader of %s cancelled", self._client_id)
-        except TimeoutError:
-            log.info("%s: no packet within 1.5x keep-alive; closing", self._client_id)
+            if self._expired:
+                log.info("%s: no packet within 1.5x keep-alive; closing", self._client_id)
+            else:
+                log.debug("reader of %s cancelled", self._client_id)
         except MalformedPacketError as exc:
             log.info("%s: malformed packet (%s); closing", self._client_id, exc)
         except (ConnectionError, OSError, AMQTTError, MQTTError, NoDataError) as exc:
             log.debug("reader of %s ended: %r", self._client_id, exc)
         except Exception:
             log.exception("reader of %s failed", self._client_id)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         while self._tasks:
             self._tasks.popleft().cancel()
         await self.handle_connection_closed()

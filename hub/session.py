@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from amqtt.session import Session
@@ -56,11 +57,12 @@ class SlimQueue:
     amqtt's message loop waits on them all the time: their size is memory per device.
     """
 
-    __slots__ = ("_items", "_waiters")
+    __slots__ = ("_items", "_waiters", "notify")
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self._items: deque[Any] | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
+        self.notify = notify  # called after each put: the hub's message loop waits on that
 
     def qsize(self) -> int:
         return len(self._items) if self._items else 0
@@ -73,6 +75,8 @@ class SlimQueue:
             self._items = deque()
         self._items.append(item)
         self._wake()
+        if self.notify is not None:
+            self.notify()
 
     async def put(self, item: Any) -> None:
         self.put_nowait(item)
