@@ -1,9 +1,9 @@
 """The mutual-TLS listener: accept, hand-shake under a timeout, then give the broker a stream.
 
-Sockets are accepted by hand and upgraded with ``loop.connect_accepted_socket(ssl=...)``,
-which raises the handshake's failure to us: the hub learns *why* OpenSSL refused a client
-(expired, unknown issuer, wrong EKU, no certificate) and audits it, where ``start_server``
-would only log it at debug level. Works the same on asyncio and uvloop.
+Sockets are accepted by hand, wrapped in a non-blocking ``ssl.SSLSocket`` and hand-shaken on
+the loop (:mod:`hub.tlssocket`): the hub learns *why* OpenSSL refused a client (expired,
+unknown issuer, wrong EKU, no certificate) and audits it, where ``start_server`` would only log
+it at debug level, and OpenSSL sends the client its alert. Works the same on asyncio and uvloop.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 from hub.tls import HandshakeRefusal, classify
+from hub.tlssocket import TLSSocketTransport, handshake
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RefusalHandler = Callable[[str, HandshakeRefusal], None]
@@ -94,24 +95,26 @@ class TLSListener:
     async def _serve(self, conn: socket.socket, addr: object) -> None:
         assert self._loop is not None  # noqa: S101
         peer = _format_peer(addr)
-        reader = asyncio.StreamReader(limit=READ_LIMIT)
-        # Our own reference: uvloop returns its SSL protocol here, not the app protocol.
-        protocol = asyncio.StreamReaderProtocol(reader)
+        tls: ssl.SSLSocket | None = None
         try:
             # A slot is taken only once the ClientHello is there: a client that connects and
             # says nothing waits without holding one (and is dropped at handshake_timeout).
             await self._readable(conn)
             async with self._slots:
-                transport, _ = await self._loop.connect_accepted_socket(
-                    lambda: protocol, conn, ssl=self._context,
-                    ssl_handshake_timeout=self._timeout)
+                tls = self._context.wrap_socket(conn, server_side=True,
+                                                do_handshake_on_connect=False)
+                await handshake(self._loop, tls, self._timeout)
         except asyncio.CancelledError:
-            conn.close()
+            (tls or conn).close()
             raise
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            conn.close()
+        except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
+            _close_after_alert(tls or conn)
             self._on_refused(peer, classify(_unwrap_timeout(exc)))
             return
+        del conn  # detached into the TLS socket
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport = TLSSocketTransport(self._loop, tls, protocol)
         writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
         try:
             await self._on_stream(reader, writer)
@@ -145,6 +148,26 @@ class TLSListener:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _close_after_alert(sock: socket.socket) -> None:
+    """Close so that the alert OpenSSL just wrote reaches the client.
+
+    Closing with unread bytes in the receive buffer makes the kernel send a reset, and the
+    client may never read the alert before it: read what is there, send FIN, then close.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        raw = socket.socket(fileno=sock.fileno()) if isinstance(sock, ssl.SSLSocket) else sock
+        try:
+            raw.shutdown(socket.SHUT_WR)
+            while raw.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            if raw is not sock:
+                raw.detach()
+    sock.close()
 
 
 def _unwrap_timeout(exc: BaseException) -> BaseException:
