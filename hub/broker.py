@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
@@ -33,6 +34,7 @@ log = logging.getLogger("hub.broker")
 
 TAKEOVER_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
+HOUSEKEEPING_SECONDS = 0.5  # keep-alive and expiry are enforced within this much
 HANG_UP_GRACE = 1.0  # seconds a kicked device has to answer the TLS close_notify
 LISTENER = "default"
 _DECISION = "fleet_hub.decision"
@@ -71,10 +73,32 @@ class HubBroker(Broker):  # type: ignore[misc]
         await super().start()
         bind = self.hub_runtime.config.listener.bind
         await self.listener.start(bind.host, bind.port)
+        self._housekeeping_task = asyncio.create_task(self._housekeeping(),
+                                                      name="hub housekeeping")
 
     async def shutdown(self) -> None:
+        task = getattr(self, "_housekeeping_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.listener.close()
         await super().shutdown()
+
+    async def _housekeeping(self) -> None:
+        """Keep-alive and certificate expiry for every connection, in one pass per tick."""
+        loop = asyncio.get_running_loop()
+        gatekeeper = self.hub_runtime.gatekeeper
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+            try:
+                gatekeeper.sweep(time.time())
+                now = loop.time()
+                for _session, handler in list(self._sessions.values()):
+                    if isinstance(handler, HubHandler):
+                        handler.check_idle(now)
+            except Exception:  # the pass must outlive any bug, or keep-alive would stop
+                log.exception("housekeeping pass failed")
 
     @property
     def port(self) -> int:

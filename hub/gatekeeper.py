@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hub.acl import AclPolicy
@@ -47,7 +47,6 @@ class LiveSession:
     identity: DeviceIdentity
     peer: str
     kick: Kick
-    expiry: asyncio.TimerHandle | None = field(default=None)
 
 
 class Gatekeeper:
@@ -135,10 +134,7 @@ class Gatekeeper:
     # -- live sessions ----------------------------------------------------------------------
 
     def attach(self, session: LiveSession) -> None:
-        """Track an admitted session; schedule its close at the certificate's not-after."""
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, session.identity.not_after - time.time())
-        session.expiry = loop.call_later(delay, self._evict, session, "expired")
+        """Track an admitted session; :meth:`sweep` closes it at its certificate's not-after."""
         self.live[session.client_id] = session
         self.metrics.connection_opened()
         # The decision was taken on an earlier snapshot: a revocation that landed between
@@ -153,9 +149,14 @@ class Gatekeeper:
         if current is None or (session is not None and current is not session):
             return
         del self.live[client_id]
-        if current.expiry is not None:
-            current.expiry.cancel()
         self.metrics.connection_closed()
+
+    def sweep(self, now: float) -> None:
+        """Close every live session whose certificate has expired (called about twice a second:
+        one pass over the sessions costs less than a timer object per session)."""
+        expired = [s for s in self.live.values() if now >= s.identity.not_after]
+        for session in expired:
+            self._evict(session, "expired")
 
     def revocation_changed(self, _old: Snapshot, new: Snapshot) -> None:
         """Close every live session whose certificate or device lost the right, at once."""

@@ -16,8 +16,8 @@ Not fired on this path: amqtt's per-packet ``mqtt_packet_received`` and per-mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import deque
 from typing import Any
 
 from amqtt.adapters import BufferReader
@@ -67,11 +67,10 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._topics: dict[bytes, str] = {}
         self._epoch_snapshot: object = None
         self._epoch_acl: object = None
-        self._tasks: deque[asyncio.Task[Any]] = deque()
+        self._tasks: list[asyncio.Task[Any]] = []
         self._wake: asyncio.Future[None] | None = None
         self._keepalive_s: float | None = None
         self._last_read = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
         self._expired = False
 
     # -- the broker's message loop sleeps on one future, woken by any news ---------------------
@@ -98,18 +97,17 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         # Stock leaves this empty: keep-alive would never be enforced [MQTT-3.1.2-24].
         asyncio.ensure_future(self.handle_connection_closed())  # noqa: RUF006
 
-    def _arm_idle_timer(self) -> None:
-        if self._keepalive_s:
-            self._idle_timer = self._loop.call_at(self._last_read + self._keepalive_s,
-                                                  self._idle_check)
+    def check_idle(self, now: float) -> None:
+        """Close the connection if nothing came within 1.5x keep-alive [MQTT-3.1.2-24].
 
-    def _idle_check(self) -> None:
-        if self._loop.time() < self._last_read + (self._keepalive_s or 0):
-            self._arm_idle_timer()  # data came meanwhile: sleep until the new deadline
-            return
-        self._expired = True  # [MQTT-3.1.2-24]: nothing within 1.5x keep-alive
+        Called for every connection by the broker's housekeeping pass (loop time), instead
+        of a timer object per connection.
+        """
         task = self._reader_task
-        if task is not None and not task.done():
+        if not self._keepalive_s or task is None or task.done() or self._expired:
+            return
+        if now >= self._last_read + self._keepalive_s:
+            self._expired = True
             task.cancel()
 
     async def _reader_loop(self) -> None:
@@ -118,7 +116,6 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         stream: asyncio.StreamReader = self.reader._reader
         loop = self._loop
         self._last_read = loop.time()
-        self._arm_idle_timer()
         buf = bytearray()
         try:
             while True:
@@ -142,10 +139,8 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
             log.debug("reader of %s ended: %r", self._client_id, exc)
         except Exception:
             log.exception("reader of %s failed", self._client_id)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        while self._tasks:
-            self._tasks.popleft().cancel()
+        for task in list(self._tasks):
+            task.cancel()
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
@@ -192,8 +187,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if message.retain:
             task = asyncio.ensure_future(
                 hub.retain_message(self.session, topic, message.payload, message.qos))
-            self._tasks.append(task)
-            self._trim()
+            self._track(task)
         return True
 
     def _allowed_topic(self, hub: Any, raw: bytes) -> str | None:
@@ -230,17 +224,25 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if kind == CONNECT:
             await self.handle_connect(packet)  # a second CONNECT: amqtt disconnects
             return True
+        if kind == PUBLISH:
+            # QoS 2 (or no hub): amqtt's flow, which waits for PUBREL: its own task.
+            self._track(asyncio.create_task(self.handle_publish(packet)))
+            return True
         name = _HANDLERS.get(kind)
-        if name is None and kind == PUBLISH:
-            name = "handle_publish"  # QoS 2, or no hub: amqtt's flow
         if name is None:
             log.info("%s sent a packet a client may not send (type %d); closing",
                      self._client_id, kind)
             return False
-        self._tasks.append(asyncio.create_task(getattr(self, name)(packet)))
-        self._trim()
-        return True
+        # Quick handlers (they queue or resolve a waiter), awaited in order: a DISCONNECT
+        # read just before the socket closes is handled before the close is.
+        await getattr(self, name)(packet)
+        return bool(kind != DISCONNECT)  # [MQTT-3.14.4-1]: nothing is read after DISCONNECT
 
-    def _trim(self) -> None:
-        while self._tasks and self._tasks[0].done():
-            self._tasks.popleft()
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a reference while it runs (and cancel it with the connection), not after."""
+        self._tasks.append(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)

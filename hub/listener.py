@@ -9,11 +9,13 @@ it at debug level, and OpenSSL sends the client its alert. Works the same on asy
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from hub.tls import HandshakeRefusal, classify
 from hub.tlssocket import TLSSocketTransport, handshake
@@ -113,7 +115,7 @@ class TLSListener:
             return
         del conn  # detached into the TLS socket
         reader = asyncio.StreamReader(limit=READ_LIMIT)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        protocol = _StreamProtocol(reader)
         transport = TLSSocketTransport(self._loop, tls, protocol)
         writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
         try:
@@ -148,6 +150,18 @@ class TLSListener:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _StreamProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's, with a list for its drain waiters: an empty deque is 760 bytes a connection.
+
+    ``FlowControlMixin`` only appends, removes and iterates them (3.11 to 3.13).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        if isinstance(getattr(self, "_drain_waiters", None), collections.deque):
+            self._drain_waiters: Any = []
 
 
 def _close_after_alert(sock: socket.socket) -> None:
