@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from amqtt.adapters import BufferReader
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.packet import (
     CONNECT,
@@ -63,6 +63,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._pending_subscriptions = hub_session.SlimQueue(self.poke)
         self._pending_unsubscriptions = hub_session.SlimQueue(self.poke)
+        self._reader_stopped = hub_session.SlimEvent()
         self.hub: Any = None
         self._topics: dict[bytes, str] = {}
         self._epoch_snapshot: object = None
@@ -88,10 +89,20 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
     # -- keep-alive: one timer per connection, moved only when it fires ------------------------
 
     async def start(self) -> None:
-        # Stock arms a write timer per packet sent whose callback does nothing for a broker.
+        """Stock's start, with slim events and without the per-packet write timer (whose
+        callback does nothing for a broker)."""
+        if not self._is_attached():
+            raise ProtocolHandlerError("Handler is not attached to a stream")
         self._keepalive_s = getattr(self, "keepalive_timeout", None)
         self.keepalive_timeout = None
-        await super().start()
+        self._reader_ready = hub_session.SlimEvent()
+        self._reader_stopped = hub_session.SlimEvent()
+        self._reader_task = asyncio.create_task(self._reader_loop())
+        await self._reader_ready.wait()
+        await self._retry_deliveries()
+        waiter: asyncio.Future[Any] | None = getattr(self, "_disconnect_waiter", None)
+        if waiter is None or waiter.done():
+            self._disconnect_waiter = self._loop.create_future()
 
     def handle_read_timeout(self) -> None:
         # Stock leaves this empty: keep-alive would never be enforced [MQTT-3.1.2-24].
