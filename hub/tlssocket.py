@@ -87,6 +87,8 @@ class TLSSocketTransport(asyncio.Transport):
             return default
         if name in ("ssl_object", "socket"):
             return sock
+        if name == "sslcontext":
+            return sock.context
         if name == "sockname":
             return sock.getsockname()
         if name == "peercert":
@@ -146,11 +148,9 @@ class TLSSocketTransport(asyncio.Transport):
             self._loop.call_soon(self._read_ready)  # decrypted data left: no fd event for it
 
     def _eof(self) -> None:
-        keep_open = False
         with contextlib.suppress(Exception):
-            keep_open = bool(self._protocol.eof_received())
-        if not keep_open:
-            self.close()
+            self._protocol.eof_received()
+        self.close()  # TLS has no half-close, whatever the protocol would like
 
     # -- writing ----------------------------------------------------------------------------
 

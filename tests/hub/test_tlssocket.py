@@ -1,0 +1,235 @@
+"""The hub's TLS transport over a non-blocking SSLSocket: real sockets, real TLS, both loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hub.tlssocket import LOW_WATER, TLSSocketTransport, handshake
+
+Run = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    def runner(main: Callable[[], Awaitable[None]]) -> None:
+        async def wrapped() -> None:
+            await asyncio.wait_for(main(), 30)
+
+        if request.param == "uvloop":
+            uvloop.run(wrapped())
+        else:
+            asyncio.run(wrapped())
+    return runner
+
+
+class _Pair:
+    """One server-side TLSSocketTransport (with a StreamReader) and an asyncio TLS client."""
+
+    server_reader: asyncio.StreamReader
+    server_writer: asyncio.StreamWriter
+    transport: TLSSocketTransport
+    client_reader: asyncio.StreamReader
+    client_writer: asyncio.StreamWriter
+    lost: asyncio.Future[Any]
+
+
+async def _pair(certs: tuple[Path, Path], *, limit: int = 2**16) -> _Pair:
+    loop = asyncio.get_running_loop()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(certs[0]), str(certs[1]))
+    client_ctx = ssl.create_default_context(cafile=str(certs[0]))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    # Small kernel buffers, so that "the peer does not read" shows within a few hundred KiB.
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    client.setblocking(False)
+
+    async def open_client() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        await loop.sock_connect(client, ("127.0.0.1", port))
+        return await asyncio.open_connection(sock=client, ssl=client_ctx,
+                                             server_hostname="localhost")
+
+    connecting = asyncio.ensure_future(open_client())
+    conn, _ = await loop.sock_accept(listener)
+    listener.close()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    conn.setblocking(False)
+    tls = server_ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+    await handshake(loop, tls, 10)
+    pair = _Pair()
+    pair.lost = loop.create_future()
+    pair.server_reader = asyncio.StreamReader(limit=limit)
+
+    class Protocol(asyncio.StreamReaderProtocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if not pair.lost.done():
+                pair.lost.set_result(exc)
+
+    protocol = Protocol(pair.server_reader)
+    pair.transport = TLSSocketTransport(loop, tls, protocol)
+    pair.server_writer = asyncio.StreamWriter(pair.transport, protocol, pair.server_reader, loop)
+    pair.client_reader, pair.client_writer = await connecting
+    return pair
+
+
+async def _done(*pairs: _Pair) -> None:
+    """Close both ends (uvloop refuses to close a loop with descriptors still watched)."""
+    for pair in pairs:
+        pair.transport.abort()
+        pair.client_writer.close()
+        with contextlib.suppress(Exception):
+            await pair.client_writer.wait_closed()
+
+
+def test_bytes_cross_both_ways_complete_and_in_order(certs: tuple[Path, Path], run: Run) -> None:
+    """1 MiB up in 4 KiB writes (the reader pauses and resumes), 10,000 small packets down."""
+    async def main() -> None:
+        pair = await _pair(certs, limit=8192)
+        up = bytes(range(256)) * 4096
+
+        async def receive(total: int) -> bytes:
+            got = bytearray()
+            while len(got) < total:
+                chunk = await pair.server_reader.read(65536)
+                assert chunk, "EOF too early"
+                got += chunk
+            return bytes(got)
+
+        receiving = asyncio.ensure_future(receive(len(up)))
+        for i in range(0, len(up), 4096):
+            pair.client_writer.write(up[i:i + 4096])
+            await pair.client_writer.drain()
+        assert await receiving == up
+        down = [b"%05d:" % n + b"m" * (n % 200) for n in range(10_000)]
+        reading = asyncio.ensure_future(pair.client_reader.readexactly(sum(map(len, down))))
+        for chunk in down:
+            pair.server_writer.write(chunk)
+        await pair.server_writer.drain()
+        assert await reading == b"".join(down)
+        assert pair.transport.get_extra_info("ssl_object").version() == "TLSv1.3"
+        await _done(pair)
+
+    run(main)
+
+
+def test_a_peer_that_does_not_read_pauses_the_writer(certs: tuple[Path, Path], run: Run) -> None:
+    """Past the high-water mark drain() waits; it resumes once the peer reads."""
+    async def main() -> None:
+        pair = await _pair(certs)
+        block = b"x" * 65536
+        drained = asyncio.Event()
+
+        async def writer() -> None:
+            for _ in range(64):  # 4 MiB: more than any socket buffer
+                pair.server_writer.write(block)
+                await pair.server_writer.drain()
+            drained.set()
+
+        task = asyncio.ensure_future(writer())
+        await asyncio.sleep(0.5)
+        assert not drained.is_set()
+        assert pair.transport.get_write_buffer_size() > LOW_WATER
+        got = await pair.client_reader.readexactly(64 * len(block))
+        await asyncio.wait_for(drained.wait(), 10)
+        await task
+        assert got == block * 64
+        await _done(pair)
+
+    run(main)
+
+
+def test_close_flushes_then_says_goodbye(certs: tuple[Path, Path], run: Run) -> None:
+    """close(): queued bytes go out, then close_notify: the client reads a clean EOF."""
+    async def main() -> None:
+        pair = await _pair(certs)
+        pair.server_writer.write(b"last words")
+        pair.transport.close()
+        assert pair.transport.is_closing()
+        assert await pair.client_reader.read() == b"last words"  # EOF without an error
+        assert await pair.lost is None
+        await _done(pair)
+
+    run(main)
+
+
+def test_abort_and_peer_eof_end_the_connection(certs: tuple[Path, Path], run: Run) -> None:
+    async def main() -> None:
+        pair = await _pair(certs)
+        pair.client_writer.write(b"bye")
+        pair.client_writer.close()
+        assert await pair.server_reader.read() == b"bye"  # then EOF
+        assert await pair.lost is None
+        other = await _pair(certs)
+        other.transport.abort()
+        assert await other.lost is None
+        try:
+            leftover = await other.client_reader.read()
+        except (ConnectionError, ssl.SSLError):
+            leftover = b""
+        assert leftover == b""
+        await _done(pair, other)
+
+    run(main)
+
+
+def test_handshake_times_out_on_a_silent_client(certs: tuple[Path, Path], run: Run) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(certs[0]), str(certs[1]))
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = await loop.sock_accept(listener)
+        conn.setblocking(False)
+        tls = server_ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await handshake(loop, tls, 0.3)
+        assert 0.25 < loop.time() - started < 2
+        tls.close()
+        client.close()
+        listener.close()
+
+    run(main)
