@@ -67,41 +67,61 @@ class Authority:
 
     def revoke(self, device_id: str, serial: str | None, reason: str) -> Change:
         """Revoke one certificate, or every unrevoked one of the device and the device itself."""
-        canonical = reason_name(reason)
-        if canonical is None:
-            raise UsageError(f"unknown revocation reason {reason!r}; want one of "
-                             f"{', '.join(REVOKE_REASONS)}", "--reason")
+        canonical = _reason(reason)
         ca = self.ca
         now = utcnow()
         stamp = iso(now)
         with self.registry.write(self.actor) as tx:
-            self._device_status(tx, device_id)
-            if serial is not None:
-                number = parse_serial(serial)
-                if number is None:
-                    raise UsageError(f"{serial!r} is not a hexadecimal serial", "--serial")
-                wanted = serial_hex(number)
-                row = tx.execute("SELECT status FROM certificates WHERE serial = ? AND "
-                                 "device_id = ?", (wanted, device_id)).fetchone()
-                if row is None:
-                    raise NotFoundError(f"device {device_id!r} has no certificate with serial "
-                                        f"{serial}", "--serial")
-                serials = [wanted] if row[0] != "revoked" else []
-            else:
-                serials = [r[0] for r in tx.execute(
-                    "SELECT serial FROM certificates WHERE device_id = ? AND status != "
-                    "'revoked'", (device_id,))]
-                tx.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE "
-                           "device_id = ? AND status != 'revoked'", (stamp, device_id))
-            for s in serials:
-                tx.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, "
-                           "reason = ?, hold_prior_status = NULL WHERE serial = ?",
-                           (stamp, canonical, s))
-                tx.audit(stamp, "certificate.revoke", device_id, s, {"reason": canonical})
-            if serial is None:
-                tx.audit(stamp, "device.revoke", device_id, None, {"reason": canonical})
+            serials = self._revoke_in(tx, device_id, serial, canonical, stamp)
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
         return Change(device_id, tuple(serials), _crl_number(crl))
+
+    def revoke_many(self, device_ids: Sequence[str], reason: str) -> list[Change]:
+        """Revoke whole devices in one transaction with one new CRL: all of them or none.
+
+        An operator revoking a batch (a compromised production lot) gets one commit and one
+        CRL signature instead of one each, so hubs see the whole batch at once.
+        """
+        canonical = _reason(reason)
+        ca = self.ca
+        now = utcnow()
+        stamp = iso(now)
+        unique = list(dict.fromkeys(device_ids))
+        with self.registry.write(self.actor) as tx:
+            touched = [(device_id, self._revoke_in(tx, device_id, None, canonical, stamp))
+                       for device_id in unique]
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
+        number = _crl_number(crl)
+        return [Change(device_id, tuple(serials), number) for device_id, serials in touched]
+
+    def _revoke_in(self, tx: Transaction, device_id: str, serial: str | None, canonical: str,
+                   stamp: str) -> list[str]:
+        self._device_status(tx, device_id)
+        if serial is not None:
+            number = parse_serial(serial)
+            if number is None:
+                raise UsageError(f"{serial!r} is not a hexadecimal serial", "--serial")
+            wanted = serial_hex(number)
+            row = tx.execute("SELECT status FROM certificates WHERE serial = ? AND "
+                             "device_id = ?", (wanted, device_id)).fetchone()
+            if row is None:
+                raise NotFoundError(f"device {device_id!r} has no certificate with serial "
+                                    f"{serial}", "--serial")
+            serials = [wanted] if row[0] != "revoked" else []
+        else:
+            serials = [r[0] for r in tx.execute(
+                "SELECT serial FROM certificates WHERE device_id = ? AND status != "
+                "'revoked'", (device_id,))]
+            tx.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE "
+                       "device_id = ? AND status != 'revoked'", (stamp, device_id))
+        for s in serials:
+            tx.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, "
+                       "reason = ?, hold_prior_status = NULL WHERE serial = ?",
+                       (stamp, canonical, s))
+            tx.audit(stamp, "certificate.revoke", device_id, s, {"reason": canonical})
+        if serial is None:
+            tx.audit(stamp, "device.revoke", device_id, None, {"reason": canonical})
+        return serials
 
     def suspend(self, device_id: str) -> Change:
         """certificateHold on every active certificate; the device cannot enroll meanwhile."""
@@ -221,6 +241,14 @@ class Authority:
                        (stored, stamp, device_id))
             tx.audit(stamp, "device.password.set" if stored else "device.password.clear",
                      device_id)
+
+
+def _reason(reason: str) -> str:
+    canonical = reason_name(reason)
+    if canonical is None:
+        raise UsageError(f"unknown revocation reason {reason!r}; want one of "
+                         f"{', '.join(REVOKE_REASONS)}", "--reason")
+    return canonical
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:

@@ -208,7 +208,7 @@ def sign(
 
 @app.command()
 def revoke(
-    device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID")],
+    device_ids: Annotated[list[str], typer.Argument(metavar="DEVICE_ID...")],
     pki: PkiOpt = DEFAULT_PKI,
     serial: Annotated[str | None, typer.Option("--serial", metavar="HEX",
                                                help="Revoke only this certificate.")] = None,
@@ -218,16 +218,25 @@ def revoke(
 ) -> None:
     """Revoke a device (all its certificates) or one certificate; rewrites crl.pem.
 
+    Several devices are revoked in one transaction with one new CRL, all or none.
+
     Example: fleet-provision revoke sensor-0042 --reason keyCompromise
     """
+    if serial is not None and len(device_ids) > 1:
+        raise UsageError("--serial names one certificate: give one DEVICE_ID with it",
+                         "--serial")
     with _authority(pki, passphrase_env) as authority:
-        change = authority.revoke(device_id, serial, reason)
-    if change.serials:
-        err.print(f"revoked {len(change.serials)} certificate(s) of {device_id}: "
-                  f"{', '.join(change.serials)}; crl.pem is CRL #{change.crl_number}")
-    else:
-        err.print(f"nothing to revoke: {device_id} has no unrevoked certificate "
-                  f"(crl.pem is CRL #{change.crl_number})")
+        if len(device_ids) == 1:
+            changes = [authority.revoke(device_ids[0], serial, reason)]
+        else:
+            changes = authority.revoke_many(device_ids, reason)
+    for change in changes:
+        if change.serials:
+            err.print(f"revoked {len(change.serials)} certificate(s) of {change.device_id}: "
+                      f"{', '.join(change.serials)}; crl.pem is CRL #{change.crl_number}")
+        else:
+            err.print(f"nothing to revoke: {change.device_id} has no unrevoked certificate "
+                      f"(crl.pem is CRL #{change.crl_number})")
 
 
 @app.command()

@@ -173,3 +173,28 @@ def test_crl_number_survives_a_registry_behind_the_file(
         db.execute("UPDATE meta SET value = '1' WHERE key = 'crl_number'")
     cli("crl", "--pki", pki_dir)
     assert _number(_crl(pki_dir)) == on_disk + 1
+
+
+def test_revoke_several_devices_is_one_crl_and_all_or_nothing(
+        pki_dir: Path, fleet: dict[str, str], cli: Callable[..., CliResult]) -> None:
+    """Several DEVICE_IDs: one transaction, one new CRL; an unknown id revokes none."""
+    before = _number(_crl(pki_dir))
+    failed = cli("revoke", "--pki", pki_dir, "d1", "ghost", "d2")
+    assert (failed.code, failed.err) == (1, "error: no device 'ghost' in the registry "
+                                            "(ghost)\n")
+    assert _entries(pki_dir) == {}
+    assert _number(_crl(pki_dir)) == before
+    result = cli("revoke", "--pki", pki_dir, "d1", "d2", "d1", "--reason", "keyCompromise")
+    assert result.code == 0, result.err
+    assert _entries(pki_dir) == {fleet["d1"]: x509.ReasonFlags.key_compromise,
+                                 fleet["d2"]: x509.ReasonFlags.key_compromise}
+    assert _number(_crl(pki_dir)) == before + 1
+    assert result.err.count("crl.pem is CRL #") == 2  # one line per device, d1 once
+    again = cli("revoke", "--pki", pki_dir, "d1", "d3")
+    assert again.code == 0
+    assert "nothing to revoke: d1" in again.err
+    assert set(_entries(pki_dir)) == set(fleet.values())
+    assert cli("audit", "verify", "--pki", pki_dir).code == 0
+    serial_with_many = cli("revoke", "--pki", pki_dir, "d1", "d2", "--serial", fleet["d1"])
+    assert serial_with_many.code == 2
+    assert serial_with_many.err.endswith("(--serial)\n")
