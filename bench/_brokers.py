@@ -2,9 +2,10 @@
 
 :func:`build_fleet` makes a PKI folder with a hub server certificate and enrolls *count* devices
 the factory way, each with its own P-256 key, as one batch (all CSRs first, then one
-``Authority(pki).issuer().sign(...)`` call). :class:`BrokerProcess` starts ``fleet-hub serve``
-(waiting for its ready line) or stock ``amqtt -c stock.yaml`` (waiting for its listener line)
-as a child process whose PID the benchmarks read /proc for.
+``Authority(pki).issuer().sign(...)`` call); :func:`enroll` adds more, optionally into a group
+(``operators`` may subscribe to ``#`` in :func:`hub_config`). :class:`BrokerProcess` starts
+``fleet-hub serve`` (waiting for its ready line) or stock ``amqtt -c stock.yaml`` (waiting for
+its listener line) as a child process whose PID the benchmarks read /proc for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from _mqtt_load import DeviceCreds
@@ -44,10 +46,15 @@ def build_fleet(root: Path, count: int, prefix: str = "dev") -> tuple[Path, list
         authority.server_cert("localhost", ["127.0.0.1"], pki)
     out = root / "devices"
     out.mkdir()
+    return pki, enroll(pki, out, [f"{prefix}-{i:05d}" for i in range(count)])
+
+
+def enroll(pki: Path, out: Path, device_ids: Sequence[str],
+           group: str | None = None) -> list[DeviceCreds]:
+    """Enroll *device_ids* the factory way (own P-256 key, CSR), one batch, into *group*."""
     inputs: list[CSRInput] = []
     devices: list[DeviceCreds] = []
-    for i in range(count):
-        device_id = f"{prefix}-{i:05d}"
+    for device_id in device_ids:
         key = ec.generate_private_key(ec.SECP256R1())
         key_path = out / f"{device_id}.key"
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
@@ -59,11 +66,11 @@ def build_fleet(root: Path, count: int, prefix: str = "dev") -> tuple[Path, list
         inputs.append(CSRInput(device_id, csr.public_bytes(serialization.Encoding.PEM)))
         devices.append(DeviceCreds(device_id, str(out / f"{device_id}.pem"), str(key_path)))
     with Authority(pki) as authority:
-        results = authority.issuer().sign(inputs, SignOptions(out_dir=out))
+        results = authority.issuer().sign(inputs, SignOptions(out_dir=out, group=group))
     bad = [r for r in results if r.status != "issued"]
     if bad:
         raise RuntimeError(f"{len(bad)} devices not issued, e.g. {bad[0]}")
-    return pki, devices
+    return devices
 
 
 def hub_config(root: Path, *, refresh_seconds: float = 1.0) -> Path:

@@ -9,6 +9,14 @@ open after CONNACK (a PINGREQ every 30 s keeps them inside the keep-alive) and e
 with ``time.monotonic()`` (CLOCK_MONOTONIC: comparable across processes on one host), when the
 server closed it.
 
+For the scale benchmark a connect may also SUBSCRIBE (QoS 0) and wait for SUBACK, connected
+devices may publish QoS 0 telemetry as fast as their transports take it (whole batches of
+packets per TLS write, paused by the transport's flow control), every client parses what it
+receives as an MQTT stream (packets may span TLS records) and counts PUBLISH packets (the
+publishers can be held to a window of messages sent and not yet received), and all
+connections can be dropped at once without DISCONNECT (TCP close, as a rebooting gateway
+looks to the broker).
+
 The load runs in its own process (:class:`LoadProcess`, a ``spawn`` child driven over a pipe) so
 the broker under test and the load use different cores; :class:`LoadGenerator` is the in-loop
 engine. The module also holds the /proc readers the benchmarks use for a broker's CPU and RSS.
@@ -53,43 +61,133 @@ def connect_packet(client_id: str, keepalive: int = KEEPALIVE_S) -> bytes:
     return b"\x10" + _remaining_length(len(body)) + body
 
 
+def subscribe_packet(topic_filter: str, packet_id: int = 1, qos: int = 0) -> bytes:
+    """SUBSCRIBE with one filter."""
+    encoded = topic_filter.encode("utf-8")
+    body = (packet_id.to_bytes(2, "big") + len(encoded).to_bytes(2, "big") + encoded
+            + bytes([qos]))
+    return b"\x82" + _remaining_length(len(body)) + body
+
+
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    """PUBLISH, QoS 0, no retain."""
+    encoded = topic.encode("utf-8")
+    body = len(encoded).to_bytes(2, "big") + encoded + payload
+    return b"\x30" + _remaining_length(len(body)) + body
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(remaining length, index after it) at *pos*; (-1, -1) while incomplete."""
+    length = 0
+    shift = 0
+    n = len(buf)
+    while pos < n:
+        byte = buf[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return length, pos
+        shift += 7
+        if shift > 21:
+            raise ConnectionError("remaining length longer than four bytes")
+    return -1, -1
+
+
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
+PUBLISH, CONNACK, SUBACK = 3, 2, 9
+SUBACK_FAILURE = 0x80
+STALL_S = 0.5  # a publisher window with nothing received for this long is presumed lost
 
 
 # -- one client -------------------------------------------------------------------------------
 
 
 class _Client(asyncio.Protocol):
-    """A connection's protocol: waits for CONNACK, then only notices the server closing it."""
+    """A connection's protocol: CONNACK and SUBACK for the connect, then PUBLISH counting, write
+    flow control, and noticing the server closing it."""
 
-    __slots__ = ("_buf", "_owner", "connack", "device_id", "eof_at", "transport", "waiter")
+    __slots__ = ("_buf", "_owner", "_writable", "connack", "device_id", "dropped", "eof_at",
+                 "paused", "received", "suback", "transport", "waiter")
 
     def __init__(self, owner: LoadGenerator, device_id: str) -> None:
         self._owner = owner
         self.device_id = device_id
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[int] | None = None
+        self.waiter: asyncio.Future[int] | None = None  # CONNACK, then SUBACK
         self._buf = b""
         self.connack: int | None = None
+        self.suback: int | None = None
         self.eof_at: float | None = None
+        self.received = 0
+        self.paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self.dropped = False  # we closed it (abort_all): its end is not the server's doing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.connack is not None:
-            return  # PINGRESP, or anything else: not measured
-        self._buf += data
-        if len(self._buf) < 4:
+        buf = self._buf + data if self._buf else data
+        n = len(buf)
+        i = 0
+        publishes = 0
+        try:
+            while n - i >= 2:
+                length = buf[i + 1]
+                if length < 0x80:
+                    start = i + 2
+                else:
+                    length, start = _varint(buf, i + 1)
+                    if length < 0:
+                        break
+                end = start + length
+                if end > n:
+                    break
+                kind = buf[i] >> 4
+                if kind == PUBLISH:
+                    publishes += 1
+                else:
+                    self._control(kind, buf[start:end])
+                i = end
+        except ConnectionError as exc:
+            self._fail(exc)
+            if self.transport is not None:
+                self.transport.abort()
             return
-        if self._buf[0] != 0x20 or self._buf[1] != 0x02:
-            self._fail(ConnectionError(f"not a CONNACK: {self._buf[:4].hex()}"))
-            return
-        self.connack = self._buf[3]
-        self._buf = b""
+        self._buf = buf[i:] if i < n else b""
+        if publishes:
+            self.received += publishes
+            self._owner.got(publishes)
+
+    def _control(self, kind: int, body: bytes) -> None:
+        if self.connack is None:
+            if kind != CONNACK or len(body) != 2:
+                raise ConnectionError(f"not a CONNACK: packet type {kind}, {body[:4].hex()}")
+            self.connack = body[1]
+            self._resolve(self.connack)
+        elif kind == SUBACK and self.suback is None and len(body) >= 3:
+            self.suback = body[2]
+            self._resolve(self.suback)
+        # PINGRESP, or anything else: not measured
+
+    def _resolve(self, value: int) -> None:
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(self.connack)
+            self.waiter.set_result(value)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def writable(self) -> None:
+        """Return once the transport takes writes again (or the connection is gone)."""
+        if self.paused and self.eof_at is None:
+            self._writable = asyncio.get_running_loop().create_future()
+            await self._writable
 
     def eof_received(self) -> bool:
         self._closed()
@@ -104,6 +202,8 @@ class _Client(asyncio.Protocol):
             self.waiter.set_exception(exc)
 
     def _closed(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
         if self.eof_at is None:
             self.eof_at = time.monotonic()
             self._owner.closed(self)
@@ -121,6 +221,7 @@ class ConnectResult:
     tcp: float | None = None
     tls: float | None = None
     connack: float | None = None
+    suback: float | None = None  # CONNACK -> SUBACK, when the connect subscribed
 
     @property
     def total(self) -> float:
@@ -146,8 +247,30 @@ class LoadGenerator:
         self.eof: dict[str, float] = {}
         self._eof_event = asyncio.Event()
         self._pinger: asyncio.Task[None] | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self.received = 0  # PUBLISH packets received by every client so far
+        self.sent = 0  # PUBLISH packets handed to the transports by the publishers so far
+        self._publishers: list[asyncio.Task[None]] = []
+        self._stop_publishing = False
+        # The publishers' window: at most max_in_flight PUBLISH sent and not yet received
+        # (0: no limit). Without it the sockets' kernel buffers (megabytes each on loopback)
+        # queue minutes of work for a slow broker, still being digested in the next phase.
+        self.max_in_flight = 0
+        self.written_off = 0  # in flight when nothing arrived for STALL_S: presumed lost
+        self._room = asyncio.Event()
+        self._waiting_room = False
 
-    def _context(self, creds: DeviceCreds) -> ssl.SSLContext:
+    def _context(self, creds: DeviceCreds, reuse: bool = False) -> ssl.SSLContext:
+        """The device's TLS context; with *reuse*, kept for its next connect (as a device keeps
+        its loaded key and trust store across reconnects)."""
+        if reuse:
+            context = self._contexts.get(creds.device_id)
+            if context is None:
+                context = self._contexts[creds.device_id] = self._new_context(creds)
+            return context
+        return self._new_context(creds)
+
+    def _new_context(self, creds: DeviceCreds) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         if self.verify_server:
             context.load_verify_locations(cafile=self.ca)
@@ -162,12 +285,18 @@ class LoadGenerator:
         return context
 
     def closed(self, client: _Client) -> None:
-        if client.connack == CONNACK_ACCEPTED and client.eof_at is not None:
+        if client.connack == CONNACK_ACCEPTED and client.eof_at is not None \
+                and not client.dropped:
             self.eof[client.device_id] = client.eof_at
             self._eof_event.set()
 
     async def connect_all(self, host: str, port: int, devices: Sequence[DeviceCreds], *,
-                          concurrency: int = 32, timeout: float = 30.0) -> list[ConnectResult]:
+                          concurrency: int = 32, timeout: float = 30.0,
+                          subscribe: str | None = None,
+                          reuse_contexts: bool = False) -> list[ConnectResult]:
+        """Connect every device, *concurrency* in flight. With *subscribe* (a filter, ``{id}``
+        standing for the device id) each connect also subscribes at QoS 0 and waits for SUBACK;
+        ``finished`` stays the CONNACK's time, ``suback`` is CONNACK -> SUBACK."""
         queue = list(reversed(devices))
         results: list[ConnectResult] = []
         if self._pinger is None:  # from the first CONNACK on: the hub enforces keep-alive
@@ -175,16 +304,18 @@ class LoadGenerator:
 
         async def worker() -> None:
             while queue:
-                results.append(await self._connect_one(host, port, queue.pop(), timeout))
+                results.append(await self._connect_one(host, port, queue.pop(), timeout,
+                                                       subscribe, reuse_contexts))
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(devices)))))
         return results
 
-    async def _connect_one(self, host: str, port: int, creds: DeviceCreds,
-                           timeout: float) -> ConnectResult:
+    async def _connect_one(self, host: str, port: int, creds: DeviceCreds, timeout: float,
+                           subscribe: str | None = None,
+                           reuse_context: bool = False) -> ConnectResult:
         loop = asyncio.get_running_loop()
         try:
-            context = self._context(creds)  # lazily: one device's context at a time
+            context = self._context(creds, reuse_context)  # lazily: one at a time
         except (OSError, ssl.SSLError) as exc:
             now = time.monotonic()
             return ConnectResult(creds.device_id, False, f"context: {exc}", now, now)
@@ -213,8 +344,19 @@ class LoadGenerator:
                 done = time.monotonic()
                 result.connack = done - t_tls
                 result.finished = done
+                if subscribe is not None and code == CONNACK_ACCEPTED:
+                    stage = "suback"
+                    client.waiter = loop.create_future()
+                    client.transport.write(subscribe_packet(subscribe.format(id=creds.device_id)))
+                    granted = await client.waiter
+                    result.suback = time.monotonic() - done
+                    if granted == SUBACK_FAILURE:
+                        client.transport.abort()
+                        result.error = "suback: refused (0x80)"
+                        return result
         except (OSError, TimeoutError, ssl.SSLError, ConnectionError) as exc:
-            result.finished = time.monotonic()
+            if stage != "suback":
+                result.finished = time.monotonic()
             result.error = f"{stage}: {type(exc).__name__}: {exc}"[:200]
             if client.transport is not None:
                 client.transport.abort()
@@ -239,6 +381,85 @@ class LoadGenerator:
                 if client.eof_at is None and client.transport is not None:
                     client.transport.write(PINGREQ)
 
+    def got(self, publishes: int) -> None:
+        """A client received *publishes* PUBLISH packets."""
+        self.received += publishes
+        if self._waiting_room and (self.sent - self.received - self.written_off
+                                   <= self.max_in_flight * 3 // 4):
+            self._waiting_room = False
+            self._room.set()
+
+    def publish_start(self, device_ids: Sequence[str], payload_size: int = 64,
+                      per_write: int = 32, buffer_high: int = 256 * 1024,
+                      max_in_flight: int = 0) -> int:
+        """Each device publishes QoS 0 to ``devices/{id}/telemetry`` until :meth:`publish_stop`,
+        *per_write* packets per TLS write, paused while its transport holds *buffer_high*
+        bytes or while *max_in_flight* (0: no limit) sent were not received yet."""
+        self._stop_publishing = False
+        self.max_in_flight = max_in_flight
+        payload = bytes(payload_size)
+        started = 0
+        for device_id in device_ids:
+            client = self.clients.get(device_id)
+            if client is None or client.transport is None or client.eof_at is not None:
+                continue
+            client.transport.set_write_buffer_limits(high=buffer_high)
+            chunk = publish_packet(f"devices/{device_id}/telemetry", payload) * per_write
+            self._publishers.append(asyncio.create_task(self._publish(client, chunk, per_write)))
+            started += 1
+        return started
+
+    async def _publish(self, client: _Client, chunk: bytes, per_write: int) -> None:
+        transport = client.transport
+        assert transport is not None
+        writes = 0
+        cap = self.max_in_flight
+        while not self._stop_publishing and client.eof_at is None:
+            if client.paused:
+                await client.writable()
+                continue
+            if cap and self.sent - self.received - self.written_off >= cap:
+                await self._wait_room()
+                continue
+            transport.write(chunk)
+            self.sent += per_write
+            writes += 1
+            if writes & 3 == 0:
+                await asyncio.sleep(0)  # let the loop read and the other publishers write
+
+    async def _wait_room(self) -> None:
+        before = self.received
+        self._room.clear()
+        self._waiting_room = True
+        try:
+            await asyncio.wait_for(self._room.wait(), STALL_S)
+        except TimeoutError:
+            if self.received == before and self._waiting_room:
+                self.written_off = self.sent - self.received
+                self._waiting_room = False
+                self._room.set()
+
+    async def publish_stop(self) -> None:
+        self._room.set()
+        self._stop_publishing = True
+        await asyncio.gather(*self._publishers, return_exceptions=True)
+        self._publishers.clear()
+
+    def counters(self) -> dict[str, float]:
+        """Now (monotonic), PUBLISH packets sent, received and written off so far, CPU s."""
+        return {"t": time.monotonic(), "sent": self.sent, "received": self.received,
+                "written_off": self.written_off, "cpu": time.process_time()}
+
+    def abort_all(self) -> int:
+        """Drop every connection at once: no DISCONNECT, no TLS close_notify, a TCP close."""
+        clients, self.clients = self.clients, {}
+        for client in clients.values():
+            client.dropped = True
+            if client.transport is not None and not client.transport.is_closing():
+                client.transport.abort()
+        self.eof.clear()
+        return len(clients)
+
     def open_count(self) -> int:
         return sum(1 for c in self.clients.values() if c.eof_at is None)
 
@@ -254,6 +475,7 @@ class LoadGenerator:
         return {d: self.eof[d] for d in wanted if d in self.eof}
 
     async def close_all(self) -> None:
+        await self.publish_stop()
         if self._pinger is not None:
             self._pinger.cancel()
             self._pinger = None
@@ -308,7 +530,9 @@ async def _handle(load: LoadGenerator, command: str, args: dict[str, Any]) -> An
         cpu0 = time.process_time()
         results = await load.connect_all(args["host"], args["port"], args["devices"],
                                          concurrency=args["concurrency"],
-                                         timeout=args["timeout"])
+                                         timeout=args["timeout"],
+                                         subscribe=args.get("subscribe"),
+                                         reuse_contexts=args.get("reuse_contexts", False))
         return {"results": [asdict(r) for r in results],
                 "load_cpu_s": time.process_time() - cpu0}
     if command == "status":
@@ -318,6 +542,18 @@ async def _handle(load: LoadGenerator, command: str, args: dict[str, Any]) -> An
     if command == "close":
         await load.close_all()
         return None
+    if command == "abort_all":
+        return load.abort_all()
+    if command == "publish_start":
+        return load.publish_start(args["ids"], args["payload_size"], args["per_write"],
+                                  max_in_flight=args.get("max_in_flight", 0))
+    if command == "publish_stop":
+        await load.publish_stop()
+        return load.counters()
+    if command == "counters":
+        return load.counters()
+    if command == "rss":
+        return rss_kib(os.getpid())
     if command == "exit":
         await load.close_all()
         return None
@@ -357,10 +593,14 @@ class LoadProcess:
         return reply
 
     def connect(self, host: str, port: int, devices: Sequence[DeviceCreds], *,
-                concurrency: int = 32, timeout: float = 30.0) -> tuple[list[ConnectResult], float]:
+                concurrency: int = 32, timeout: float = 30.0, subscribe: str | None = None,
+                reuse_contexts: bool = False) -> tuple[list[ConnectResult], float]:
         """Connect every device; returns the results and the load process's CPU seconds."""
-        reply = self._call("connect", host=host, port=port, devices=list(devices),
-                           concurrency=concurrency, timeout=timeout)
+        reply = self._call("connect", answer_within=max(300.0, 2 * timeout * len(devices)
+                                                        / max(1, concurrency)),
+                           host=host, port=port, devices=list(devices),
+                           concurrency=concurrency, timeout=timeout, subscribe=subscribe,
+                           reuse_contexts=reuse_contexts)
         return [ConnectResult(**r) for r in reply["results"]], float(reply["load_cpu_s"])
 
     def status(self) -> tuple[int, dict[str, float]]:
@@ -374,6 +614,27 @@ class LoadProcess:
 
     def close_all(self) -> None:
         self._call("close")
+
+    def abort_all(self) -> int:
+        """Drop every connection without DISCONNECT; how many there were."""
+        return int(self._call("abort_all"))
+
+    def publish_start(self, device_ids: Sequence[str], *, payload_size: int = 64,
+                      per_write: int = 32, max_in_flight: int = 0) -> int:
+        """Start QoS 0 publishers on these connected devices; how many started."""
+        return int(self._call("publish_start", ids=list(device_ids),
+                              payload_size=payload_size, per_write=per_write,
+                              max_in_flight=max_in_flight))
+
+    def publish_stop(self) -> dict[str, float]:
+        return dict(self._call("publish_stop"))
+
+    def counters(self) -> dict[str, float]:
+        """``t`` (monotonic), ``sent``, ``received`` PUBLISH packets so far, ``cpu`` seconds."""
+        return dict(self._call("counters"))
+
+    def rss_kib(self) -> int:
+        return int(self._call("rss"))
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -450,6 +711,20 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def server_connections(port: int) -> int:
+    """Accepted IPv4 TCP connections on local *port* the server has not closed yet
+    (ESTABLISHED or CLOSE_WAIT in /proc/net/tcp): zero once a broker has seen its clients go."""
+    suffix = f":{port:04X}"
+    count = 0
+    with open("/proc/net/tcp") as table:  # noqa: PTH123 - streamed, it can be long
+        next(table)
+        for line in table:
+            fields = line.split(None, 4)
+            if fields[1].endswith(suffix) and fields[3] in ("01", "08"):
+                count += 1
+    return count
 
 
 def settled_rss_kib(pid: int, *, at_least: float = 1.0, at_most: float = 10.0,
