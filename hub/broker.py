@@ -274,18 +274,14 @@ class HubBroker(Broker):  # type: ignore[misc]
         wake the handler's single future (:meth:`HubHandler.poke`); they are then handled in
         stock's order with stock's methods.
         """
-        disconnect = handler._disconnect_waiter
-        if disconnect is None:  # the handler never started
-            return
-        disconnect.add_done_callback(lambda _: handler.poke())
         subscriptions = handler._pending_subscriptions
         unsubscriptions = handler._pending_unsubscriptions
         deliveries = session.delivered_message_queue
         deliveries.notify = handler.poke
         try:
             while True:
-                if disconnect.done():
-                    await self._handle_disconnect(session, handler, disconnect)
+                if handler.ended:
+                    await self._handle_disconnect(session, handler, _Ready(handler.end_packet))
                     return
                 if not subscriptions.empty():
                     await self._handle_subscription(session, handler,

@@ -70,6 +70,8 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._epoch_acl: object = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake: asyncio.Future[None] | None = None
+        self.ended = False  # DISCONNECT received or connection lost: the message loop ends
+        self.end_packet: Any = None
         self._keepalive_s: float | None = None
         self._last_read = 0.0
         self._expired = False
@@ -86,6 +88,14 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._wake = self._loop.create_future()
         return self._wake
 
+    async def handle_disconnect(self, disconnect: Any) -> None:
+        # Stock only resolves a waiter it then forgets: an end that comes before the broker's
+        # message loop starts would leave the session "connected" for ever.
+        if not self.ended:
+            self.ended, self.end_packet = True, disconnect
+        await super().handle_disconnect(disconnect)
+        self.poke()
+
     # -- keep-alive: one timer per connection, moved only when it fires ------------------------
 
     async def start(self) -> None:
@@ -97,6 +107,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self.keepalive_timeout = None
         self._reader_ready = hub_session.SlimEvent()
         self._reader_stopped = hub_session.SlimEvent()
+        self._last_read = self._loop.time()  # before the task: housekeeping may look at once
         self._reader_task = asyncio.create_task(self._reader_loop())
         await self._reader_ready.wait()
         await self._retry_deliveries()
