@@ -3,13 +3,23 @@
 The batch path is ``Authority(pki).issuer().sign(...)``: parsing, policy, registry
 transactions, hash-chained audit events and ``OUT/<device-id>.pem`` files. The floor is what
 no CA can avoid for the same CSRs: load the PEM CSR, verify its signature, build the device
-certificate (``provisioning.profile.device_certificate``, the very same build), sign, PEM.
-The CSRs (and their keys) are generated up front and are not timed.
+certificate (``provisioning.profile.device_certificate``, from scratch for every CSR), sign,
+PEM. The batch makes the same certificates (the same TBS bytes) through
+``provisioning.profile.DeviceTemplate``, which makes the parts all devices share once per
+chunk and checks on each chunk's first certificate that it builds what device_certificate
+builds; the floor keeps the per-certificate build it has always timed. The CSRs (and their
+keys) are generated up front and are not timed.
 
     .venv/bin/python bench/sign_throughput.py [--count 10000] [--profile FILE]
 
 Prints certificates/s for both, their ratio (target: batch >= 60% of the floor) and, last,
 one JSON line of the figures.
+
+The output files make the batch sensitive to the file system: on ext4 without a journal, for
+about 30 s after many files were deleted (the previous run's clean-up, a test suite), each
+new inode is found by skipping the recently deleted ones (``recently_deleted()`` in the
+kernel), which can make a file cost ten times its usual ~100 us. Leave half a minute
+between runs; ``--dir /dev/shm`` leaves the disk out altogether.
 """
 
 from __future__ import annotations

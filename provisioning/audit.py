@@ -6,6 +6,7 @@ import hashlib
 import json
 import sqlite3
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # the C string encoder json.dumps uses
 
 GENESIS = "0" * 64
 HEAD_KEY = "audit_head"
@@ -36,12 +37,28 @@ def seal(
     detail: str,
     prev_hash: str,
 ) -> str:
-    """SHA-256 over a canonical JSON array, so no field can move into another unnoticed."""
-    body = json.dumps(
-        [event_id, time, actor, action, device_id, serial, detail, prev_hash],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    """SHA-256 over a canonical JSON array, so no field can move into another unnoticed.
+
+    The array is ``json.dumps([...], separators=(",", ":"), ensure_ascii=False)``; for the
+    field types of a record (an int, strings, None) it is spelled out here with the same C
+    string encoder, which is several times faster and byte for byte the same text.
+    """
+    if (type(event_id) is not int or type(time) is not str or type(actor) is not str
+            or type(action) is not str or type(detail) is not str
+            or type(prev_hash) is not str
+            or (device_id is not None and type(device_id) is not str)
+            or (serial is not None and type(serial) is not str)):
+        body = json.dumps(
+            [event_id, time, actor, action, device_id, serial, detail, prev_hash],
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+    else:
+        body = (f"[{event_id},{encode_basestring(time)},{encode_basestring(actor)},"
+                f"{encode_basestring(action)},"
+                f"{'null' if device_id is None else encode_basestring(device_id)},"
+                f"{'null' if serial is None else encode_basestring(serial)},"
+                f"{encode_basestring(detail)},{encode_basestring(prev_hash)}]")
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 

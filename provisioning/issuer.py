@@ -16,6 +16,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -25,12 +26,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRFormatError, CSRInput, parse_csr
 from provisioning.errors import OutputError
-from provisioning.fsutil import atomic_write
 from provisioning.identity import serial_hex as serial_hex  # noqa: PLC0414 (re-export)
 from provisioning.pki import IssuingCA
 from provisioning.policy import CSRContext, check
-from provisioning.profile import IssuablePublicKey, device_certificate, random_serial, validity
-from provisioning.registry import IN_BATCH, Registry, Transaction, operator
+from provisioning.profile import DeviceTemplate, IssuablePublicKey, random_serial, validity
+from provisioning.registry import IN_BATCH, Registry, Transaction, detail_json, operator
 from provisioning.timefmt import iso, utcnow
 
 CHUNK = 256
@@ -63,23 +63,45 @@ class SignOptions:
     renew: bool = False
 
 
+@dataclass(frozen=True)
+class _Window:
+    """One chunk's clock: its certificates share the times, so they are formatted once."""
+
+    stamp: str  # iso(now): issued_at and the audit events' time
+    not_before_iso: str
+    not_after_iso: str
+    template: DeviceTemplate  # device_certificate for this validity, fixed parts made once
+
+
+def _window(ca: IssuingCA, config: PKIConfig, days: int, now: dt.datetime) -> _Window:
+    not_before, not_after = validity(ca, days, now)
+    # The certificate holds whole seconds; iso() drops the fraction alike.
+    return _Window(iso(now), iso(not_before), iso(not_after),
+                   DeviceTemplate(ca, config, not_before, not_after))
+
+
 @dataclass
 class _Candidate:
     source: str
     device_id: str
     key_sha256: str
     public_key: IssuablePublicKey
+    spki_der: bytes  # the key's DER SubjectPublicKeyInfo: its hash above, and the SKI
     actor: str | None = None
     renews: str | None = None
     cert: x509.Certificate | None = None
     result: SignResult | None = None
     pem: str = field(default="")
+    serial: str = field(default="")  # serial_hex of cert
+
+
+def public_key_der(public_key: IssuablePublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def public_key_sha256(public_key: IssuablePublicKey) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(public_key_der(public_key)).hexdigest()
 
 
 def parse_serial(text: str) -> int | None:
@@ -121,7 +143,7 @@ class Issuer:
         # The files of a chunk are written right after its commit, in this thread: a writer
         # thread would wait for the GIL between every syscall while signing holds it. Their
         # promises are cleared in the next chunk's transaction, saving a commit per chunk.
-        written: list[Path] = []
+        written: list[str] = []
         for start in range(0, len(inputs), CHUNK):
             chunk, writes = self._sign_chunk(inputs[start:start + CHUNK], options,
                                              in_transaction, written)
@@ -134,28 +156,31 @@ class Issuer:
 
     def _sign_chunk(self, inputs: list[CSRInput], options: SignOptions,
                     in_transaction: Callable[[Transaction], None] | None = None,
-                    written: list[Path] | None = None,
-                    ) -> tuple[list[SignResult], list[tuple[Path, str]]]:
-        now = utcnow()
+                    written: list[str] | None = None,
+                    ) -> tuple[list[SignResult], list[tuple[str, str]]]:
+        window = _window(self.ca, self.config, options.days or self.config.default_days,
+                         utcnow())
         slots: list[SignResult | _Candidate] = [self._screen(item, options) for item in inputs]
         candidates = [s for s in slots if isinstance(s, _Candidate)]
         known = self.registry.known_keys([(c.device_id, c.key_sha256) for c in candidates])
-        days = options.days or self.config.default_days
-        not_before, not_after = validity(self.ca, days, now)
         for cand in candidates:
             if (cand.device_id, cand.key_sha256) not in known or cand.renews is not None:
-                self._mint(cand, not_before, not_after)
-        writes: list[tuple[Path, str]] = []
+                self._mint(cand, window)
+        writes: list[tuple[str, str]] = []
         with self.registry.write(actor=self.actor) as tx:
-            view = _ChunkView(tx, [c.device_id for c in candidates])
+            # New device rows are inserted in one statement per chunk, after the certificate
+            # rows that refer to them: the reference is checked at COMMIT (and this pragma
+            # switches itself off there). A COMMIT that fails that check rolls back.
+            tx.execute("PRAGMA defer_foreign_keys = ON")
+            view = _ChunkView(tx, [c.device_id for c in candidates], options, window)
             for cand in candidates:
-                self._record(tx, view, cand, options, now, writes)
+                self._record(tx, view, cand, options, window, writes)
             view.flush()
             if in_transaction is not None:
                 in_transaction(tx)
             if written:
                 tx.executemany("DELETE FROM pending_outputs WHERE path = ?",
-                               [(str(p),) for p in written])
+                               [(p,) for p in written])
         return [s if isinstance(s, SignResult) else _result(s) for s in slots], writes
 
     def _screen(self, item: CSRInput, options: SignOptions) -> SignResult | _Candidate:
@@ -170,17 +195,20 @@ class Issuer:
             return SignResult(item.source, device_id, "rejected", reason=str(rejection))
         public_key = cast("IssuablePublicKey", ctx.public_key)  # key_type_allowed checked it
         assert device_id is not None  # cn_is_device_id accepted it  # noqa: S101
-        return _Candidate(item.source, device_id, public_key_sha256(public_key), public_key,
-                          actor=item.actor, renews=item.renews)
+        der = public_key_der(public_key)
+        return _Candidate(item.source, device_id, hashlib.sha256(der).hexdigest(), public_key,
+                          der, actor=item.actor, renews=item.renews)
 
-    def _mint(self, cand: _Candidate, not_before: dt.datetime, not_after: dt.datetime) -> None:
-        cand.cert = device_certificate(self.ca, self.config, cand.device_id, cand.public_key,
-                                       random_serial(), not_before, not_after)
+    def _mint(self, cand: _Candidate, window: _Window) -> None:
+        serial = random_serial()
+        cand.cert = window.template.certificate(cand.device_id, cand.public_key, serial,
+                                                cand.spki_der)
         cand.pem = cand.cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        cand.serial = serial_hex(serial)
 
     def _record(self, tx: Transaction, view: _ChunkView, cand: _Candidate,
-                options: SignOptions, now: dt.datetime,
-                writes: list[tuple[Path, str]]) -> None:
+                options: SignOptions, window: _Window,
+                writes: list[tuple[str, str]]) -> None:
         """Decide under the write lock; the read-only pre-check may be stale."""
         device = view.devices.get(cand.device_id)
         if device is not None and device[0] != "active":
@@ -201,7 +229,7 @@ class Issuer:
                                       f"for this key ({serial}) is {status}; make a new key")
                 return
             cand.result = SignResult(cand.source, cand.device_id, "existing", serial, pem=pem)
-            self._promise(view, options, cand.device_id, serial, pem, writes)
+            view.promise(cand.device_id, serial, pem, writes)
             return
         current = view.live_serials(cand.device_id)
         if current and not options.renew:
@@ -210,13 +238,12 @@ class Issuer:
                                   "use --renew (EST: simplereenroll) to replace it")
             return
         if cand.cert is None:  # the pre-check saw this key, but it has gone since: mint now
-            self._mint(cand, *validity(self.ca, options.days or self.config.default_days, now))
-        assert cand.cert is not None  # noqa: S101
-        stamp = iso(now)
+            self._mint(cand, window)
+        stamp = window.stamp
         if device is None:
             view.add_device(cand.device_id, options.group, stamp)
-            tx.audit(stamp, "device.create", cand.device_id, None, {"group": options.group},
-                     actor=cand.actor)
+            tx.audit_text(stamp, "device.create", cand.device_id, None, view.create_detail,
+                          actor=cand.actor)
         elif options.group is not None and device[1] != options.group:
             view.flush()  # the device row may be one of this chunk's pending inserts
             tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
@@ -229,14 +256,15 @@ class Issuer:
             view.set_status(cand.device_id, old, "superseded")
             tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"},
                      actor=cand.actor)
-        view.flush()  # the certificate row refers to the device row
-        serial = self._insert(tx, cand, stamp)
+        serial = self._insert(tx, cand, window)
         view.add_certificate(cand.device_id, serial, cand.key_sha256, cand.pem)
-        tx.audit(stamp, "certificate.issue", cand.device_id, serial,
-                 {"source": cand.source, "renewal": bool(current),
-                  "not_after": iso(cand.cert.not_valid_after_utc)}, actor=cand.actor)
+        # detail_json({"source": ..., "renewal": ..., "not_after": ...}), spelled out
+        tx.audit_text(stamp, "certificate.issue", cand.device_id, serial,
+                      f'{{"not_after":{view.not_after_json},'
+                      f'"renewal":{"true" if current else "false"},'
+                      f'"source":{encode_basestring_ascii(cand.source)}}}', actor=cand.actor)
         cand.result = SignResult(cand.source, cand.device_id, "issued", serial, pem=cand.pem)
-        self._promise(view, options, cand.device_id, serial, cand.pem, writes)
+        view.promise(cand.device_id, serial, cand.pem, writes)
 
     @staticmethod
     def _renewable(tx: Transaction, cand: _Candidate) -> bool:
@@ -255,83 +283,186 @@ class Issuer:
                                   f"{cand.renews} is {row[1]}; it cannot be renewed")
         return cand.result is None
 
-    def _insert(self, tx: Transaction, cand: _Candidate, stamp: str) -> str:
+    def _insert(self, tx: Transaction, cand: _Candidate, window: _Window) -> str:
         """Insert the row; a serial collision (2^-159 odds) is re-minted, never reused."""
         while True:
             assert cand.cert is not None  # noqa: S101
-            serial = serial_hex(cand.cert.serial_number)
             fingerprint = cand.cert.fingerprint(hashes.SHA256()).hex()
             try:
                 tx.execute(
                     "INSERT INTO certificates (serial, device_id, fingerprint, "
                     "public_key_sha256, not_before, not_after, status, issued_at, pem) "
                     "VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)",
-                    (serial, cand.device_id, fingerprint, cand.key_sha256,
-                     iso(cand.cert.not_valid_before_utc), iso(cand.cert.not_valid_after_utc),
-                     stamp, cand.pem))
+                    (cand.serial, cand.device_id, fingerprint, cand.key_sha256,
+                     window.not_before_iso, window.not_after_iso, window.stamp, cand.pem))
             except sqlite3.IntegrityError:
-                self._mint(cand, cand.cert.not_valid_before_utc, cand.cert.not_valid_after_utc)
+                self._mint(cand, window)
                 continue
-            return serial
+            return cand.serial
 
-    @staticmethod
-    def _promise(view: _ChunkView, options: SignOptions, device_id: str, serial: str,
-                 pem: str, writes: list[tuple[Path, str]]) -> None:
-        if options.out_dir is None:
-            return
-        path = view.out_dir(options.out_dir) / f"{device_id}.pem"
-        view.promises.append((str(path), serial))
-        writes.append((path, pem))
-
-    def _write_files(self, writes: list[tuple[Path, str]]) -> list[Path]:
+    def _write_files(self, writes: list[tuple[str, str]]) -> list[str]:
         """Write promised files (temporary file + rename each, so no reader sees half).
 
         No fsync: SIGKILL cannot lose them, and after a power cut re-running the same batch
         rewrites every file from the registry (each CSR comes back "existing").
         """
+        writer = _FileWriter(self.ca.chain_pem)
         try:
             for path, pem in writes:
-                atomic_write(path, output_bytes(pem, self.ca), sync=False)
-        except OSError as exc:
-            raise OutputError(f"cannot write certificate file: {exc.strerror}",
-                              exc.filename or "--out") from exc
+                writer.write(path, pem)
+        finally:
+            writer.close()
         return [path for path, _ in writes]
 
-    def _clear_promises(self, written: list[Path]) -> None:
+    def _clear_promises(self, written: list[str]) -> None:
         if not written:
             return
         with self.registry.write(actor=self.actor) as tx:
             tx.executemany("DELETE FROM pending_outputs WHERE path = ?",
-                           [(str(p),) for p in written])
+                           [(p,) for p in written])
 
     def finish_pending_outputs(self) -> int:
         """Write the files an interrupted run committed but did not get to write."""
         rows = self.registry.conn.execute(
             "SELECT p.path, c.pem FROM pending_outputs p JOIN certificates c "
             "ON c.serial = p.serial").fetchall()
-        writes = [(Path(path), pem) for path, pem in rows]
-        for folder in {path.parent for path, _ in writes}:
+        writes: list[tuple[str, str]] = [(path, pem) for path, pem in rows]
+        for folder in {Path(path).parent for path, _ in writes}:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_dead_temporaries(folder)
         self._clear_promises(self._write_files(writes))
         return len(writes)
 
 
+class _FileWriter:
+    """Complete ``<folder>/<name>`` files that no reader ever sees half written.
+
+    Each file is written without a name (``O_TMPFILE``) and then linked under its name in one
+    step: one directory entry per file instead of a temporary one plus a rename. Where a file
+    by that name exists already, the finished file is linked as ``.<name>.<pid>.tmp`` and
+    renamed over it. Where the kernel or file system cannot do that, the file is written as
+    :func:`provisioning.fsutil.atomic_write` does (temporary file, rename), without fsync.
+    Either way relative to an open folder descriptor, so the kernel does not walk the whole
+    path for every step.
+    """
+
+    _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    _UNNAMED = getattr(os, "O_TMPFILE", 0)
+    _MODE = 0o644
+
+    def __init__(self, chain_pem: bytes) -> None:
+        self.chain_pem = chain_pem
+        self.suffix = f".{os.getpid()}.tmp"
+        self.folders: dict[str, int] = {}
+        self.unnamed = bool(self._UNNAMED)
+
+    def write(self, path: str, pem: str) -> None:
+        folder, name = os.path.split(path)
+        folder = folder or "."
+        tmp = f".{name}{self.suffix}"
+        data = pem.encode("ascii") + self.chain_pem  # output_bytes
+        try:
+            dir_fd = self.folders.get(folder)
+            if dir_fd is None:
+                try:
+                    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as exc:
+                    exc.filename = str(Path(folder) / tmp)
+                    raise
+                self.folders[folder] = dir_fd
+            if not (self.unnamed and self._write_unnamed(dir_fd, name, tmp, data)):
+                self._write_named(dir_fd, name, tmp, data)
+        except OSError as exc:
+            where = str(Path(folder) / exc.filename) if exc.filename is not None else "--out"
+            raise OutputError(f"cannot write certificate file: {exc.strerror}",
+                              where) from exc
+
+    def _write_unnamed(self, dir_fd: int, name: str, tmp: str, data: bytes) -> bool:
+        """False when this way is not available here; the caller then writes a named file."""
+        try:
+            fd = os.open(".", self._UNNAMED | os.O_WRONLY | os.O_CLOEXEC, self._MODE,
+                         dir_fd=dir_fd)
+        except OSError:  # no O_TMPFILE on this file system
+            self.unnamed = False
+            return False
+        try:
+            os.fchmod(fd, self._MODE)
+            _write_all(fd, data)
+            # linkat(2) of an O_TMPFILE file, as open(2) shows it without CAP_DAC_READ_SEARCH
+            handle = f"/proc/self/fd/{fd}"
+            try:
+                os.link(handle, name, dst_dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+            except OSError:  # no /proc, or links refused: write named files from now on
+                self.unnamed = False
+                return False
+            else:
+                return True
+            try:
+                os.link(handle, tmp, dst_dir_fd=dir_fd)
+            except OSError:  # a stale temporary by that name: the named way truncates it
+                return False
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        return True
+
+    def _write_named(self, dir_fd: int, name: str, tmp: str, data: bytes) -> None:
+        fd = os.open(tmp, self._FLAGS, self._MODE, dir_fd=dir_fd)
+        try:
+            try:
+                os.fchmod(fd, self._MODE)
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
+    def close(self) -> None:
+        for fd in self.folders.values():
+            os.close(fd)
+        self.folders.clear()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class _ChunkView:
     """The registry rows one chunk's decisions need, read in two queries under the lock.
 
     Decisions update the view as they go, so two CSRs of one chunk see each other; inserts
-    of devices and promises are batched and flushed before anything that refers to them.
+    of devices and promises are batched and flushed before anything that updates those rows
+    (certificate rows may precede their device row: foreign keys are checked at COMMIT).
     """
 
-    def __init__(self, tx: Transaction, device_ids: list[str]) -> None:
+    def __init__(self, tx: Transaction, device_ids: list[str], options: SignOptions,
+                 window: _Window) -> None:
         self.tx = tx
         self.devices: dict[str, tuple[str, str | None]] = {}
         # device -> [serial, status, public-key hash, pem], oldest first
         self.certs: dict[str, list[list[str]]] = {}
         self.new_devices: list[tuple[str, str | None, str, str]] = []
         self.promises: list[tuple[str, str]] = []
-        self._out: tuple[Path, Path] | None = None
+        # Per chunk, not per certificate: the audit details that do not vary and the
+        # absolute output folder (pending_outputs holds absolute paths).
+        self.create_detail = detail_json({"group": options.group})
+        self.not_after_json = encode_basestring_ascii(window.not_after_iso)
+        self._out_prefix: str | None = None
+        if options.out_dir is not None:
+            folder = str(options.out_dir.absolute())
+            self._out_prefix = folder if folder.endswith(os.sep) else folder + os.sep
         ids = sorted(set(device_ids))
         for start in range(0, len(ids), IN_BATCH):
             part = ids[start:start + IN_BATCH]
@@ -366,10 +497,14 @@ class _ChunkView:
     def add_certificate(self, device_id: str, serial: str, key_sha256: str, pem: str) -> None:
         self.certs.setdefault(device_id, []).append([serial, "active", key_sha256, pem])
 
-    def out_dir(self, folder: Path) -> Path:
-        if self._out is None or self._out[0] != folder:
-            self._out = (folder, folder.absolute())
-        return self._out[1]
+    def promise(self, device_id: str, serial: str, pem: str,
+                writes: list[tuple[str, str]]) -> None:
+        """``OUT/<device-id>.pem`` is promised in this transaction, written after it."""
+        if self._out_prefix is None:
+            return
+        path = f"{self._out_prefix}{device_id}.pem"
+        self.promises.append((path, serial))
+        writes.append((path, pem))
 
     def flush(self) -> None:
         if self.new_devices:

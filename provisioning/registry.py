@@ -22,6 +22,14 @@ SCHEMA_VERSION = 2
 IN_BATCH = 500
 # Long enough to ride out another process's batch; "database is locked" must never surface.
 BUSY_TIMEOUT_S = 60.0
+# An audit event's detail as stored: compact JSON with sorted keys (one encoder, not one per
+# event as json.dumps with options would build).
+_DETAIL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+def detail_json(detail: dict[str, Any] | None) -> str:
+    """The ``detail`` text of an audit event."""
+    return _DETAIL_ENCODER.encode(detail or {})
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,13 @@ class Registry:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            # A COMMIT refused (a deferred foreign key, I/O) leaves the transaction open.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     @contextlib.contextmanager
     def write(self, actor: str) -> Iterator[Transaction]:
@@ -243,8 +257,12 @@ class Transaction:
               serial: str | None = None, detail: dict[str, Any] | None = None,
               actor: str | None = None) -> None:
         """Queue one event; *actor* overrides the transaction's (a batch serves many callers)."""
+        self.audit_text(time, action, device_id, serial, detail_json(detail), actor)
+
+    def audit_text(self, time: str, action: str, device_id: str | None, serial: str | None,
+                   text: str, actor: str | None = None) -> None:
+        """:meth:`audit` with the detail already encoded as :func:`detail_json` does."""
         who = actor or self.actor
-        text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"))
         event_id = self._last_id + 1
         digest = seal(event_id, time, who, action, device_id, serial, text, self._last_hash)
         self._events.append((event_id, time, who, action, device_id, serial, text,

@@ -100,3 +100,19 @@ def test_reordered_events_are_named(busy_pki: Path, cli: Callable[..., CliResult
     result = cli("audit", "verify", "--pki", busy_pki)
     assert result.code == 1
     assert "broken at event #3" in result.err
+
+
+@pytest.mark.parametrize("text", ["plain", "", 'quote " and \\ backslash', "line\nbreak\t\x00\x1f",
+                                  "é ünïcode 😀 \u2028", "</script>"])
+def test_seal_is_the_canonical_json_array(text: str) -> None:
+    """The seal hashes exactly json.dumps([...], separators=(",", ":"), ensure_ascii=False)."""
+    import hashlib
+    import json
+
+    from provisioning.audit import seal
+
+    for device_id, serial in ((text, text), (None, None), (None, "ab01")):
+        fields = [7, text, f"{text}@host", text, device_id, serial, json.dumps({"k": text}),
+                  "0" * 64]
+        body = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+        assert seal(*fields) == hashlib.sha256(body.encode("utf-8")).hexdigest()  # type: ignore[arg-type]

@@ -7,14 +7,22 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
+from provisioning.profile import (
+    DeviceTemplate,
+    device_certificate,
+    key_identifier,
+    random_serial,
+    validity,
+)
 from tests.provisioning.conftest import ORG, TRUST_DOMAIN
-from tests.provisioning.csrs import make_csr
+from tests.provisioning.csrs import make_csr, make_key
 
 
 def _issue(authority: Authority, out: Path, csr: bytes, days: int | None = None
@@ -136,3 +144,58 @@ def test_output_file_is_certificate_then_issuing_ca(authority: Authority,
     certs = x509.load_pem_x509_certificates((tmp_path / "chain-dev.pem").read_bytes())
     assert len(certs) == 2
     assert certs[1] == authority.ca.cert
+
+
+@pytest.mark.parametrize("urls", [False, True])
+def test_template_builds_what_device_certificate_builds(tmp_path: Path, urls: bool) -> None:
+    """The batch's DeviceTemplate and device_certificate make the same TBS, byte for byte."""
+    root = tmp_path / "pki"
+    extra = {"crl_url": "http://ca.test/crl", "ocsp_url": "http://ca.test/ocsp"} if urls else {}
+    initialize(root, PKIConfig(trust_domain=TRUST_DOMAIN, organisation=ORG, **extra), None)
+    with Authority(root) as authority:
+        ca, config = authority.ca, authority.config
+        not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
+        template = DeviceTemplate(ca, config, not_before, not_after)
+        for i, kind in enumerate(("p256", "p384", "ed25519", "rsa2048", "p256")):
+            key = make_key(kind).public_key()
+            serial = random_serial()
+            device_id = f"tmpl-{i}.{kind}"
+            der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            made = template.certificate(device_id, key, serial,  # type: ignore[arg-type]
+                                        der if i % 2 else None)
+            want = device_certificate(ca, config, device_id, key,  # type: ignore[arg-type]
+                                      serial, not_before, not_after)
+            assert made.tbs_certificate_bytes == want.tbs_certificate_bytes
+            made.verify_directly_issued_by(ca.cert)
+        assert template._layout is not None  # later certificates did use the template
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa2048"])
+def test_key_identifier_from_der_is_cryptographys(kind: str) -> None:
+    """The SKI read from the SubjectPublicKeyInfo the issuer already has is from_public_key's;
+    DER that is not an SPKI falls back to cryptography."""
+    key = make_key(kind).public_key()
+    der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    want = x509.SubjectKeyIdentifier.from_public_key(key)  # type: ignore[arg-type]
+    assert key_identifier(key, der) == want  # type: ignore[arg-type]
+    for broken in (b"", der[:-1], der + b"\x00", b"\x31" + der[1:], der[:2] + b"\x31"):
+        assert key_identifier(key, broken) == want  # type: ignore[arg-type]
+
+
+def test_template_that_would_build_otherwise_is_not_used(
+        authority: Authority, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template whose build differs from device_certificate's falls back to it."""
+    from provisioning import profile
+
+    monkeypatch.setattr(profile, "_fixed_extensions", lambda cert: ([], []))  # loses EKU...
+    ca, config = authority.ca, authority.config
+    not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
+    template = DeviceTemplate(ca, config, not_before, not_after)
+    for i in range(3):
+        key = make_key().public_key()
+        serial = random_serial()
+        made = template.certificate(f"d{i}", key, serial)  # type: ignore[arg-type]
+        want = device_certificate(ca, config, f"d{i}", key,  # type: ignore[arg-type]
+                                  serial, not_before, not_after)
+        assert made.tbs_certificate_bytes == want.tbs_certificate_bytes
+    assert template._layout is None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from tests.provisioning.conftest import CliResult
@@ -118,3 +120,50 @@ def test_missing_file_is_rejected_not_fatal(pki_dir: Path, tmp_path: Path,
     assert rows[0] == {"source": str(tmp_path / "nope.csr"), "device_id": None,
                        "status": "rejected", "serial": None, "reason": "no such file"}
     assert rows[1]["status"] == "issued"
+
+
+def test_unwritable_output_is_one_error_and_the_next_sign_finishes_it(
+        pki_dir: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """A file that cannot be written: a one-line error; the promise is kept and fulfilled."""
+    (tmp_path / "w.csr").write_bytes(make_csr(cn="dev-w"))
+    out = tmp_path / "o"
+    (out / "dev-w.pem").mkdir(parents=True)  # the rename onto it must fail
+    result = cli("sign", "--pki", pki_dir, "--out", out, tmp_path / "w.csr")
+    assert result.code != 0
+    tmp_name = out.absolute() / f".dev-w.pem.{os.getpid()}.tmp"
+    assert result.err.startswith("error: cannot write certificate file: Is a directory")
+    assert result.err.rstrip().endswith(f"({tmp_name})")
+    assert not tmp_name.exists()
+    assert list(out.glob(".*.tmp")) == []
+    (out / "dev-w.pem").rmdir()
+    code, [row] = _sign(cli, pki_dir, "--out", out, tmp_path / "w.csr")
+    assert (code, row["status"]) == (0, "existing")
+    pem = (out / "dev-w.pem").read_bytes()
+    assert x509.load_pem_x509_certificates(pem)[1].subject == x509.load_pem_x509_certificate(
+        (pki_dir / "issuing-ca.pem").read_bytes()).subject
+    assert (out / "dev-w.pem").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_output_files_are_written_whole_and_replace_older_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
+    """New, existing and stale-temporary cases, with O_TMPFILE and with a named temporary."""
+    from provisioning.issuer import _FileWriter
+
+    if not unnamed:
+        monkeypatch.setattr(_FileWriter, "_UNNAMED", 0)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.pem").write_text("old contents")
+    (out / f".stale.pem.{os.getpid()}.tmp").write_text("left by a killed run")
+    (out / "stale.pem").write_text("older contents")
+    writer = _FileWriter(b"CHAIN\n")
+    try:
+        for name in ("new", "old", "stale"):
+            writer.write(str(out / f"{name}.pem"), f"PEM of {name}\n")
+    finally:
+        writer.close()
+    for name in ("new", "old", "stale"):
+        assert (out / f"{name}.pem").read_bytes() == f"PEM of {name}\nCHAIN\n".encode()
+        assert (out / f"{name}.pem").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in out.iterdir()) == ["new.pem", "old.pem", "stale.pem"]
