@@ -31,7 +31,10 @@ __all__ = [
 
 MAX_TOPIC_BYTES = 65535  # [MQTT-4.7.3-3]: a UTF-8 encoded string's length is a 16-bit integer
 PLACEHOLDERS = ("device_id", "group")
-EXPANSION_CACHE_SIZE = 16384  # (device_id, group) pairs; bounded so hostile ids cannot grow it
+# (device_id, group) pairs. Small: each connection remembers its own publish decisions
+# (hub/handler.py), so an expansion is needed only at SUBSCRIBE and a first PUBLISH per topic,
+# and every cached pair holds about 1 KB.
+EXPANSION_CACHE_SIZE = 256
 _WILDCARDS = ("+", "#")
 _CLOSED_PREFIX = "$SYS"  # closed to devices whatever the rules say (DESIGN section 5)
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")

@@ -42,6 +42,7 @@ from hub.errors import MalformedPacketError
 from hub.wire import PUBLISH, next_packet, parse_publish, puback
 
 log = logging.getLogger("hub.handler")
+_AMQTT_LOG = logging.getLogger("amqtt.mqtt.protocol.handler")
 
 READ_SIZE = 65536
 PINGRESP = b"\xd0\x00"
@@ -114,6 +115,12 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         waiter: asyncio.Future[Any] | None = getattr(self, "_disconnect_waiter", None)
         if waiter is None or waiter.done():
             self._disconnect_waiter = self._loop.create_future()
+
+    def attach(self, session: Any, reader: Any, writer: Any) -> None:
+        super().attach(session, reader, writer)
+        # Stock gives every connection its own LoggerAdapter (about 700 bytes); its debug
+        # lines carry the client id in their text anyway.
+        self.logger = _AMQTT_LOG
 
     def handle_read_timeout(self) -> None:
         # Stock leaves this empty: keep-alive would never be enforced [MQTT-3.1.2-24].

@@ -84,7 +84,14 @@ class SlimQueue:
     def get_nowait(self) -> Any:
         if not self._items:
             raise asyncio.QueueEmpty
-        return self._items.popleft()
+        return self._take()
+
+    def _take(self) -> Any:
+        assert self._items is not None  # noqa: S101
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an empty deque is still 760 bytes: most queues hold one item
+        return item
 
     async def get(self) -> Any:
         while not self._items:
@@ -100,7 +107,7 @@ class SlimQueue:
                 elif self._items:
                     self._wake()  # it was woken for an item it will not take: pass it on
                 raise
-        return self._items.popleft()
+        return self._take()
 
     def _wake(self) -> None:
         while self._waiters:

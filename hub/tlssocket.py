@@ -21,6 +21,7 @@ from typing import Any
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 READ_CHUNK = 65536
 RECORD = 16384  # one TLS record per send: a retried send then repeats exactly one record
+FLUSH_AT = 64 * 1024  # gathered bytes that are sent at once rather than at the end of the pass
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 
@@ -158,7 +159,11 @@ class TLSSocketTransport(asyncio.Transport):
         if self._closing or self._sock is None or not data:
             return
         self._buffer += data
-        if not self._flush_scheduled and not self._writer_on:
+        if self._writer_on:
+            pass  # the socket is full: the writer callback sends when it has room
+        elif len(self._buffer) >= FLUSH_AT:
+            self._flush()  # a burst: hand it to the kernel now, not at the end of the pass
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         self._check_high_water()

@@ -18,12 +18,19 @@ from collections.abc import Iterator
 __all__ = ["TopicTree", "valid_filter"]
 
 
+_NO_CHILDREN: dict[str, _Node] = {}
+_NO_SUBSCRIBERS: dict[str, int] = {}
+
+
 class _Node:
+    """One level. Its dicts are shared empty ones until used: a fleet of devices subscribed
+    to ``devices/<id>/cmd`` has two nodes per device, most with one of the two empty."""
+
     __slots__ = ("children", "subscribers")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node] = {}
-        self.subscribers: dict[str, int] = {}  # client id -> granted QoS
+        self.children: dict[str, _Node] = _NO_CHILDREN
+        self.subscribers: dict[str, int] = _NO_SUBSCRIBERS  # client id -> granted QoS
 
 
 def valid_filter(topic_filter: str) -> bool:
@@ -60,9 +67,13 @@ class TopicTree:
         for level in topic_filter.split("/"):
             child = node.children.get(level)
             if child is None:
+                if node.children is _NO_CHILDREN:
+                    node.children = {}
                 child = node.children[level] = _Node()
             node = child
         new = client_id not in node.subscribers
+        if node.subscribers is _NO_SUBSCRIBERS:
+            node.subscribers = {}
         node.subscribers[client_id] = qos
         self._by_client.setdefault(client_id, {})[topic_filter] = qos
         self.generation += 1
@@ -82,12 +93,16 @@ class TopicTree:
             path.append((node, level))
             node = node.children[level]
         del node.subscribers[client_id]
+        if not node.subscribers:
+            node.subscribers = _NO_SUBSCRIBERS
         # Prune the branch back to the first node still in use.
         for parent, level in reversed(path):
             child = parent.children[level]
             if child.subscribers or child.children:
                 break
             del parent.children[level]
+            if not parent.children:
+                parent.children = _NO_CHILDREN
         self.generation += 1
         return True
 
