@@ -201,11 +201,11 @@ class Device:
         self._subacks[mid] = waiter
         try:
             codes: list[int] = await _within(waiter, timeout)
-            return codes
         except (TimeoutError, ConnectionError):
             return None
         finally:
             self._subacks.pop(mid, None)
+        return codes
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Queue a PUBLISH; False when the client is not connected."""
