@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from device_sim.lab import stop_process
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
@@ -183,18 +184,7 @@ class BrokerProcess:
 
     def stop(self) -> int:
         """SIGINT (both brokers shut down cleanly on it), then SIGKILL after 15 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            deadline = time.monotonic() + 15
-            while self.process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if self.process.poll() is None:
-                self.process.kill()
-            self.process.wait()
-        self._pump.join(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return self.process.returncode
+        return stop_process(self.process, self._pump, signal.SIGINT, 15)
 
 
 class Profiler:

@@ -67,6 +67,22 @@ bind = "127.0.0.1:0"
     return path
 
 
+def stop_process(process: subprocess.Popen[str], pump: threading.Thread,
+                 sig: signal.Signals, timeout: float) -> int:
+    """Stop a broker child: *sig*, SIGKILL after *timeout* s; then its stderr reader."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    pump.join(5)
+    if process.stderr is not None:
+        process.stderr.close()
+    return process.returncode
+
+
 class HubProcess:
     """``fleet-hub serve --config FILE`` until :meth:`stop`; ready when its ready line shows."""
 
@@ -112,17 +128,7 @@ class HubProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (the hub flushes its audit store), SIGKILL after *timeout* seconds."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._pump.join(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return self.process.returncode
+        return stop_process(self.process, self._pump, signal.SIGTERM, timeout)
 
     def __enter__(self) -> HubProcess:
         return self

@@ -28,6 +28,7 @@ from hub.listener import TLSListener
 from hub.router import Router
 from hub.runtime import HubRuntime
 from hub.tls import server_context
+from hub.tlssocket import transport_of
 from hub.topictree import valid_filter
 
 log = logging.getLogger("hub.broker")
@@ -396,23 +397,18 @@ def _hang_up(writer: Any) -> None:
     A device that reads sees a clean close at once (and mosquitto_sub, say, reconnects and is
     told "not authorised"); one that never reads cannot hold the socket past the grace.
     """
-    transport = getattr(getattr(writer, "_writer", None), "transport", None)
-    if transport is None:
-        return
-    transport.close()
-
-    def abort() -> None:
-        with contextlib.suppress(Exception):  # already gone: nothing to do
-            transport.abort()
-
-    asyncio.get_running_loop().call_later(HANG_UP_GRACE, abort)
+    transport = transport_of(writer)
+    if transport is not None:
+        transport.close()
+        asyncio.get_running_loop().call_later(HANG_UP_GRACE, _abort, writer)
 
 
 def _abort(writer: Any) -> None:
     """Close the TCP connection under an amqtt writer adapter now, without a TLS goodbye."""
-    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    transport = transport_of(writer)
     if transport is not None:
-        transport.abort()
+        with contextlib.suppress(Exception):  # already gone: nothing to do
+            transport.abort()
 
 
 async def _close(writer: Any) -> None:

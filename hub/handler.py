@@ -122,10 +122,6 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         # lines carry the client id in their text anyway.
         self.logger = _AMQTT_LOG
 
-    def handle_read_timeout(self) -> None:
-        # Stock leaves this empty: keep-alive would never be enforced [MQTT-3.1.2-24].
-        asyncio.ensure_future(self.handle_connection_closed())  # noqa: RUF006
-
     def check_idle(self, now: float) -> None:
         """Close the connection if nothing came within 1.5x keep-alive [MQTT-3.1.2-24].
 

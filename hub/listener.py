@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hub.tls import HandshakeRefusal, classify
-from hub.tlssocket import TLSSocketTransport, handshake
+from hub.tlssocket import TLSSocketTransport, handshake, wait_ready
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RefusalHandler = Callable[[str, HandshakeRefusal], None]
@@ -101,7 +101,8 @@ class TLSListener:
         try:
             # A slot is taken only once the ClientHello is there: a client that connects and
             # says nothing waits without holding one (and is dropped at handshake_timeout).
-            await self._readable(conn)
+            async with asyncio.timeout(self._timeout):
+                await wait_ready(self._loop, conn.fileno(), write=False)
             async with self._slots:
                 tls = self._context.wrap_socket(conn, server_side=True,
                                                 do_handshake_on_connect=False)
@@ -111,7 +112,7 @@ class TLSListener:
             raise
         except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
             _close_after_alert(tls or conn)
-            self._on_refused(peer, classify(_unwrap_timeout(exc)))
+            self._on_refused(peer, classify(exc))
             return
         del conn  # detached into the TLS socket
         reader = asyncio.StreamReader(limit=READ_LIMIT)
@@ -123,23 +124,6 @@ class TLSListener:
         finally:
             if not transport.is_closing():
                 transport.close()
-
-    async def _readable(self, conn: socket.socket) -> None:
-        """Until *conn* has data (or EOF); TimeoutError after handshake_timeout."""
-        assert self._loop is not None  # noqa: S101
-        ready: asyncio.Future[None] = self._loop.create_future()
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        fd = conn.fileno()
-        self._loop.add_reader(fd, wake)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await ready
-        finally:
-            self._loop.remove_reader(fd)
 
     async def close(self) -> None:
         if self._sock is not None and self._loop is not None:
@@ -182,14 +166,6 @@ def _close_after_alert(sock: socket.socket) -> None:
             if raw is not sock:
                 raw.detach()
     sock.close()
-
-
-def _unwrap_timeout(exc: BaseException) -> BaseException:
-    # asyncio reports a handshake timeout as ConnectionAbortedError("SSL handshake is taking
-    # longer than N seconds"); both loops' variants mean the same to an operator.
-    if isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc):
-        return TimeoutError(str(exc))
-    return exc
 
 
 def _format_peer(peername: object) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 from amqtt.broker import RetainedApplicationMessage
 
 from hub.metrics import Metrics
+from hub.tlssocket import transport_of
 from hub.topictree import TopicTree
 from hub.wire import publish_packet
 
@@ -92,7 +93,7 @@ class Router:
 
 
 def _backlog(writer: Any) -> int:
-    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    transport = transport_of(writer)
     if transport is None:
         return 0
     size: int = transport.get_write_buffer_size()

@@ -35,14 +35,15 @@ async def handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
             try:
                 sock.do_handshake()
             except ssl.SSLWantReadError:
-                await _ready(loop, fd, write=False)
+                await wait_ready(loop, fd, write=False)
             except ssl.SSLWantWriteError:
-                await _ready(loop, fd, write=True)
+                await wait_ready(loop, fd, write=True)
             else:
                 return
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+async def wait_ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Until *fd* is readable (or writable): one watcher, removed again when it fired."""
     waiter: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
@@ -54,6 +55,11 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> No
         await waiter
     finally:
         (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+def transport_of(writer: Any) -> Any:
+    """The transport under an amqtt ``StreamWriterAdapter`` (None for other writers)."""
+    return getattr(getattr(writer, "_writer", None), "transport", None)
 
 
 class TLSSocketTransport(asyncio.Transport):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import collections
 import getpass
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 from pathlib import Path
+
+from device_sim.lab import stop_process
 
 MOSQUITTO = shutil.which("mosquitto") or next(
     (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()),
@@ -71,13 +74,4 @@ class Mosquitto:
             raise RuntimeError("mosquitto did not start:\n" + "".join(self.log))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._pump.join(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+        stop_process(self.process, self._pump, signal.SIGTERM, 10)
