@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_sim.transport import DeviceSSLSocket, HandshakeError, open_tls
+from device_sim.transport import ClientTLS, HandshakeError, TLSStream, open_tls
 
 # paho 2 reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code.
 _CONNACK_311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
@@ -80,7 +79,7 @@ class Outcome:
 class _PresetSocketClient(mqtt.Client):
     """paho's client, made to use a socket the simulator connected itself."""
 
-    preset: ssl.SSLSocket | None = None
+    preset: TLSStream | None = None
 
     def _create_socket(self) -> Any:
         sock, self.preset = self.preset, None
@@ -105,7 +104,7 @@ def _code(value: object) -> int:
 class Device:
     """A device's MQTT connection on the running loop: connect, subscribe, publish, leave."""
 
-    def __init__(self, client_id: str, context: ssl.SSLContext, host: str, port: int, *,
+    def __init__(self, client_id: str, context: ClientTLS, host: str, port: int, *,
                  keepalive: int = 60, source: str | None = None,
                  on_message: Callable[[str, bytes], None] | None = None) -> None:
         self.client_id = client_id
@@ -114,7 +113,7 @@ class Device:
         self._keepalive = keepalive
         self._loop = asyncio.get_running_loop()
         self._on_message_cb = on_message
-        self._sock: DeviceSSLSocket | None = None
+        self._sock: TLSStream | None = None
         self._fd = -1
         self._writer = False
         self._flush_scheduled = False
@@ -170,7 +169,10 @@ class Device:
             return Outcome("closed", f"connection lost while sending CONNECT: {exc}",
                            opened.tcp_s, opened.tls_s)
         try:
-            code = await _within(self._connack, timeout)
+            # Awaited directly (a timeout cancels it, and nobody else waits for it): no
+            # asyncio.wait and its extra future per connect.
+            async with asyncio.timeout(timeout):
+                code = await self._connack
         except TimeoutError:
             self._force_close()
             return Outcome("timeout", f"no CONNACK within {timeout:g} s", opened.tcp_s,
@@ -200,7 +202,8 @@ class Device:
         waiter: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[mid] = waiter
         try:
-            codes: list[int] = await _within(waiter, timeout)
+            async with asyncio.timeout(timeout):
+                codes: list[int] = await waiter
         except (TimeoutError, ConnectionError):
             return None
         finally:

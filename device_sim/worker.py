@@ -16,7 +16,6 @@ import contextlib
 import os
 import random
 import resource
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 
 from device_sim.device import SUBACK_FAILURE, Device, Outcome
 from device_sim.enroll import DeviceFiles
-from device_sim.transport import Credentials, client_context
+from device_sim.transport import ClientTLS, Credentials, client_context
 
 PROGRESS_EVERY = 0.25
 TICK_EVERY = 1.0  # loop_misc: PINGREQ as soon as keep-alive is due
@@ -144,7 +143,8 @@ class _Worker:
         self.counters = Counters()
         self.records: dict[str, DeviceRecord] = {}
         self.live: dict[str, Device] = {}
-        self.contexts: dict[str, ssl.SSLContext] = {}
+        self.contexts: dict[str, ClientTLS] = {}
+        self.booted: dict[str, Device] = {}  # made at boot, not yet connecting
         self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self.go: asyncio.Future[float] = self.loop.create_future()
         self.stop = asyncio.Event()
@@ -192,14 +192,16 @@ class _Worker:
 
     async def run(self) -> WorkerResult:
         watch_pipe(self.loop, self.conn, self.on_message)
-        # The devices boot before the ramp: their TLS contexts (trust bundle, own key and
-        # certificate: ~2 ms each with OpenSSL 3.0) do not compete with the broker then.
+        # The devices boot before the ramp, as real ones are powered on before they connect:
+        # their TLS contexts (trust bundle, own key and certificate) and paho clients are
+        # made now, so that work does not compete with the broker during the ramp.
         boot_start = cpu_seconds()
-        for _, files in self.plan.devices:
+        for ordinal, files in self.plan.devices:
             self.records[files.device_id] = DeviceRecord(files.device_id)
             self.contexts[files.device_id] = client_context(
                 self.plan.ca_pem, Credentials(files.cert, files.key),
                 check_hostname=self.plan.check_hostname)
+            self.booted[files.device_id] = self.device(files.device_id, ordinal)
             await asyncio.sleep(0)  # stay responsive to the parent
         boot_s = cpu_seconds() - boot_start
         self.conn.send(("ready",))
@@ -245,7 +247,7 @@ class _Worker:
     async def life(self, ordinal: int, device_id: str) -> None:
         """Connect, subscribe; publishing is driven by :meth:`publisher` until stop."""
         record = self.records[device_id]
-        device = self.device(device_id, ordinal)
+        device = self.booted.pop(device_id, None) or self.device(device_id, ordinal)
         async with self.in_flight:
             try:
                 outcome = await device.connect(self.plan.connect_timeout)
