@@ -1,14 +1,17 @@
 """Signing throughput: the real batch path against cryptography's own floor, on one core.
 
 The batch path is ``Authority(pki).issuer().sign(...)``: parsing, policy, registry
-transactions, hash-chained audit events and ``OUT/<device-id>.pem`` files. The floor is what
-no CA can avoid for the same CSRs: load the PEM CSR, verify its signature, build the device
-certificate (``provisioning.profile.device_certificate``, from scratch for every CSR), sign,
-PEM. The batch makes the same certificates (the same TBS bytes) through
-``provisioning.profile.DeviceTemplate``, which makes the parts all devices share once per
-chunk and checks on each chunk's first certificate that it builds what device_certificate
-builds; the floor keeps the per-certificate build it has always timed. The CSRs (and their
-keys) are generated up front and are not timed.
+transactions (one per chunk of ``CHUNK`` CSRs), hash-chained audit events and
+``OUT/<device-id>.pem`` files. The floor is what no CA can avoid for the same CSRs: load the
+PEM CSR, verify its signature, build the device certificate with cryptography's
+CertificateBuilder (``provisioning.profile.device_certificate``, from scratch for every CSR),
+sign, PEM. The batch makes the same certificates (the same TBS bytes) through
+``provisioning.profile.DeviceTemplate``: each chunk's first certificate is built by
+device_certificate, and the template encodes every later one's DER itself from that
+certificate's fixed byte parts and the device's own fields, then signs it, once it has
+proven on the first that it encodes exactly what device_certificate built. The floor keeps
+the per-certificate build it has always timed, so the batch can be faster than the floor.
+The CSRs (and their keys) are generated up front and are not timed.
 
     .venv/bin/python bench/sign_throughput.py [--count 10000] [--profile FILE]
 
@@ -16,10 +19,10 @@ Prints certificates/s for both, their ratio (target: batch >= 60% of the floor) 
 one JSON line of the figures.
 
 The output files make the batch sensitive to the file system: on ext4 without a journal, for
-about 30 s after many files were deleted (the previous run's clean-up, a test suite), each
+about 30-60 s after many files were deleted (the previous run's clean-up, a test suite), each
 new inode is found by skipping the recently deleted ones (``recently_deleted()`` in the
-kernel), which can make a file cost ten times its usual ~100 us. Leave half a minute
-between runs; ``--dir /dev/shm`` leaves the disk out altogether.
+kernel), which can make a file cost ten times its usual ~30-100 us. Leave a minute between
+runs; ``--dir /dev/shm`` leaves the disk out altogether.
 """
 
 from __future__ import annotations

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from provisioning import der
 from provisioning.errors import UsageError
 from provisioning.identity import device_id_problem, is_valid_device_id, spiffe_id
 
@@ -39,7 +43,11 @@ class Rejection:
 class CSRContext:
     """What the rules look at: the request, and the fleet it asks to join.
 
-    The parsed pieces are computed once: several rules and the issuer need them.
+    The parsed pieces are computed once: several rules and the issuer need them. The
+    subject's CNs and the key's SubjectPublicKeyInfo are read from the request's DER where
+    it has the usual plain form, which is several times cheaper than cryptography's Python
+    objects for the whole subject; anything else is left to cryptography, so every result
+    (and every exception) is the one cryptography gives.
     """
 
     csr: x509.CertificateSigningRequest
@@ -47,8 +55,50 @@ class CSRContext:
     manifest: frozenset[str] | None
 
     @cached_property
+    def request_info(self) -> bytes:
+        """The CertificationRequestInfo DER: what the CSR's signature covers."""
+        return self.csr.tbs_certrequest_bytes
+
+    @cached_property
+    def _fields(self) -> list[tuple[int, int, int, int]] | None:
+        """version, subject, subjectPKInfo, attributes of :attr:`request_info`, as
+        :func:`provisioning.der.children` gives them; None when not laid out so."""
+        data = self.request_info
+        top = der.header(data, 0, der.SEQUENCE)
+        if top is None or top[2] != len(data):
+            return None
+        fields = der.children(data, top[1], top[2])
+        if fields is None or len(fields) < 3 or (fields[0][0], fields[1][0], fields[2][0]) != (
+                der.INTEGER, der.SEQUENCE, der.SEQUENCE):
+            return None
+        return fields
+
+    @cached_property
     def common_names(self) -> list[str]:
+        """Every CN value of the subject, in order, as ``subject.get_attributes_for_oid``."""
+        fields = self._fields
+        if fields is not None:
+            names = _plain_common_names(self.request_info, fields[1])
+            if names is not None:
+                return names
         return _common_names(self.csr)
+
+    @cached_property
+    def spki_der(self) -> bytes:
+        """The key's DER SubjectPublicKeyInfo as ``public_key().public_bytes`` writes it
+        (its hash identifies the key in the registry; the certificate carries it). Only
+        meaningful once :func:`key_type_allowed` accepted the key. The CSR's own bytes
+        when they are that already: an uncompressed P-256 or P-384 point with the curve
+        named, the form every device sends and the one encoding of such a key."""
+        fields = self._fields
+        if fields is not None:
+            _, start, _, end = fields[2]
+            prefix = _UNCOMPRESSED_EC_SPKI.get(end - start)
+            if prefix is not None and self.request_info.startswith(prefix, start):
+                return self.request_info[start:end]
+        key = cast("ec.EllipticCurvePublicKey", self.public_key)  # any key type, in fact
+        return key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
 
     @property
     def device_id(self) -> str | None:
@@ -108,10 +158,35 @@ def key_type_allowed(ctx: CSRContext) -> Rejection | None:
 def signature_valid(ctx: CSRContext) -> Rejection | None:
     """Proof of possession: the CSR must be signed by the key it carries (RFC 2986 §3)."""
     try:
-        ok = ctx.csr.is_signature_valid
+        ok = _signature_ok(ctx)
     except (ValueError, UnsupportedAlgorithm) as exc:
         return Rejection("bad-signature", f"CSR signature cannot be checked: {exc}")
     return None if ok else Rejection("bad-signature", "CSR signature does not verify")
+
+
+_ECDSA_SHA256_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
+
+
+def _signature_ok(ctx: CSRContext) -> bool:
+    """``csr.is_signature_valid``. For the usual CSR, an EC key signing with ECDSA-SHA256
+    (cryptography loads that algorithm only without parameters), it is the very check
+    ``is_signature_valid`` makes (the key's ``verify`` over the request info, with ECDSA
+    and SHA-256), made with the key the policy has loaded already and the request info
+    hashed here: that saves loading the key again for every CSR."""
+    csr = ctx.csr
+    if csr.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256:
+        try:
+            key = ctx.public_key
+        except (ValueError, UnsupportedAlgorithm):
+            key = None  # is_signature_valid says what it says about such a key
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            try:
+                key.verify(csr.signature, hashlib.sha256(ctx.request_info).digest(),
+                           _ECDSA_SHA256_PREHASHED)
+            except InvalidSignature:
+                return False
+            return True
+    return csr.is_signature_valid
 
 
 def extensions_readable(ctx: CSRContext) -> Rejection | None:
@@ -131,6 +206,52 @@ def not_a_ca(ctx: CSRContext) -> Rejection | None:
     return None
 
 
+_CN = der.oid("2.5.4.3")
+# The string types whose value cryptography reads as UTF-8 text (BMPString, UniversalString,
+# BIT STRING and the rest are left to it).
+_PLAIN_STRINGS = frozenset((der.UTF8_STRING, der.PRINTABLE_STRING, der.IA5_STRING))
+
+
+def _plain_common_names(data: bytes, subject: tuple[int, int, int, int]) -> list[str] | None:
+    """The CN values of the subject Name at *subject* in *data*, or None unless every RDN
+    holds exactly one attribute whose value is a UTF-8, printable or IA5 string of valid
+    UTF-8: for such a subject cryptography gives the same list (and raises nothing); any
+    other is left to it."""
+    rdns = der.children(data, subject[2], subject[3])
+    if rdns is None:
+        return None
+    names: list[str] = []
+    for tag, _, start, end in rdns:
+        # RDN SET OF exactly one AttributeTypeAndValue SEQUENCE { type OID, value ANY }
+        atv = der.header(data, start, der.SEQUENCE) if tag == der.SET else None
+        if atv is None or atv[2] != end:
+            return None
+        kind = der.header(data, atv[1], der.OBJECT_IDENTIFIER)
+        value = der.header(data, kind[2]) if kind is not None else None
+        if value is None or value[2] != end or value[0] not in _PLAIN_STRINGS:
+            return None
+        try:
+            text = data[value[1]:value[2]].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if data.startswith(_CN, atv[1]):
+            names.append(text)
+    return names
+
+
+def _uncompressed_ec_spki(curve: str, coordinate_octets: int) -> tuple[int, bytes]:
+    """(length, fixed prefix) of the SubjectPublicKeyInfo of a named-curve EC key whose
+    point is uncompressed: 0x04, then X and Y."""
+    point = bytes(1 + 2 * coordinate_octets)
+    whole = der.sequence(der.sequence(der.oid(der.ID_EC_PUBLIC_KEY), der.oid(curve)),
+                         der.bit_string(b"\x04" + point[1:]))
+    return len(whole), whole[:len(whole) - len(point) + 1]
+
+
+_UNCOMPRESSED_EC_SPKI = dict((_uncompressed_ec_spki(der.SECP256R1, 32),
+                              _uncompressed_ec_spki("1.3.132.0.34", 48)))  # P-384
+
+
 def _common_names(csr: x509.CertificateSigningRequest) -> list[str]:
     # cryptography warns on an over-long CN; the rule below reports it as a rejection.
     with warnings.catch_warnings():
@@ -142,7 +263,10 @@ def _common_names(csr: x509.CertificateSigningRequest) -> list[str]:
 
 def cn_is_device_id(ctx: CSRContext) -> Rejection | None:
     """The subject carries exactly one CN, and it is a valid device id."""
-    cns = ctx.common_names
+    try:
+        cns = ctx.common_names
+    except ValueError as exc:  # e.g. a UTF8String that is not UTF-8: cryptography refuses it
+        return Rejection("bad-cn", f"subject cannot be read: {exc}")
     if len(cns) != 1:
         return Rejection("bad-cn", f"subject has {len(cns)} CN attributes, want exactly 1")
     problem = device_id_problem(cns[0])

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
 import hashlib
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import (
     AuthorityInformationAccessOID,
     ExtendedKeyUsageOID,
-    ExtensionOID,
     NameOID,
+    SignatureAlgorithmOID,
 )
 
+from provisioning import der
 from provisioning.config import PKIConfig
-from provisioning.identity import spiffe_id
+from provisioning.identity import is_valid_device_id, spiffe_id
 from provisioning.pki import IssuingCA
 
 # Devices with slightly slow clocks must accept a certificate minted moments ago.
@@ -135,13 +139,26 @@ def device_certificate(
 class DeviceTemplate:
     """:func:`device_certificate` for many devices of one CA, configuration and validity.
 
-    The first certificate is built by ``device_certificate`` itself; the extensions it
-    carries that are not the device's own (all but the SAN and the SKI) are kept, in their
-    order, and every later certificate is built in one step from them plus the device's
-    subject, key, serial, SAN and SKI. The template proves itself on that first device: it
-    is used only if what it builds has the very TBS bytes ``device_certificate`` built (one
-    extra signature per template); otherwise every certificate is built by
-    ``device_certificate``. tests/provisioning/test_profile.py checks that it is used.
+    Why: cryptography's ``CertificateBuilder.sign`` spends about twice the ECDSA signature
+    itself on building Python objects and encoding them, for a certificate of which all but
+    five small fields are the same for every device of a batch. So the first certificate is
+    built by ``device_certificate`` itself and cut into its fixed byte parts (version,
+    signature algorithm, issuer, validity, the organisation in the subject, and the
+    extensions that are not the device's own, in their order); every later certificate's
+    TBSCertificate is those bytes plus the device's own parts encoded here with
+    :mod:`provisioning.der` (serial, CN, SubjectPublicKeyInfo, SAN URI, SKI), signed with
+    the issuing key (ECDSA with SHA-256, as ``device_certificate`` signs) and wrapped into
+    the Certificate SEQUENCE.
+
+    The template proves itself on that first device: it is used only if the TBS it encodes
+    for it has the very bytes ``device_certificate`` built, and the Certificate it wraps
+    around them and that signature the very bytes of that certificate; otherwise (another
+    layout, an issuing key that is not EC, another signature algorithm) every certificate
+    is built by ``device_certificate``. A device id that is not one
+    (:func:`provisioning.identity.is_valid_device_id`, which the policy enforces) or a key
+    type not issued here also goes to ``device_certificate``, so its checks and errors stay
+    what they are. tests/provisioning/test_profile.py checks byte equality over many
+    serials, ids, key types and configurations, and that the template is used.
     """
 
     def __init__(
@@ -154,12 +171,8 @@ class DeviceTemplate:
         self.ca = ca
         self.config = config
         self.not_before, self.not_after = not_before, not_after
-        # What CertificateBuilder.not_valid_before/after store: naive UTC.
-        self._naive = (_naive_utc(not_before), _naive_utc(not_after))
-        self._layout: tuple[list[_AnyExtension], list[_AnyExtension]] | None = None
+        self._layout: _Layout | None = None
         self._learned = False
-        self._issuer = ca.cert.subject  # parsed anew on every access
-        self._organisation = x509.NameAttribute(NameOID.ORGANIZATION_NAME, config.organisation)
 
     def certificate(
         self,
@@ -169,54 +182,166 @@ class DeviceTemplate:
         spki_der: bytes | None = None,
     ) -> x509.Certificate:
         """*spki_der*, the key's DER SubjectPublicKeyInfo when the caller has it, saves
-        serializing the key again for the SKI."""
-        if self._layout is None:
-            cert = device_certificate(self.ca, self.config, device_id, public_key, serial,
-                                      self.not_before, self.not_after)
-            if not self._learned:
-                self._learned = True
-                layout = _fixed_extensions(cert)
-                if layout is not None and self._build(
-                        layout, device_id, public_key, serial, spki_der
-                ).tbs_certificate_bytes == cert.tbs_certificate_bytes:
-                    self._layout = layout
-            return cert
-        return self._build(self._layout, device_id, public_key, serial, spki_der)
+        serializing the key again (it must be that key's: it goes into the certificate)."""
+        made = self._encode(device_id, public_key, serial, spki_der)
+        if made is not None:
+            return x509.load_der_x509_certificate(made)  # parsed lazily by cryptography
+        return self._build(device_id, public_key, serial)
 
-    def _build(
+    def certificate_der(
         self,
-        layout: tuple[list[_AnyExtension], list[_AnyExtension]],
         device_id: str,
         public_key: IssuablePublicKey,
         serial: int,
-        spki_der: bytes | None,
-    ) -> x509.Certificate:
-        if serial <= 0 or serial.bit_length() >= 160:  # CertificateBuilder.serial_number's
+        spki_der: bytes | None = None,
+    ) -> bytes:
+        """:meth:`certificate` as DER: what the issuer stores, hashes and writes."""
+        made = self._encode(device_id, public_key, serial, spki_der)
+        if made is not None:
+            return made
+        return self._build(device_id, public_key, serial).public_bytes(
+            serialization.Encoding.DER)
+
+    def _build(self, device_id: str, public_key: IssuablePublicKey,
+               serial: int) -> x509.Certificate:
+        cert = device_certificate(self.ca, self.config, device_id, public_key, serial,
+                                  self.not_before, self.not_after)
+        if not self._learned and _encodable(device_id, public_key):
+            self._learned = True
+            self._layout = self._prove(cert, device_id, public_key, serial)
+        return cert
+
+    def _prove(self, cert: x509.Certificate, device_id: str, public_key: IssuablePublicKey,
+               serial: int) -> _Layout | None:
+        """The layout of *cert*, if encoding this device again gives *cert* byte for byte."""
+        if (not isinstance(self.ca.key, ec.EllipticCurvePrivateKey)
+                or cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256):
+            return None
+        whole = cert.public_bytes(serialization.Encoding.DER)
+        layout = _cut(whole, self.config)
+        if layout is None:
+            return None
+        spki = public_key_der(public_key)
+        tbs = layout.tbs(device_id, serial, spki, _key_id(public_key, spki))
+        if tbs != cert.tbs_certificate_bytes or layout.wrap(tbs, cert.signature) != whole:
+            return None
+        return layout
+
+    def _encode(self, device_id: str, public_key: IssuablePublicKey, serial: int,
+                spki_der: bytes | None) -> bytes | None:
+        layout = self._layout
+        if layout is None or not _encodable(device_id, public_key):
+            return None
+        # CertificateBuilder.serial_number's checks (RFC 5280 4.1.2.2: at most 20 octets)
+        if serial <= 0 or serial.bit_length() >= 160:
             raise ValueError("serial must be positive and less than 160 bits")
-        head, tail = layout
-        builder = x509.CertificateBuilder(
-            issuer_name=self._issuer,
-            subject_name=x509.Name(
-                [self._organisation, x509.NameAttribute(NameOID.COMMON_NAME, device_id)]
-            ),
-            public_key=public_key,
-            serial_number=serial,
-            not_valid_before=self._naive[0],
-            not_valid_after=self._naive[1],
-            extensions=[
-                x509.Extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False,
-                               x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
-                                   spiffe_id(self.config.trust_domain, device_id))])),
-                *head,
-                x509.Extension(ExtensionOID.SUBJECT_KEY_IDENTIFIER, False,
-                               key_identifier(public_key, spki_der)),
-                *tail,
-            ],
-        )
-        return builder.sign(self.ca.key, hashes.SHA256())
+        spki = spki_der if spki_der is not None else public_key_der(public_key)
+        tbs = layout.tbs(device_id, serial, spki, _key_id(public_key, spki))
+        # The same signature as sign(tbs, ECDSA(SHA256())), hashed here: a little cheaper
+        return layout.wrap(tbs, self.ca.key.sign(hashlib.sha256(tbs).digest(),
+                                                 _ECDSA_SHA256_PREHASHED))
 
 
-_AnyExtension = x509.Extension[x509.ExtensionType]
+_ECDSA_SHA256_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
+_ISSUABLE = (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, rsa.RSAPublicKey)
+_CN = der.oid("2.5.4.3")
+_SAN = der.oid("2.5.29.17")
+_SKI = der.oid("2.5.29.14")
+_URI = 0x86  # GeneralName uniformResourceIdentifier: [6] IMPLICIT IA5String
+
+
+def _encodable(device_id: str, public_key: object) -> bool:
+    """What the template encodes itself: a valid device id is ASCII, 1-64 characters (the
+    CN length CertificateBuilder enforces), and is a valid URI path segment as it is."""
+    return (type(device_id) is str and is_valid_device_id(device_id)
+            and isinstance(public_key, _ISSUABLE))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The fixed byte parts of one template's certificates, cut from its first one."""
+
+    version: bytes  # [0] EXPLICIT INTEGER
+    middle: bytes  # signature AlgorithmIdentifier, issuer Name, validity
+    subject_head: bytes  # the subject's RDNs before the CN's: the organisation
+    uri_prefix: bytes  # spiffe://<trust domain>/device/
+    extensions_head: bytes  # the extensions between the SAN and the SKI
+    extensions_tail: bytes  # the extensions after the SKI
+    signature_algorithm: bytes  # the Certificate's signatureAlgorithm
+
+    def tbs(self, device_id: str, serial: int, spki: bytes, key_id: bytes) -> bytes:
+        """TBSCertificate: the per-device parts as ``device_certificate`` encodes them."""
+        tlv = der.tlv
+        cn = device_id.encode("ascii")  # _encodable: a device id is ASCII
+        # Name: ..., RDN SET { AttributeTypeAndValue { id-at-commonName, UTF8String } }
+        subject = tlv(0x30, self.subject_head + tlv(0x31, tlv(0x30, _CN + tlv(0x0C, cn))))
+        # Extension { extnID, extnValue OCTET STRING }, not critical: no BOOLEAN (DER)
+        san = tlv(0x30, _SAN + tlv(0x04, tlv(0x30, tlv(_URI, self.uri_prefix + cn))))
+        ski = tlv(0x30, _SKI + tlv(0x04, tlv(0x04, key_id)))
+        extensions = der.explicit(3, tlv(0x30, san + self.extensions_head + ski
+                                         + self.extensions_tail))
+        return tlv(0x30, self.version + der.integer(serial) + self.middle + subject + spki
+                   + extensions)
+
+    def wrap(self, tbs: bytes, signature: bytes) -> bytes:
+        """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature }."""
+        return der.tlv(0x30, tbs + self.signature_algorithm + der.bit_string(signature))
+
+
+def _cut(whole: bytes, config: PKIConfig) -> _Layout | None:
+    """*whole* (a certificate's DER) cut into a :class:`_Layout`, or None when it is not
+    laid out as expected: a CN RDN last in the subject, the SAN first among the extensions
+    and one SKI after it. The proof in :meth:`DeviceTemplate._prove` checks the rest."""
+    top = der.header(whole, 0, der.SEQUENCE)
+    if top is None or top[2] != len(whole):
+        return None
+    parts = der.children(whole, top[1], top[2])
+    if parts is None or len(parts) != 3 or parts[0][0] != der.SEQUENCE:
+        return None
+    fields = der.children(whole, parts[0][2], parts[0][3])
+    if fields is None or [f[0] for f in fields] != [0xA0, der.INTEGER, *[der.SEQUENCE] * 5,
+                                                    0xA3]:
+        return None
+    version, _, _, _, validity_, subject, _, extensions = fields
+    rdns = der.children(whole, subject[2], subject[3])
+    if not rdns or not whole.startswith(_CN, rdns[-1][2] + 2):  # SET { SEQUENCE { CN
+        return None
+    wrapper = der.header(whole, extensions[2], der.SEQUENCE)
+    if wrapper is None or wrapper[2] != extensions[3]:
+        return None
+    items = der.children(whole, wrapper[1], wrapper[2])
+    if not items:
+        return None
+    # Extension ::= SEQUENCE { extnID OBJECT IDENTIFIER, ... }: which one each is
+    kinds = [_SAN if whole.startswith(_SAN, item[2]) else
+             _SKI if whole.startswith(_SKI, item[2]) else b"" for item in items]
+    if kinds[0] != _SAN or kinds.count(_SAN) != 1 or kinds.count(_SKI) != 1:
+        return None
+    ski = kinds.index(_SKI)
+    return _Layout(
+        version=whole[version[1]:version[3]],
+        middle=whole[fields[2][1]:validity_[3]],
+        subject_head=whole[rdns[0][1]:rdns[-1][1]],
+        uri_prefix=spiffe_id(config.trust_domain, "").encode("ascii"),
+        extensions_head=whole[items[1][1]:items[ski][1]],
+        extensions_tail=whole[items[ski][3]:wrapper[2]],
+        signature_algorithm=whole[parts[1][1]:parts[1][3]],
+    )
+
+
+def certificate_pem(certificate_der: bytes) -> str:
+    """``Certificate.public_bytes(Encoding.PEM)`` of this DER, without parsing it: base64
+    in lines of 64 characters (48 octets each) between the RFC 7468 labels."""
+    b2a = binascii.b2a_base64  # ends every line with "\n"
+    body = b"".join([b2a(certificate_der[i:i + 48])
+                     for i in range(0, len(certificate_der), 48)])
+    return f"-----BEGIN CERTIFICATE-----\n{body.decode('ascii')}-----END CERTIFICATE-----\n"
+
+
+def public_key_der(public_key: IssuablePublicKey) -> bytes:
+    """The key's DER SubjectPublicKeyInfo, as a certificate carries it."""
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def key_identifier(
@@ -231,57 +356,26 @@ def key_identifier(
     return x509.SubjectKeyIdentifier.from_public_key(public_key)
 
 
-def _spki_key_bits(der: bytes) -> bytes | None:
+def _key_id(public_key: IssuablePublicKey, spki_der: bytes) -> bytes:
+    bits = _spki_key_bits(spki_der)
+    if bits is not None:
+        return hashlib.sha1(bits).digest()  # noqa: S324 (RFC 5280 4.2.1.2 method 1)
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+
+
+def _spki_key_bits(data: bytes) -> bytes | None:
     """SEQUENCE { AlgorithmIdentifier SEQUENCE, subjectPublicKey BIT STRING }: the key bits,
-    or None when *der* is not laid out so (then the caller asks cryptography)."""
-    outer = _der_header(der, 0, 0x30)
-    if outer is None or outer[0] + outer[1] != len(der):
+    or None when *data* is not laid out so (then the caller asks cryptography)."""
+    outer = der.header(data, 0, der.SEQUENCE)
+    if outer is None or outer[2] != len(data):
         return None
-    algorithm = _der_header(der, outer[0], 0x30)
+    algorithm = der.header(data, outer[1], der.SEQUENCE)
     if algorithm is None:
         return None
-    bits = _der_header(der, algorithm[0] + algorithm[1], 0x03)
-    if bits is None or bits[0] + bits[1] != len(der) or bits[1] < 1 or der[bits[0]] != 0:
+    bits = der.header(data, algorithm[2], der.BIT_STRING)
+    if bits is None or bits[2] != len(data) or bits[2] - bits[1] < 1 or data[bits[1]] != 0:
         return None
-    return der[bits[0] + 1:]
-
-
-def _der_header(der: bytes, pos: int, tag: int) -> tuple[int, int] | None:
-    """(content start, content length) of the element at *pos* if it has *tag*."""
-    if pos + 2 > len(der) or der[pos] != tag:
-        return None
-    length = der[pos + 1]
-    pos += 2
-    if length & 0x80:
-        count = length & 0x7F
-        if count == 0 or count > 4 or pos + count > len(der):
-            return None
-        length = int.from_bytes(der[pos:pos + count], "big")
-        pos += count
-    return (pos, length) if pos + length <= len(der) else None
-
-
-def _fixed_extensions(
-    cert: x509.Certificate,
-) -> tuple[list[_AnyExtension], list[_AnyExtension]] | None:
-    """The extensions before and after the SKI, or None when the SAN is not first, the SKI
-    not after it, or either is critical: then the template does not know this layout."""
-    extensions = list(cert.extensions)
-    oids = [e.oid for e in extensions]
-    if (oids.count(ExtensionOID.SUBJECT_ALTERNATIVE_NAME) != 1
-            or oids.count(ExtensionOID.SUBJECT_KEY_IDENTIFIER) != 1
-            or oids[0] != ExtensionOID.SUBJECT_ALTERNATIVE_NAME):
-        return None
-    ski = oids.index(ExtensionOID.SUBJECT_KEY_IDENTIFIER)
-    if extensions[0].critical or extensions[ski].critical:
-        return None
-    return extensions[1:ski], extensions[ski + 1:]
-
-
-def _naive_utc(moment: dt.datetime) -> dt.datetime:
-    if moment.tzinfo is None:
-        return moment
-    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return data[bits[1] + 1:]
 
 
 def server_certificate(

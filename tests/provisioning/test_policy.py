@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
 
+from provisioning import der
+from provisioning.policy import CSRContext, check, signature_valid
 from tests.provisioning.conftest import TRUST_DOMAIN, CliResult
-from tests.provisioning.csrs import make_csr, make_key, tamper
+from tests.provisioning.csrs import PrivateKey, make_csr, make_key, tamper
 
 SPIFFE = f"spiffe://{TRUST_DOMAIN}/device/dev-1"
 
@@ -45,6 +53,9 @@ BAD: dict[str, tuple[Callable[[Path], bytes], str]] = {
                 "san-mismatch: SAN DNS 'gateway.example.com' contradicts CN 'dev-1'"),
     "san-email": (lambda _: make_csr(san=[x509.RFC822Name("a@b.c")]),
                   "san-mismatch: SAN entry"),
+    "subject-not-utf8": (lambda _: _request(make_key(), der.sequence(
+        _rdn(CN, 0x0C, b"dev-\xff"))).public_bytes(Encoding.PEM),
+                         "bad-cn: subject cannot be read: error parsing asn1 value"),
     "empty": (lambda _: b"", "empty file"),
     "whitespace": (lambda _: b"  \n\n", "empty file"),
     "text": (lambda _: b"hello, I am not a CSR\n", "not a CSR: text"),
@@ -155,3 +166,111 @@ def test_bad_manifest_is_a_usage_error_naming_the_line(pki_dir: Path, tmp_path: 
                           f"(want [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, 1-64 characters) "
                           f"({manifest})\n")
     assert not (pki_dir / "certs").exists() or not any((pki_dir / "certs").iterdir())
+
+
+# -- the policy's own reading of the request's DER ---------------------------------------------
+
+
+def _request(key: PrivateKey, subject: bytes, spki: bytes | None = None,
+             algorithm: hashes.HashAlgorithm | None = None) -> x509.CertificateSigningRequest:
+    """A CSR with this exact subject Name (and SubjectPublicKeyInfo) DER, signed by *key*:
+    what cryptography's builder would not write."""
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    spki = spki or key.public_key().public_bytes(Encoding.DER,
+                                                 PublicFormat.SubjectPublicKeyInfo)
+    info = der.sequence(der.integer(0), subject, spki, der.explicit(0, b""))
+    algorithm = algorithm or hashes.SHA256()
+    oids = {"sha256": "1.2.840.10045.4.3.2", "sha384": "1.2.840.10045.4.3.3"}
+    signature = key.sign(info, ec.ECDSA(algorithm))
+    return x509.load_der_x509_csr(der.sequence(info, der.sequence(der.oid(oids[algorithm.name])),
+                                               der.bit_string(signature)))
+
+
+def _rdn(oid: str, tag: int, value: bytes) -> bytes:
+    return der.set_of(der.sequence(der.oid(oid), der.tlv(tag, value)))
+
+
+CN, ORG, COUNTRY = "2.5.4.3", "2.5.4.10", "2.5.4.6"
+SUBJECTS = {
+    "cn": [_rdn(CN, 0x0C, b"dev-1")],
+    "o-cn": [_rdn(ORG, 0x0C, b"Factory"), _rdn(CN, 0x0C, b"dev-1")],
+    "c-o-cn-printable": [_rdn(COUNTRY, 0x13, b"DE"), _rdn(ORG, 0x13, b"Factory"),
+                         _rdn(CN, 0x13, b"dev-1")],
+    "cn-ia5": [_rdn(CN, 0x16, b"dev-1")],
+    "two-cns": [_rdn(CN, 0x0C, b"dev-1"), _rdn(CN, 0x0C, b"dev-2")],
+    "none": [],
+    "no-cn": [_rdn(ORG, 0x0C, b"Factory")],
+    "cn-utf8-text": [_rdn(CN, 0x0C, "gerät-1".encode())],
+    "cn-too-long": [_rdn(CN, 0x0C, b"d" * 65)],
+    "cn-empty": [_rdn(CN, 0x0C, b"")],
+    # left to cryptography:
+    "cn-bmp": [_rdn(CN, 0x1E, "dev-1".encode("utf-16-be"))],
+    "cn-universal": [_rdn(CN, 0x1C, "dev-1".encode("utf-32-be"))],
+    "cn-t61": [_rdn(CN, 0x14, b"dev-1")],
+    "multi-valued-rdn": [der.set_of(der.sequence(der.oid(CN), der.tlv(0x0C, b"dev-1")),
+                                    der.sequence(der.oid(ORG), der.tlv(0x0C, b"Factory")))],
+    "o-not-utf8": [_rdn(ORG, 0x0C, b"\xff\xfe"), _rdn(CN, 0x0C, b"dev-1")],
+    "cn-not-utf8": [_rdn(CN, 0x0C, b"dev-\xff")],
+}
+
+
+def _cryptographys(csr: x509.CertificateSigningRequest) -> list[str] | ValueError:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            attrs = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        return exc
+    return [str(a.value) for a in attrs]
+
+
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_common_names_are_cryptographys(name: str) -> None:
+    """The CNs the policy reads from the request's DER are the ones cryptography's subject
+    gives, for every subject form; where cryptography raises, so does the policy."""
+    csr = _request(make_key(), der.sequence(*SUBJECTS[name]))
+    ctx = CSRContext(csr, TRUST_DOMAIN, None)
+    want = _cryptographys(csr)
+    if isinstance(want, ValueError):
+        with pytest.raises(ValueError, match=re.escape(str(want))):
+            _ = ctx.common_names
+    else:
+        assert ctx.common_names == want
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa2048", "p256-compressed"])
+def test_spki_der_is_cryptographys_and_the_signature_is_checked_alike(kind: str) -> None:
+    """The SubjectPublicKeyInfo the issuer hashes and puts in the certificate is the one
+    public_bytes writes, also for a CSR that sends its point compressed; the signature
+    check agrees with is_signature_valid, for good and for broken signatures."""
+    subject = der.sequence(_rdn(CN, 0x0C, b"dev-1"))
+    key = make_key(kind.removesuffix("-compressed"))
+    if kind == "p256-compressed":
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        point = key.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+        spki = der.sequence(der.sequence(der.oid(der.ID_EC_PUBLIC_KEY), der.oid(der.SECP256R1)),
+                            der.bit_string(point))
+        csr = _request(key, subject, spki)
+    else:
+        csr = x509.load_pem_x509_csr(make_csr(key=key))
+    ctx = CSRContext(csr, TRUST_DOMAIN, None)
+    want = csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    assert ctx.spki_der == want
+    assert csr.is_signature_valid
+    assert check(ctx) is None
+    # the same request with its signature broken: flipped bits, or not even DER
+    whole = csr.public_bytes(Encoding.DER)
+    for broken in (whole[:-1] + bytes([whole[-1] ^ 1]),
+                   whole[:-8] + b"\x30\x06\x02\x01\x01\x02\x01\x01"):
+        bad = x509.load_der_x509_csr(broken)
+        assert not bad.is_signature_valid
+        rejection = signature_valid(CSRContext(bad, TRUST_DOMAIN, None))
+        assert str(rejection) == "bad-signature: CSR signature does not verify"
+
+
+def test_other_signature_algorithms_are_left_to_cryptography() -> None:
+    """A P-256 key signing with ECDSA-SHA384 is checked by is_signature_valid, and passes."""
+    key = make_key()
+    csr = _request(key, der.sequence(_rdn(CN, 0x0C, b"dev-1")), algorithm=hashes.SHA384())
+    assert csr.signature_algorithm_oid.dotted_string == "1.2.840.10045.4.3.3"
+    assert check(CSRContext(csr, TRUST_DOMAIN, None)) is None

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import datetime as dt
+import random
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
+from provisioning.pki import IssuingCA
 from provisioning.profile import (
     DeviceTemplate,
+    IssuablePublicKey,
+    certificate_pem,
     device_certificate,
     key_identifier,
     random_serial,
@@ -146,28 +157,107 @@ def test_output_file_is_certificate_then_issuing_ca(authority: Authority,
     assert certs[1] == authority.ca.cert
 
 
+# Serials the template must encode as the builder does: the smallest, one octet below and at
+# the sign bit (a leading 0x00), whole octets with the top bit set, the largest allowed.
+EDGE_SERIALS = [1, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 2**63, 2**64 - 1, 2**158,
+                2**159 - 1]
+
+
+def _serials(count: int) -> list[int]:
+    """Random serials of every octet length from 1 to 20, half of them with the top bit of
+    their first octet set, and the edge cases."""
+    rng = random.Random(5280)
+    serials = list(EDGE_SERIALS)
+    for i in range(count):
+        bits = 1 + i % 159
+        serial = rng.getrandbits(bits) | 1 << (bits - 1)  # exactly *bits* long
+        serials.append(serial)
+    return serials
+
+
+def _template(ca: IssuingCA, config: PKIConfig) -> tuple[DeviceTemplate, dt.datetime,
+                                                          dt.datetime]:
+    not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
+    return DeviceTemplate(ca, config, not_before, not_after), not_before, not_after
+
+
+@pytest.fixture(scope="module")
+def device_keys() -> dict[str, IssuablePublicKey]:
+    """One key of every issued type (RSA keys are slow to make)."""
+    return {kind: make_key(kind).public_key()  # type: ignore[misc]
+            for kind in ("p256", "p384", "rsa2048", "ed25519")}
+
+
 @pytest.mark.parametrize("urls", [False, True])
-def test_template_builds_what_device_certificate_builds(tmp_path: Path, urls: bool) -> None:
-    """The batch's DeviceTemplate and device_certificate make the same TBS, byte for byte."""
+def test_template_builds_what_device_certificate_builds(
+        tmp_path: Path, urls: bool, device_keys: dict[str, IssuablePublicKey],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's DeviceTemplate and device_certificate make the same TBS, byte for byte:
+    many serials (short ones, ones whose top bit forces a leading 0x00, the largest), device
+    ids of 1 and 64 characters, P-256, P-384, RSA-2048 and Ed25519 device keys, with and
+    without CRL and OCSP URLs. Every certificate verifies with the issuing CA's key, and all
+    but the first are encoded by the template, not built by cryptography."""
+    from provisioning import profile
+
     root = tmp_path / "pki"
     extra = {"crl_url": "http://ca.test/crl", "ocsp_url": "http://ca.test/ocsp"} if urls else {}
     initialize(root, PKIConfig(trust_domain=TRUST_DOMAIN, organisation=ORG, **extra), None)
+    built = []
+    original = profile.device_certificate
+
+    def counting(*args: Any) -> x509.Certificate:
+        built.append(args[2])
+        return original(*args)
+
+    monkeypatch.setattr(profile, "device_certificate", counting)
+    ids = ["a", "d" * 64, "Z9", "sensor-0001", "x.y_z-0", "7" * 63]
     with Authority(root) as authority:
         ca, config = authority.ca, authority.config
-        not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
-        template = DeviceTemplate(ca, config, not_before, not_after)
-        for i, kind in enumerate(("p256", "p384", "ed25519", "rsa2048", "p256")):
-            key = make_key(kind).public_key()
-            serial = random_serial()
-            device_id = f"tmpl-{i}.{kind}"
-            der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-            made = template.certificate(device_id, key, serial,  # type: ignore[arg-type]
-                                        der if i % 2 else None)
-            want = device_certificate(ca, config, device_id, key,  # type: ignore[arg-type]
-                                      serial, not_before, not_after)
-            assert made.tbs_certificate_bytes == want.tbs_certificate_bytes
+        template, not_before, not_after = _template(ca, config)
+        for i, serial in enumerate(_serials(160)):
+            kind = ("p256", "p384", "rsa2048", "ed25519")[i % 4]
+            key = device_keys[kind]
+            device_id = ids[i % len(ids)]
+            spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            if i % 3:
+                made = template.certificate(device_id, key, serial, spki if i % 2 else None)
+                made_der = made.public_bytes(Encoding.DER)
+            else:
+                made_der = template.certificate_der(device_id, key, serial,
+                                                    spki if i % 2 else None)
+                made = x509.load_der_x509_certificate(made_der)
+            want = original(ca, config, device_id, key, serial, not_before, not_after)
+            assert made.tbs_certificate_bytes == want.tbs_certificate_bytes, (serial, kind)
+            assert made_der == made.public_bytes(Encoding.DER)
+            assert made.serial_number == serial
+            assert made.signature_algorithm_oid == want.signature_algorithm_oid
             made.verify_directly_issued_by(ca.cert)
         assert template._layout is not None  # later certificates did use the template
+        assert built == ["a"]  # only the first was built by cryptography
+
+
+def test_template_refuses_what_the_builder_refuses(authority: Authority) -> None:
+    """Serials that are not positive or not below 2^159, and a CN over 64 characters, are
+    errors from the template as from device_certificate; ids that are not device ids are
+    built by device_certificate."""
+    ca, config = authority.ca, authority.config
+    template, not_before, not_after = _template(ca, config)
+    key = make_key().public_key()
+    template.certificate("first", key, random_serial())  # type: ignore[arg-type]
+    assert template._layout is not None
+    for serial in (0, -1, 2**159, 2**160):
+        with pytest.raises(ValueError, match="serial"):
+            template.certificate_der("dev", key, serial)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="serial"):
+            device_certificate(ca, config, "dev", key,  # type: ignore[arg-type]
+                               serial, not_before, not_after)
+    with pytest.raises(ValueError, match="length"):
+        template.certificate("d" * 65, key, random_serial())  # type: ignore[arg-type]
+    serial = random_serial()
+    odd = template.certificate("not a device id", key, serial)  # type: ignore[arg-type]
+    want = device_certificate(ca, config, "not a device id", key,  # type: ignore[arg-type]
+                              serial, not_before, not_after)
+    assert odd.tbs_certificate_bytes == want.tbs_certificate_bytes
 
 
 @pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa2048"])
@@ -182,15 +272,25 @@ def test_key_identifier_from_der_is_cryptographys(kind: str) -> None:
         assert key_identifier(key, broken) == want  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("part", ["version", "middle", "subject_head", "uri_prefix",
+                                  "extensions_head", "extensions_tail",
+                                  "signature_algorithm"])
 def test_template_that_would_build_otherwise_is_not_used(
-        authority: Authority, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A template whose build differs from device_certificate's falls back to it."""
+        authority: Authority, monkeypatch: pytest.MonkeyPatch, part: str) -> None:
+    """A template whose bytes differ from device_certificate's in any part falls back to
+    it: every certificate is then built by cryptography, and still the profile's."""
     from provisioning import profile
 
-    monkeypatch.setattr(profile, "_fixed_extensions", lambda cert: ([], []))  # loses EKU...
+    cut = profile._cut
+
+    def damaged(whole: bytes, config: PKIConfig) -> object:
+        layout = cut(whole, config)
+        assert layout is not None
+        return dataclasses.replace(layout, **{part: getattr(layout, part)[:-1]})
+
+    monkeypatch.setattr(profile, "_cut", damaged)
     ca, config = authority.ca, authority.config
-    not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
-    template = DeviceTemplate(ca, config, not_before, not_after)
+    template, not_before, not_after = _template(ca, config)
     for i in range(3):
         key = make_key().public_key()
         serial = random_serial()
@@ -198,4 +298,74 @@ def test_template_that_would_build_otherwise_is_not_used(
         want = device_certificate(ca, config, f"d{i}", key,  # type: ignore[arg-type]
                                   serial, not_before, not_after)
         assert made.tbs_certificate_bytes == want.tbs_certificate_bytes
+        made.verify_directly_issued_by(ca.cert)
     assert template._layout is None
+
+
+def test_template_is_not_used_for_an_issuing_key_that_is_not_ec(tmp_path: Path) -> None:
+    """The template signs with ECDSA-SHA256 only; an RSA issuing CA gets device_certificate
+    (sha256WithRSAEncryption) for every certificate."""
+    key = make_key("rsa2048")
+    assert isinstance(key, rsa.RSAPrivateKey)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RSA Issuing CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(random_serial())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    ca = IssuingCA(cert=cert, key=key)  # type: ignore[arg-type]
+    template, _, _ = _template(ca, PKIConfig(trust_domain=TRUST_DOMAIN, organisation=ORG))
+    for i in range(2):
+        made = template.certificate(f"r{i}", make_key().public_key(),  # type: ignore[arg-type]
+                                    random_serial())
+        made.verify_directly_issued_by(cert)
+        assert made.signature_algorithm_oid == SignatureAlgorithmOID.RSA_WITH_SHA256
+    assert template._layout is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary required")
+def test_openssl_accepts_a_template_certificate(authority: Authority, pki_dir: Path,
+                                                tmp_path: Path) -> None:
+    """``openssl x509 -text`` reads and ``openssl verify`` accepts a certificate the template
+    encoded (the second of its template), with the profile's fields."""
+    ca, config = authority.ca, authority.config
+    template, _, _ = _template(ca, config)
+    template.certificate("first", make_key().public_key(),  # type: ignore[arg-type]
+                         random_serial())
+    serial = 0x80 << 150  # top bit set: a leading 0x00 in the INTEGER
+    der = template.certificate_der("sensor-42", make_key("p384").public_key(),  # type: ignore[arg-type]
+                                   serial)
+    assert template._layout is not None
+    path = tmp_path / "sensor-42.pem"
+    path.write_text(certificate_pem(der))
+    verify = subprocess.run(["openssl", "verify", "-purpose", "sslclient", "-CAfile",
+                             str(pki_dir / "ca-chain.pem"), str(path)],
+                            capture_output=True, text=True, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    text = subprocess.run(["openssl", "x509", "-in", str(path), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"URI:spiffe://{TRUST_DOMAIN}/device/sensor-42" in text
+    assert f"Subject: O={ORG}, CN=sensor-42" in text.replace(" = ", "=")
+    assert f"{serial:x}"[:8] in text.replace(":", "")
+
+
+def test_certificate_pem_is_cryptographys(authority: Authority,
+                                          device_keys: dict[str, IssuablePublicKey]) -> None:
+    """The issuer's PEM from the DER is cryptography's PEM byte for byte, for certificates
+    of every key type (different lengths) and for any length around the 48-octet lines."""
+    ca, config = authority.ca, authority.config
+    template, _, _ = _template(ca, config)
+    for i, key in enumerate(device_keys.values()):
+        cert = template.certificate(f"pem-{i}", key, random_serial())
+        der = cert.public_bytes(Encoding.DER)
+        assert certificate_pem(der) == cert.public_bytes(Encoding.PEM).decode("ascii")
+    for size in [*range(1, 100), 480, 481, 527, 528]:
+        data = bytes(range(256)) * 3
+        text = base64.b64encode(data[:size]).decode("ascii")
+        lines = "".join(text[i:i + 64] + "\n" for i in range(0, len(text), 64))
+        assert certificate_pem(data[:size]) == (
+            f"-----BEGIN CERTIFICATE-----\n{lines}-----END CERTIFICATE-----\n")

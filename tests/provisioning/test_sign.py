@@ -7,10 +7,15 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
+from provisioning.authority import Authority
+from provisioning.csr import CSRInput
+from provisioning.issuer import Issuer, SignOptions, serial_hex
 from tests.provisioning.conftest import CliResult
 from tests.provisioning.csrs import make_csr, make_key
 
@@ -167,3 +172,77 @@ def test_output_files_are_written_whole_and_replace_older_ones(
         assert (out / f"{name}.pem").read_bytes() == f"PEM of {name}\nCHAIN\n".encode()
         assert (out / f"{name}.pem").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in out.iterdir()) == ["new.pem", "old.pem", "stale.pem"]
+
+
+def _registry_agrees(authority: Authority, out: Path) -> dict[str, str]:
+    """Every certificate row's fingerprint and PEM are the certificate's own, each device's
+    file is its newest PEM plus the chain, each issue event names a row, and the chain
+    verifies; returns device id -> newest serial."""
+    conn = authority.registry.conn
+    rows = conn.execute("SELECT serial, device_id, fingerprint, pem FROM certificates "
+                        "ORDER BY rowid").fetchall()
+    newest = {}
+    for serial, device_id, fingerprint, pem in rows:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        assert serial_hex(cert.serial_number) == serial
+        assert fingerprint == cert.fingerprint(hashes.SHA256()).hex()
+        assert pem == cert.public_bytes(serialization.Encoding.PEM).decode()
+        cert.verify_directly_issued_by(authority.ca.cert)
+        newest[device_id] = pem
+    for device_id, pem in newest.items():
+        assert (out / f"{device_id}.pem").read_bytes() == pem.encode() + authority.ca.chain_pem
+    events = sorted(s for (s,) in conn.execute(
+        "SELECT serial FROM events WHERE action = 'certificate.issue'"))
+    assert events == sorted(serial for serial, *_ in rows)
+    assert authority.registry.verify_audit().ok
+    return {device_id: serial for serial, device_id, *_ in rows}  # the newest wins
+
+
+def test_serial_collision_is_reminted_and_never_reused(
+        authority: Authority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A serial taken already, in the registry or earlier in the same chunk, fails the
+    chunk's one INSERT statement: the chunk is rolled back whole and decided again row by
+    row, re-minting each colliding certificate with a fresh serial before its audit event
+    and file name it. Every serial stays unique and registry, files and audit agree."""
+    from provisioning import issuer as issuer_module
+
+    out = tmp_path / "out"
+    [first] = authority.issuer().sign([CSRInput("t.csr", make_csr(cn="taken"))],
+                                      SignOptions(out_dir=out))
+    taken, twice = int(first.serial or "", 16), 0x5EED_0000_0000_0001
+    queued = [taken, twice, twice]  # the registry's serial, then one serial two times
+    real = issuer_module.random_serial
+    monkeypatch.setattr(issuer_module, "random_serial",
+                        lambda: queued.pop(0) if queued else real())
+    attempts: list[bool] = []
+    commit = issuer_module.Issuer._commit
+
+    def counting(self: Issuer, *args: Any, batched: bool) -> Any:
+        attempts.append(batched)
+        return commit(self, *args, batched=batched)
+
+    monkeypatch.setattr(issuer_module.Issuer, "_commit", counting)
+    results = authority.issuer().sign(
+        [CSRInput(f"{i}.csr", make_csr(cn=f"dev-{i}")) for i in range(4)],
+        SignOptions(out_dir=out))
+    assert attempts == [True, False]  # the batched insert collided; row by row did not
+    assert [r.status for r in results] == ["issued"] * 4
+    serials = [r.serial for r in results]
+    assert first.serial not in serials
+    assert len(set(serials)) == 4
+    assert serials.count(serial_hex(twice)) == 1
+    assert _registry_agrees(authority, out) == {
+        "taken": first.serial, **{r.device_id: r.serial for r in results}}
+
+
+def test_renewing_twice_in_one_chunk_supersedes_the_chunks_own_certificate(
+        authority: Authority, tmp_path: Path) -> None:
+    """Two new keys for one device in one --renew batch: the second supersedes the first,
+    whose row the chunk has not inserted yet when the second is decided."""
+    out = tmp_path / "out"
+    csrs = [CSRInput(f"{i}.csr", make_csr(cn="dev-2x", key=make_key())) for i in range(2)]
+    results = authority.issuer().sign(csrs, SignOptions(out_dir=out, renew=True))
+    assert [r.status for r in results] == ["issued", "issued"]
+    statuses = dict(authority.registry.conn.execute("SELECT serial, status FROM certificates"))
+    assert statuses == {results[0].serial: "superseded", results[1].serial: "active"}
+    _registry_agrees(authority, out)
