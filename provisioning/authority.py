@@ -47,6 +47,11 @@ class Authority:
         self._passphrase = passphrase
         self.actor = actor or operator()
 
+    @property
+    def passphrase(self) -> bytes | None:
+        """What opens the issuing key: a worker process opens the same PKI with it."""
+        return self._passphrase
+
     def close(self) -> None:
         self.registry.close()
 

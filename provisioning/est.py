@@ -13,9 +13,10 @@ TLS always; a client certificate is requested but optional, verified against ca-
 signed, and relying parties fetch them without trusting a TLS server first (RFC 5280 4.2.1.13
 and RFC 6960 appendix A use http URLs for that reason).
 
-Handlers never block: everything that touches SQLite or the CA key runs on the worker thread
-(:mod:`provisioning.est_worker`); scrypt for a new token secret runs in a thread as well.
-Every request is audited in the registry's hash chain by the middleware, who/what/result.
+Handlers never block: everything that touches SQLite or the CA key runs in the worker process
+(:mod:`provisioning.est_worker`), so HTTP and signing use two cores; scrypt for a new token
+secret runs in a thread. Every request is audited in the registry's hash chain by the
+middleware, who/what/result. If the worker process dies, requests get 503, not a hang.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from provisioning.errors import UsageError
 from provisioning.est_worker import (
     ANONYMOUS,
     CERTS_ONLY,
+    LOG_FORMAT,
     SERVICE_ACTOR,
     AuditEvent,
     CertAuth,
@@ -57,6 +59,7 @@ from provisioning.est_worker import (
     Statistics,
     TokenAuth,
     Worker,
+    WorkerGone,
     b64_body,
     certs_only,
     decode_base64,
@@ -182,7 +185,7 @@ class EnrollmentService:
                 await runner.cleanup()
         self._runner = self._plain_runner = None
         if self._worker is not None:
-            await asyncio.to_thread(self._worker.stop)
+            await self._worker.stop()
 
     def _app(self, *, est: bool) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._audited])
@@ -210,6 +213,9 @@ class EnrollmentService:
             response = _text(exc.status, exc.reason, {k: v for k, v in exc.headers.items()
                                                       if k.lower() == "allow"})
             note.result = note.result or "refused"
+        except WorkerGone as exc:  # logged once, when the worker process went away
+            response = _text(503, "the CA worker is gone; try again later")
+            note.result, note.reason = "error", str(exc)
         except asyncio.CancelledError:
             note.result, note.reason = "cancelled", "the client went away"
             self._record(request, note, 499)
@@ -517,7 +523,7 @@ def run(service: EnrollmentService, host: str, port: int,
     supervisors wait for it instead of sleeping.
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="fleet-provision serve: %(message)s")
+                        format=LOG_FORMAT)
 
     def announce(urls: list[str]) -> None:
         sys.stderr.write(f"fleet-provision serve: listening on {' '.join(urls)}\n")

@@ -1,16 +1,28 @@
-"""The enrollment service's worker thread: the only code that touches SQLite or the CA key.
+"""The enrollment service's worker process: the only code that touches SQLite or the CA key.
 
-The event loop never blocks: a handler puts a job on a queue and awaits a future. The worker
-takes whatever queued up while it was busy as one batch: every enrollment of the batch goes
-through one ``Issuer.sign`` call (one transaction, the same policy, manifest and idempotency
-as ``fleet-provision sign``), and every audit event queued meanwhile is written in one more
-transaction. An idle service answers each request alone, so batching adds no latency; a busy
-one amortises the commits over the batch.
+The event loop never blocks and never signs: a handler sends its job to the worker process
+over a pipe and awaits a future. The worker runs in its own interpreter, so the HTTP loop and
+the signing use two cores instead of sharing one GIL. It takes whatever arrived while it was
+busy as one batch: every enrollment of the batch goes through one ``Issuer.sign`` call (one
+transaction, the same policy, manifest and idempotency as ``fleet-provision sign``), and the
+audit events sent meanwhile are written in that same transaction. Events with no enrollment
+to ride along with wait for the next one, at most ``EVENT_DELAY_SECONDS`` of idleness or
+``CHUNK`` events, then get a commit of their own. The answers of a batch come back as one
+message, settled on the loop with one wake-up; the PKCS#7 reply is built there. An idle
+service answers each request alone, so batching adds no latency; a busy one amortises the
+commits (and their fsync) over the batch.
 
-Token secrets are checked here against the registry's rows, re-read whenever another
+Token secrets are checked in the worker against the registry's rows, re-read whenever another
 connection committed (``PRAGMA data_version``), so ``token revoke`` takes effect for every
 request the worker picks up after it. A secret not seen before comes back as
-:class:`NeedsVerification`: the caller runs scrypt off this thread and asks again.
+:class:`NeedsVerification`: the HTTP process runs scrypt in a thread, tells the worker the
+secret is good (``tokens.remember``) and asks again. The HMAC key of that cache is made by the
+HTTP process and handed to the worker at start, with the CA key's passphrase (over the pipe,
+never on a command line).
+
+A clean stop writes every audit event sent before it. If the worker process dies, every
+waiting and later request fails with :class:`WorkerGone` (503) instead of hanging, and the
+events it could no longer take are written by the HTTP process when the service stops.
 """
 
 from __future__ import annotations
@@ -20,12 +32,20 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import itertools
 import logging
+import os
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -48,6 +68,12 @@ ANONYMOUS = "est:anonymous"
 SERVICE_ACTOR = "est:service"
 CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 HOUSEKEEPING_SECONDS = 30.0
+# Request events wait this long for the next signing transaction to ride along with, rather
+# than paying a commit (an fsync) of their own; an idle worker then writes them on their own.
+EVENT_DELAY_SECONDS = 0.05
+LOG_FORMAT = "fleet-provision serve: %(message)s"
+START_SECONDS = 60.0  # the worker imports, opens the registry and loads the CA key
+STOP_SECONDS = 30.0  # to write the last audit events before it is terminated
 
 
 # -- what handlers submit ------------------------------------------------------------------
@@ -169,74 +195,389 @@ def _text(status: int, message: str, *, actor: str = ANONYMOUS, result: str,
                  serial, result, reason or message)
 
 
-def _settle(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    """On the loop: hand each waiting handler its answer (one wake-up for a whole batch)."""
-    for fut, value in answers:
-        if fut.done():  # the client went away and the handler was cancelled
-            continue
-        if isinstance(value, BaseException):
-            fut.set_exception(value)
-        else:
-            fut.set_result(value)
+class WorkerGone(Exception):  # noqa: N818  (a state, not a failed call)
+    """The worker process is gone: requests get 503 until the service is restarted."""
 
 
-_Item = tuple[Any, "asyncio.Future[Any] | None"]
+class WorkerError(Exception):
+    """A job failed in the worker process (a bug there): that request gets 500."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A job's exception, as text: exceptions need not survive pickling."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class _Issued:
+    """A certificate for the HTTP process to wrap: the PKCS#7 reply is built there, so the
+    worker, the busier of the two, spends its time on signing."""
+
+    pem: str = field(repr=False)
+    actor: str
+    device_id: str | None
+    serial: str | None
+    result: str
+
+    def reply(self) -> Reply:
+        cert = x509.load_pem_x509_certificate(self.pem.encode("ascii"))
+        return Reply(200, certs_only([cert]), CERTS_ONLY,
+                     (("Content-Transfer-Encoding", "base64"),), self.actor, self.device_id,
+                     self.serial, self.result)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What the worker process needs to open the same PKI as the HTTP process."""
+
+    root: Path
+    passphrase: bytes | None = field(repr=False)
+    actor: str
+    manifest: frozenset[str] | None
+    token_key: bytes = field(repr=False)
+    log_level: int
+
+
+# Messages from the HTTP process, sent as lists (everything queued in one loop iteration):
+#   ("job", id, job)  ("audit", event)  ("remember", name, stored_hash, mac)  ("stop",)
+# and from the worker, one at a time:
+#   ("ready",)  ("failed", message)  ("done", [(id, answer), ...], statistics)
+#   ("stopped", statistics)
+
+
+class RemoteTokens:
+    """The HTTP process's side of the worker's :class:`TokenBook`: the same HMAC key."""
+
+    def __init__(self, key: bytes, post: Callable[[tuple[Any, ...]], None]) -> None:
+        self._book = TokenBook(key)
+        self._post = post
+
+    def mac(self, name: str, secret: str) -> bytes:
+        return self._book.mac(name, secret)
+
+    def remember(self, name: str, stored_hash: str, mac: bytes) -> None:
+        """Tell the worker a secret passed scrypt; it arrives before any later job."""
+        self._post(("remember", name, stored_hash, mac))
 
 
 class Worker:
-    """Owns the :class:`Authority` (registry connection and CA key) on one thread."""
+    """The loop's handle on the worker process that owns the :class:`Authority`.
+
+    Every method runs on the event loop's thread.
+    """
 
     def __init__(self, authority: Authority, manifest: frozenset[str] | None,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.authority = authority
-        self.tokens = TokenBook()
+        self._loop = loop
+        key = os.urandom(32)
+        self.tokens = RemoteTokens(key, self._post)
+        self._setup = _Setup(authority.paths.root, authority.passphrase, authority.actor,
+                             manifest, key, logging.getLogger().getEffectiveLevel())
+        parent_end, self._child_end = socket.socketpair()
+        self._conn = Connection(parent_end.detach())
+        self._process: subprocess.Popen[bytes] | None = None
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count()
+        self._outbox: list[tuple[Any, ...]] = []
+        self._flush_pending = False
+        self._gone: str | None = None  # why the worker no longer takes messages
+        self._stopped: asyncio.Future[None] | None = None
+        self._orphans: list[AuditEvent] = []  # events the worker could no longer take
+        self._statistics = Statistics(0, 0, 0, 0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker process and wait until it has opened the PKI and the CA key."""
+        # A new interpreter (never a fork of one running an event loop with a SQLite
+        # connection), importing only this module: not the caller's __main__ as
+        # multiprocessing's spawn would.
+        fd = self._child_end.fileno()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, package_root, str(fd)], pass_fds=(fd,),
+                stdin=subprocess.DEVNULL)
+        finally:
+            self._child_end.close()  # the worker's end: its exit then reads as EOF here
+        try:
+            trouble = self._handshake()
+        except BaseException:
+            self._abandon("it did not start")
+            raise
+        if trouble is not None:
+            self._abandon(trouble)
+            raise ProvisioningError(trouble)
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        # libuv makes a watched descriptor non-blocking; a Connection then fails with EAGAIN
+        # in the middle of a large message. Readiness still comes from the loop.
+        os.set_blocking(self._conn.fileno(), True)
+
+    def _abandon(self, why: str) -> None:
+        self._gone = why
+        self._conn.close()
+        self._end_process()
+
+    def _handshake(self) -> str | None:
+        """Hand the worker its set-up: None once it is ready, else why it is not."""
+        try:
+            self._conn.send(self._setup)
+            if not self._conn.poll(START_SECONDS):
+                return f"the CA worker did not start within {START_SECONDS:.0f} s"
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            return f"the CA worker exited at start (code {self._exit_code(1)})"
+        return None if message[0] == "ready" else f"the CA worker cannot start: {message[1]}"
+
+    async def stop(self) -> None:
+        """Let the worker finish what it was sent, write the last audit events and exit."""
+        if self._process is None:  # never started
+            self._child_end.close()
+            self._conn.close()
+            return
+        if self._gone is None:
+            self._stopped = self._loop.create_future()
+            self._post(("stop",))
+            self._flush()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._stopped), STOP_SECONDS)
+            except TimeoutError:
+                self._lost(f"it did not stop within {STOP_SECONDS:.0f} s")
+        self._conn.close()  # a worker still running reads EOF: it writes its events and exits
+        await asyncio.to_thread(self._end_process)
+        if self._orphans:
+            await asyncio.to_thread(self._write_orphans)
+
+    def _end_process(self) -> None:
+        if self._process is None:
+            return
+        if self._exit_code(5) is None:  # it ignores SIGTERM: it stops when told, or on EOF
+            log.error("killing the CA worker (pid %s): it did not exit", self._process.pid)
+            self._process.kill()
+            self._process.wait()
+
+    def _exit_code(self, timeout: float) -> int | None:
+        """The worker's exit code once it has exited within *timeout* seconds, else None."""
+        if self._process is None:
+            return None
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _write_orphans(self) -> None:
+        events, self._orphans = self._orphans, []
+        problem = None
+        try:
+            with self.authority.registry.write(SERVICE_ACTOR) as tx:
+                _write_events(tx, events)
+        except ProvisioningError as exc:
+            problem = exc
+        if problem is not None:
+            log.error("%d audit events lost: %s", len(events), problem)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def submit(self, job: EnrollJob | OCSPJob | CRLJob) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        if self._gone is not None:
+            fut.set_exception(WorkerGone(f"the CA worker is gone: {self._gone}"))
+            return fut
+        job_id = next(self._ids)
+        self._futures[job_id] = fut
+        self._post(("job", job_id, job))
+        return fut
+
+    def audit(self, event: AuditEvent) -> None:
+        """Send an event; it is written with the next batch (or on stop)."""
+        if self._gone is not None:
+            self._orphans.append(event)
+        else:
+            self._post(("audit", event))
+
+    def statistics(self) -> Statistics:
+        """The worker's counters as it last reported them (final after :meth:`stop`)."""
+        return self._statistics
+
+    # -- the pipe ----------------------------------------------------------------------------
+
+    def _post(self, message: tuple[Any, ...]) -> None:
+        """Queue a message; everything queued in one loop iteration goes in one write."""
+        self._outbox.append(message)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        messages, self._outbox = self._outbox, []
+        if not messages:
+            return
+        if self._gone is not None:
+            self._orphans.extend(m[1] for m in messages if m[0] == "audit")
+            return
+        try:
+            # The worker reads its pipe on a thread of its own, so this never waits long.
+            self._conn.send(messages)
+        except OSError as exc:
+            self._orphans.extend(m[1] for m in messages if m[0] == "audit")
+            self._lost(f"cannot write to it: {exc}")
+
+    def _on_readable(self) -> None:
+        try:
+            while self._gone is None and self._conn.poll():
+                self._receive(self._conn.recv())
+        except (EOFError, OSError):
+            self._lost("it exited")
+        except Exception as exc:  # a message that cannot be read: never leave requests hanging
+            log.exception("unreadable message from the CA worker")
+            self._lost(f"unreadable message: {exc}")
+
+    def _receive(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "done":
+            _, answers, self._statistics = message
+            for job_id, answer in answers:
+                fut = self._futures.pop(job_id, None)
+                if fut is None or fut.done():  # the client went away, the handler is gone
+                    continue
+                if isinstance(answer, _Failed):
+                    fut.set_exception(WorkerError(answer.message))
+                elif isinstance(answer, _Issued):
+                    try:
+                        fut.set_result(answer.reply())
+                    except ValueError as exc:  # a bug: fail this request only
+                        fut.set_exception(WorkerError(f"cannot wrap the certificate: {exc}"))
+                else:
+                    fut.set_result(answer)
+        elif kind == "stopped":
+            self._statistics = message[1]
+            self._lost("stopped", failure=False)
+
+    def _lost(self, why: str, *, failure: bool = True) -> None:
+        """No more messages either way: fail what is waiting, keep later events for stop."""
+        if self._gone is not None:
+            return
+        self._gone = why
+        self._loop.remove_reader(self._conn.fileno())
+        if failure:
+            code = self._exit_code(0.1)
+            log.error("the CA worker is gone (%s%s): requests get 503 until serve is "
+                      "restarted", why, "" if code is None else f", exit code {code}")
+        error = WorkerGone(f"the CA worker is gone: {why}")
+        futures, self._futures = self._futures, {}
+        for fut in futures.values():
+            if not fut.done():
+                fut.set_exception(error)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+
+# -- the worker process ----------------------------------------------------------------------
+
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from provisioning.est_worker import worker_main; worker_main(int(sys.argv[2]))")
+
+
+def worker_main(fd: int) -> None:
+    """The worker process: open the PKI as the HTTP process did, then serve its jobs."""
+    conn = Connection(fd)
+    # The HTTP process decides when to stop (Ctrl-C reaches the whole process group), and
+    # it tells the worker, which then writes the last audit events.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        setup: _Setup = conn.recv()
+    except (EOFError, OSError):
+        return
+    logging.basicConfig(level=setup.log_level, stream=sys.stderr, format=LOG_FORMAT)
+    try:
+        authority = Authority(setup.root, setup.passphrase, actor=setup.actor)
+        try:
+            _ = authority.ca
+            engine = _Engine(authority, setup.manifest, TokenBook(setup.token_key), conn)
+        except BaseException:
+            authority.close()
+            raise
+    except Exception as exc:  # noqa: BLE001  (told to the HTTP process, which exits with it)
+        conn.send(("failed", str(exc) or type(exc).__name__))
+        return
+    with authority:
+        conn.send(("ready",))
+        engine.run()
+
+
+_Item = tuple[Any, "int | None"]  # (job, its id) or (audit event, None)
+
+
+class _Engine:
+    """The worker process's batches: the registry connection and the CA key live here."""
+
+    def __init__(self, authority: Authority, manifest: frozenset[str] | None,
+                 tokens: TokenBook, conn: Connection) -> None:
+        self.authority = authority
+        self.tokens = tokens
         self._issuer = authority.issuer()
         self._conn = authority.registry.conn
+        self._pipe = conn
         self._manifest = manifest
         self._stations = frozenset(authority.config.station_groups)
         self._responder = Responder(authority.ca, self._status_of)
-        self._loop = loop
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="est-worker", daemon=True)
         self._events: list[AuditEvent] = []
         self._crl: CRLSnapshot | None = None
         self._crl_key: tuple[int, int, int] | None = None
         self._last_housekeeping = 0.0
         self._batches = self._jobs = self._largest = self._signed = 0
+        self._parent_gone = False
         self.tokens.refresh(self._conn)
-
-    # -- the loop side ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Finish what is queued, write the last audit events, end the thread."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def submit(self, job: EnrollJob | OCSPJob | CRLJob) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((job, fut))
-        return fut
-
-    def audit(self, event: AuditEvent) -> None:
-        """Queue an event; it is written with the next batch (or on stop)."""
-        self._queue.put((event, None))
 
     def statistics(self) -> Statistics:
         return Statistics(self._batches, self._jobs, self._largest, self._signed)
 
-    # -- the thread ------------------------------------------------------------------------
+    # -- the pipe ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _read(self) -> None:
+        """A thread that always drains the pipe, so the HTTP process never waits on a write."""
+        try:
+            while True:
+                for message in self._pipe.recv():
+                    kind = message[0]
+                    if kind == "job":
+                        self._queue.put((message[2], message[1]))
+                    elif kind == "audit":
+                        self._queue.put((message[1], None))
+                    elif kind == "remember":
+                        self.tokens.remember(*message[1:])
+                    else:  # stop
+                        self._queue.put(None)
+                        return
+        except (EOFError, OSError):  # the HTTP process is gone: write what came, then exit
+            self._queue.put(None)
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        if self._parent_gone:
+            return
+        try:
+            self._pipe.send(message)
+        except OSError as exc:
+            log.warning("the HTTP process is gone (%s): writing the last audit events", exc)
+            self._parent_gone = True
+
+    def run(self) -> None:
+        threading.Thread(target=self._read, name="est-worker-pipe", daemon=True).start()
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=HOUSEKEEPING_SECONDS)
+                first = self._queue.get(
+                    timeout=EVENT_DELAY_SECONDS if self._events else HOUSEKEEPING_SECONDS)
             except queue.Empty:
-                self._housekeeping()
+                self._flush_events()
+                if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
+                    self._housekeeping()
                 continue
             batch: list[_Item] = []
             item: _Item | None = first
@@ -255,41 +596,44 @@ class Worker:
                     self._handle(batch)
                 except Exception as exc:  # a bug: fail these requests, keep the worker alive
                     log.exception("enrollment service batch failed")
-                    self._loop.call_soon_threadsafe(
-                        _settle, [(fut, exc) for _, fut in batch if fut is not None])
+                    failed = _Failed(f"{type(exc).__name__}: {exc}")
+                    self._reply(("done", [(job_id, failed) for _, job_id in batch
+                                          if job_id is not None], self.statistics()))
             if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
                 self._housekeeping()
         self._flush_events()
+        self._reply(("stopped", self.statistics()))
 
     def _handle(self, batch: list[_Item]) -> None:
         self._batches += 1
         self._jobs += len(batch)
         self._largest = max(self._largest, len(batch))
-        settled: list[tuple[asyncio.Future[Any], Any]] = []
-        signing: dict[bool, list[tuple[asyncio.Future[Any], _ToSign]]] = {False: [], True: []}
+        settled: list[tuple[int, Any]] = []
+        signing: dict[bool, list[tuple[int, _ToSign]]] = {False: [], True: []}
         try:
             self.tokens.refresh(self._conn)
         except Exception:  # the batch is still answered: each job fails on its own below
             log.exception("cannot re-read enrollment tokens")
-        for job, fut in batch:
-            if fut is None:
+        for job, job_id in batch:
+            if job_id is None:
                 self._events.append(job)
                 continue
             try:
                 answer = self._dispatch(job)
             except Exception as exc:  # one bad job must not take the others down
                 log.exception("enrollment service job failed")
-                answer = exc
+                answer = _Failed(f"{type(exc).__name__}: {exc}")
             if isinstance(answer, _ToSign):
-                signing[answer.job.renew].append((fut, answer))
+                signing[answer.job.renew].append((job_id, answer))
             else:
-                settled.append((fut, answer))
+                settled.append((job_id, answer))
         for renew, group in signing.items():
             if group:
                 settled.extend(self._sign(renew, group))
         if settled:
-            self._loop.call_soon_threadsafe(_settle, settled)
-        self._flush_events()
+            self._reply(("done", settled, self.statistics()))
+        if len(self._events) >= CHUNK:  # else they wait for a transaction or an idle moment
+            self._flush_events()
 
     def _dispatch(self, job: EnrollJob | OCSPJob | CRLJob) -> Any:
         """The answer to one job, or the enrollment to put into this batch's signing."""
@@ -355,8 +699,8 @@ class Worker:
                               actor=actor, device_id=device_id, serial=serial)
         return _Principal(actor)
 
-    def _sign(self, renew: bool, group: list[tuple[asyncio.Future[Any], _ToSign]],
-              ) -> list[tuple[asyncio.Future[Any], Any]]:
+    def _sign(self, renew: bool, group: list[tuple[int, _ToSign]],
+              ) -> list[tuple[int, Any]]:
         operation = "simplereenroll" if renew else "simpleenroll"
         inputs = [CSRInput(f"est:{operation}:{e.job.peer}", e.csr, actor=e.who.actor,
                            renews=e.who.renews) for _, e in group]
@@ -365,19 +709,19 @@ class Worker:
         queued = len(self._events)
 
         def write_events(tx: Transaction) -> None:
-            self._write_events(tx, self._events[:queued])
+            _write_events(tx, self._events[:queued])
 
         try:
             results = self._issuer.sign(inputs, options, in_transaction=write_events)
             del self._events[:queued]
         except ProvisioningError as exc:
             log.warning("enrollment batch failed: %s", exc)
-            return [(fut, _text(503, "the CA registry is unavailable; try again later",
-                                actor=e.who.actor, result="error", reason=str(exc)))
-                    for fut, e in group]
+            return [(job_id, _text(503, "the CA registry is unavailable; try again later",
+                                   actor=e.who.actor, result="error", reason=str(exc)))
+                    for job_id, e in group]
         self._signed += sum(1 for r in results if r.status == "issued")
-        return [(fut, _enrollment_reply(result, e.who))
-                for (fut, e), result in zip(group, results, strict=True)]
+        return [(job_id, _enrollment_reply(result, e.who))
+                for (job_id, e), result in zip(group, results, strict=True)]
 
     # -- revocation status ---------------------------------------------------------------
 
@@ -420,17 +764,16 @@ class Worker:
         events, self._events = self._events, []
         try:
             with self.authority.registry.write(SERVICE_ACTOR) as tx:
-                self._write_events(tx, events)
+                _write_events(tx, events)
         except ProvisioningError as exc:
             log.warning("audit events not written yet (%d kept for the next try): %s",
                       len(events), exc)
             self._events[:0] = events
 
 
-    @staticmethod
-    def _write_events(tx: Transaction, events: list[AuditEvent]) -> None:
-        for e in events:
-            tx.audit(e.time, e.action, e.device_id, e.serial, e.detail, actor=e.actor)
+def _write_events(tx: Transaction, events: list[AuditEvent]) -> None:
+    for e in events:
+        tx.audit(e.time, e.action, e.device_id, e.serial, e.detail, actor=e.actor)
 
 
 def unauthorized(reason: str) -> Reply:
@@ -466,12 +809,9 @@ def _csr_der(body: bytes, who: _Principal) -> bytes | Reply:
     return der
 
 
-def _enrollment_reply(result: SignResult, who: _Principal) -> Reply:
+def _enrollment_reply(result: SignResult, who: _Principal) -> _Issued | Reply:
     if result.status != "rejected" and result.pem is not None:
-        cert = x509.load_pem_x509_certificate(result.pem.encode("ascii"))
-        return Reply(200, certs_only([cert]), CERTS_ONLY,
-                     (("Content-Transfer-Encoding", "base64"),), who.actor, result.device_id,
-                     result.serial, result.status)
+        return _Issued(result.pem, who.actor, result.device_id, result.serial, result.status)
     reason = result.reason or "rejected"
     # A renewal refused because the presented certificate is revoked or held is a 403.
     status = 403 if reason.startswith(("renew-revoked", "renew-on-hold")) else 400

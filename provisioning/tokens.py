@@ -92,11 +92,12 @@ class TokenBook:
     """The service's view of the tokens table plus the secrets already verified.
 
     ``refresh`` and ``check`` run on the thread that owns the registry connection;
-    ``remember`` may run elsewhere (single dict assignments are atomic in CPython).
+    ``remember`` may run elsewhere (single dict assignments are atomic in CPython). *key*
+    is the HMAC key (random by default): another process computes the same ``mac`` with it.
     """
 
-    def __init__(self) -> None:
-        self._key = os.urandom(32)
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key if key is not None else os.urandom(32)
         self._rows: dict[str, TokenRow] = {}
         self._verified: dict[str, tuple[str, bytes]] = {}
         self._version: int | None = None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,6 +417,50 @@ def test_every_request_is_audited_and_the_chain_verifies(tmp_path: Path) -> None
     issue = next(r for r in rows if r[1] == "certificate.issue")
     assert issue[:4] == ("est:token:line9", "certificate.issue", "est-020",
                          serial_hex(cert.serial_number))
+
+
+def _ca_worker(pid: int) -> int:
+    """The pid of serve's CA worker process (started with sys.executable)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    workers = [c for c in children
+               if b"est_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 1, children
+    return workers[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_dead_ca_worker_means_503_not_a_hang(tmp_path: Path) -> None:
+    """SIGKILL the worker process: requests get 503 at once, serve still stops cleanly."""
+    pki = make_pki(tmp_path, ALLOWED)
+    with Authority(pki) as authority:
+        secret = authority.create_token("line3")
+    server = Server(pki)
+    auth = {**PKCS10, "Authorization": basic("line3", secret)}
+    try:
+        issued(request(server, "POST", ENROLL, enroll_body(make_csr(cn="est-030")), auth,
+                       pki=pki))
+        os.kill(_ca_worker(server.proc.pid), signal.SIGKILL)
+        start = time.monotonic()
+        for _ in range(2):  # the one that may race the worker's death, and a later one
+            answer = request(server, "POST", ENROLL, enroll_body(make_csr(cn="est-031")), auth,
+                             pki=pki)
+            assert answer.status == 503, answer.text
+            assert "the CA worker is gone" in answer.text
+        assert request(server, "GET", "/crl", pki=pki).status == 503
+        assert time.monotonic() - start < 10
+        assert request(server, "GET", "/.well-known/est/cacerts", pki=pki).status == 200
+    finally:
+        assert server.stop() == 0
+    assert any("the CA worker is gone" in line for line in server.lines), server.lines
+    verified = fleet_provision("audit", "verify", "--pki", pki)
+    assert verified.returncode == 0, verified.stderr
+    with Authority(pki) as authority:
+        statuses = [json.loads(d)["status"] for a, d in authority.registry.conn.execute(
+            "SELECT action, detail FROM events WHERE action LIKE 'est.%' OR action LIKE 'crl.%'"
+            " ORDER BY id")]
+    # The requests answered while the worker was gone are audited by serve on its way out.
+    assert statuses[-4:] == [503, 503, 503, 200]
 
 
 def test_init_urls_go_into_certificates_enrolled_over_est(tmp_path: Path) -> None:
