@@ -52,6 +52,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from provisioning import der
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.errors import ProvisioningError
@@ -177,15 +178,34 @@ class _ToSign:
     who: _Principal
 
 
-def b64_body(der: bytes) -> bytes:
+def b64_body(data: bytes) -> bytes:
     """Base64 in 64-character lines: what ``openssl base64 -d`` and RFC 2045 readers take."""
-    text = base64.b64encode(der)
-    return b"\n".join(text[i:i + 64] for i in range(0, len(text), 64)) + b"\n"
+    b2a = binascii.b2a_base64  # 48 octets make one 64-character line, "\n" included
+    return b"".join([b2a(data[i:i + 48]) for i in range(0, len(data), 48)]) or b"\n"
 
 
 def certs_only(certs: Iterable[x509.Certificate]) -> bytes:
     """A certs-only CMS SignedData (RFC 7030 4.1.3, 4.2.3), base64 for the wire."""
     return b64_body(pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER))
+
+
+_SIGNED_DATA = der.oid("1.2.840.113549.1.7.2")
+_DATA = der.oid("1.2.840.113549.1.7.1")
+
+
+def certs_only_der(certificate: bytes) -> bytes:
+    """``pkcs7.serialize_certificates([cert], DER)`` for one certificate's DER, without
+    parsing it (every enrollment answers with one; tests/provisioning/test_est.py compares):
+    ContentInfo { signedData, [0] SignedData { version 1, digestAlgorithms {},
+    encapContentInfo { data }, certificates [0] { cert }, signerInfos {} } }."""
+    signed = der.sequence(der.integer(1), der.tlv(der.SET, b""), der.sequence(_DATA),
+                          der.tlv(0xA0, certificate), der.tlv(der.SET, b""))
+    return der.sequence(_SIGNED_DATA, der.explicit(0, signed))
+
+
+def pem_der(pem: str) -> bytes:
+    """The DER inside one PEM block (the text between the BEGIN and END lines)."""
+    return binascii.a2b_base64(pem.split("-----")[2].encode("ascii"))
 
 
 def _text(status: int, message: str, *, actor: str = ANONYMOUS, result: str,
@@ -222,8 +242,7 @@ class _Issued:
     result: str
 
     def reply(self) -> Reply:
-        cert = x509.load_pem_x509_certificate(self.pem.encode("ascii"))
-        return Reply(200, certs_only([cert]), CERTS_ONLY,
+        return Reply(200, b64_body(certs_only_der(pem_der(self.pem))), CERTS_ONLY,
                      (("Content-Transfer-Encoding", "base64"),), self.actor, self.device_id,
                      self.serial, self.result)
 

@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from provisioning import der
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
+from provisioning.est_worker import b64_body, certs_only, certs_only_der, pem_der
 from provisioning.issuer import SignOptions, serial_hex
 from provisioning.profile import device_certificate, random_serial
 from tests.provisioning.conftest import ORG, TRUST_DOMAIN, CliResult, fleet_provision
@@ -539,3 +540,18 @@ def test_certs_only_response_is_what_cryptography_reads(fleet: Fleet) -> None:
     assert [c.public_bytes(serialization.Encoding.PEM) for c in certs] == [
         c.public_bytes(serialization.Encoding.PEM)
         for c in x509.load_pem_x509_certificates((fleet.pki / "ca-chain.pem").read_bytes())]
+
+
+def test_one_certificate_reply_is_cryptographys_bytes(fleet: Fleet) -> None:
+    """The enrollment reply is built from the certificate's DER without parsing it: the
+    same bytes as pkcs7.serialize_certificates, in the same 64-character lines."""
+    for path in ("ca-chain.pem", "issuing-ca.pem", "root-ca.pem"):
+        pem = (fleet.pki / path).read_text()
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        assert pem_der(pem) == cert.public_bytes(serialization.Encoding.DER)
+        assert certs_only_der(pem_der(pem)) == pkcs7.serialize_certificates(
+            [cert], serialization.Encoding.DER)
+        assert b64_body(certs_only_der(pem_der(pem))) == certs_only([cert])
+    assert b64_body(b"") == b"\n"
+    assert b64_body(bytes(48)) == base64.b64encode(bytes(48)) + b"\n"
+    assert b64_body(bytes(49)).count(b"\n") == 2
