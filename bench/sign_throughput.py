@@ -6,8 +6,8 @@ transactions (one per chunk of ``CHUNK`` CSRs), hash-chained audit events and
 PEM CSR, verify its signature, build the device certificate with cryptography's
 CertificateBuilder (``provisioning.profile.device_certificate``, from scratch for every CSR),
 sign, PEM. The batch makes the same certificates (the same TBS bytes) through
-``provisioning.profile.DeviceTemplate``: each chunk's first certificate is built by
-device_certificate, and the template encodes every later one's DER itself from that
+``provisioning.profile.DeviceTemplate``: the first certificate of each minute's validity
+is built by device_certificate, and the template encodes every later one's DER itself from that
 certificate's fixed byte parts and the device's own fields, then signs it, once it has
 proven on the first that it encodes exactly what device_certificate built. The floor keeps
 the per-certificate build it has always timed, so the batch can be faster than the floor.

@@ -83,11 +83,19 @@ class _Window:
     template: DeviceTemplate  # device_certificate for this validity, fixed parts made once
 
 
-def _window(ca: IssuingCA, config: PKIConfig, days: int, now: dt.datetime) -> _Window:
-    not_before, not_after = validity(ca, days, now)
-    # The certificate holds whole seconds; iso() drops the fraction alike.
-    return _Window(iso(now), iso(not_before), iso(not_after),
-                   DeviceTemplate(ca, config, not_before, not_after))
+def _window(ca: IssuingCA, config: PKIConfig, days: int, now: dt.datetime,
+            previous: _Window | None = None) -> _Window:
+    """Validity counts from the minute (DESIGN: back-dated "by a few minutes"), so every
+    chunk of that minute shares the *previous* window's template, proven once: the enrollment
+    service signs many small chunks, and building and proving a template costs about two
+    certificates."""
+    not_before, not_after = validity(ca, days, now.replace(second=0, microsecond=0))
+    if (previous is not None and previous.template.not_before == not_before
+            and previous.template.not_after == not_after):
+        template = previous.template
+    else:
+        template = DeviceTemplate(ca, config, not_before, not_after)
+    return _Window(iso(now), iso(not_before), iso(not_after), template)
 
 
 @dataclass
@@ -133,6 +141,7 @@ class Issuer:
         self.registry = registry
         self.ca = ca
         self.config = config
+        self._window: _Window | None = None  # the last chunk's: its template is reused
 
     def sign(self, inputs: list[CSRInput], options: SignOptions,
              progress: Callable[[list[SignResult]], None] | None = None,
@@ -164,8 +173,9 @@ class Issuer:
                     in_transaction: Callable[[Transaction], None] | None = None,
                     written: list[str] | None = None,
                     ) -> tuple[list[SignResult], list[tuple[str, str]]]:
-        window = _window(self.ca, self.config, options.days or self.config.default_days,
-                         utcnow())
+        window = self._window = _window(self.ca, self.config,
+                                        options.days or self.config.default_days, utcnow(),
+                                        self._window)
         slots: list[SignResult | _Candidate] = [self._screen(item, options) for item in inputs]
         candidates = [s for s in slots if isinstance(s, _Candidate)]
         known = self.registry.known_keys([(c.device_id, c.key_sha256) for c in candidates])
