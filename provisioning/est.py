@@ -43,7 +43,7 @@ from cryptography import x509
 from provisioning import der, ocsp
 from provisioning.authority import Authority
 from provisioning.errors import UsageError
-from provisioning.est_worker import (
+from provisioning.est_messages import (
     ANONYMOUS,
     CERTS_ONLY,
     LOG_FORMAT,
@@ -58,13 +58,13 @@ from provisioning.est_worker import (
     Reply,
     Statistics,
     TokenAuth,
-    Worker,
     WorkerGone,
     b64_body,
     certs_only,
     decode_base64,
     unauthorized,
 )
+from provisioning.est_worker import Worker
 from provisioning.identity import verify_password
 from provisioning.timefmt import iso, utcnow
 

@@ -1,0 +1,395 @@
+"""The enrollment service's worker process: the only code that touches SQLite or the CA key.
+
+Started by :class:`provisioning.est_worker.Worker` as its own interpreter, it opens the PKI
+as the HTTP process did and takes whatever arrived on its pipe while it was busy as one
+batch: every enrollment of the batch goes through one ``Issuer.sign`` call (one transaction,
+the same policy, manifest and idempotency as ``fleet-provision sign``), and the audit events
+sent meanwhile are written in that same transaction. Events with no enrollment to ride along
+with wait for the next one, at most ``EVENT_DELAY_SECONDS`` of idleness or ``CHUNK`` events,
+then get a commit of their own. The answers of a batch go back as one message.
+
+Token secrets are checked here against the registry's rows, re-read whenever another
+connection committed (``PRAGMA data_version``), so ``token revoke`` takes effect for every
+request picked up after it. A secret not seen before comes back as ``NeedsVerification``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from provisioning.authority import Authority
+from provisioning.csr import CSRInput
+from provisioning.errors import ProvisioningError
+from provisioning.est_messages import (
+    LOG_FORMAT,
+    SERVICE_ACTOR,
+    AuditEvent,
+    CertAuth,
+    CRLJob,
+    CRLSnapshot,
+    EnrollJob,
+    Failed,
+    Issued,
+    NeedsVerification,
+    OCSPJob,
+    Reply,
+    Setup,
+    Statistics,
+    decode_base64,
+    forbidden,
+    text_reply,
+    unauthorized,
+    write_audit_events,
+)
+from provisioning.identity import serial_hex
+from provisioning.issuer import CHUNK, SignOptions, SignResult
+from provisioning.ocsp import Responder
+from provisioning.registry import Transaction
+from provisioning.timefmt import iso, utcnow
+from provisioning.tokens import TokenBook, TokenCheck
+
+log = logging.getLogger("provisioning.est")
+
+HOUSEKEEPING_SECONDS = 30.0
+# Request events wait this long for the next signing transaction to ride along with, rather
+# than paying a commit (an fsync) of their own; an idle worker then writes them on their own.
+EVENT_DELAY_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class _Principal:
+    actor: str
+    renews: str | None = None
+
+
+@dataclass(frozen=True)
+class _ToSign:
+    csr: bytes
+    job: EnrollJob
+    who: _Principal
+
+
+
+def worker_main(fd: int) -> None:
+    """The worker process: open the PKI as the HTTP process did, then serve its jobs."""
+    conn = Connection(fd)
+    # The HTTP process decides when to stop (Ctrl-C reaches the whole process group), and
+    # it tells the worker, which then writes the last audit events.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        setup: Setup = conn.recv()
+    except (EOFError, OSError):
+        return
+    logging.basicConfig(level=setup.log_level, stream=sys.stderr, format=LOG_FORMAT)
+    try:
+        authority = Authority(setup.root, setup.passphrase, actor=setup.actor)
+        try:
+            _ = authority.ca
+            engine = _Engine(authority, setup.manifest, TokenBook(setup.token_key), conn)
+        except BaseException:
+            authority.close()
+            raise
+    except Exception as exc:  # noqa: BLE001  (told to the HTTP process, which exits with it)
+        conn.send(("failed", str(exc) or type(exc).__name__))
+        return
+    with authority:
+        conn.send(("ready",))
+        engine.run()
+
+
+_Item = tuple[Any, "int | None"]  # (job, its id) or (audit event, None)
+
+
+class _Engine:
+    """The worker process's batches: the registry connection and the CA key live here."""
+
+    def __init__(self, authority: Authority, manifest: frozenset[str] | None,
+                 tokens: TokenBook, conn: Connection) -> None:
+        self.authority = authority
+        self.tokens = tokens
+        self._issuer = authority.issuer()
+        self._conn = authority.registry.conn
+        self._pipe = conn
+        self._manifest = manifest
+        self._stations = frozenset(authority.config.station_groups)
+        self._responder = Responder(authority.ca, self._status_of)
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._events: list[AuditEvent] = []
+        self._crl: CRLSnapshot | None = None
+        self._crl_key: tuple[int, int, int] | None = None
+        self._last_housekeeping = 0.0
+        self._batches = self._jobs = self._largest = self._signed = 0
+        self._parent_gone = False
+        self.tokens.refresh(self._conn)
+
+    def statistics(self) -> Statistics:
+        return Statistics(self._batches, self._jobs, self._largest, self._signed)
+
+    # -- the pipe ----------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """A thread that always drains the pipe, so the HTTP process never waits on a write."""
+        try:
+            while True:
+                for message in self._pipe.recv():
+                    kind = message[0]
+                    if kind == "job":
+                        self._queue.put((message[2], message[1]))
+                    elif kind == "audit":
+                        self._queue.put((message[1], None))
+                    elif kind == "remember":
+                        self.tokens.remember(*message[1:])
+                    else:  # stop
+                        self._queue.put(None)
+                        return
+        except (EOFError, OSError):  # the HTTP process is gone: write what came, then exit
+            self._queue.put(None)
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        if self._parent_gone:
+            return
+        try:
+            self._pipe.send(message)
+        except OSError as exc:
+            log.warning("the HTTP process is gone (%s): writing the last audit events", exc)
+            self._parent_gone = True
+
+    def run(self) -> None:
+        threading.Thread(target=self._read, name="est-worker-pipe", daemon=True).start()
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(
+                    timeout=EVENT_DELAY_SECONDS if self._events else HOUSEKEEPING_SECONDS)
+            except queue.Empty:
+                self._flush_events()
+                if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
+                    self._housekeeping()
+                continue
+            batch: list[_Item] = []
+            item: _Item | None = first
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= CHUNK:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stopping = True
+            if batch:
+                try:
+                    self._handle(batch)
+                except Exception as exc:  # a bug: fail these requests, keep the worker alive
+                    log.exception("enrollment service batch failed")
+                    failed = Failed(f"{type(exc).__name__}: {exc}")
+                    self._reply(("done", [(job_id, failed) for _, job_id in batch
+                                          if job_id is not None], self.statistics()))
+            if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
+                self._housekeeping()
+        self._flush_events()
+        self._reply(("stopped", self.statistics()))
+
+    def _handle(self, batch: list[_Item]) -> None:
+        self._batches += 1
+        self._jobs += len(batch)
+        self._largest = max(self._largest, len(batch))
+        settled: list[tuple[int, Any]] = []
+        signing: dict[bool, list[tuple[int, _ToSign]]] = {False: [], True: []}
+        try:
+            self.tokens.refresh(self._conn)
+        except Exception:  # the batch is still answered: each job fails on its own below
+            log.exception("cannot re-read enrollment tokens")
+        for job, job_id in batch:
+            if job_id is None:
+                self._events.append(job)
+                continue
+            try:
+                answer = self._dispatch(job)
+            except Exception as exc:  # one bad job must not take the others down
+                log.exception("enrollment service job failed")
+                answer = Failed(f"{type(exc).__name__}: {exc}")
+            if isinstance(answer, _ToSign):
+                signing[answer.job.renew].append((job_id, answer))
+            else:
+                settled.append((job_id, answer))
+        for renew, group in signing.items():
+            if group:
+                settled.extend(self._sign(renew, group))
+        if settled:
+            self._reply(("done", settled, self.statistics()))
+        if len(self._events) >= CHUNK:  # else they wait for a transaction or an idle moment
+            self._flush_events()
+
+    def _dispatch(self, job: EnrollJob | OCSPJob | CRLJob) -> Any:
+        """The answer to one job, or the enrollment to put into this batch's signing."""
+        if isinstance(job, OCSPJob):
+            return self._responder.respond(job.request_der, utcnow())
+        if isinstance(job, CRLJob):
+            return self._crl_snapshot()
+        decided = self._authorize(job)
+        if not isinstance(decided, _Principal):
+            return decided
+        csr = _csr_der(job.body, decided)
+        return _ToSign(csr, job, decided) if isinstance(csr, bytes) else csr
+
+    # -- enrollment ------------------------------------------------------------------------
+
+    def _authorize(self, job: EnrollJob) -> _Principal | Reply | NeedsVerification:
+        auth = job.auth
+        if isinstance(auth, CertAuth):
+            return self._cert_principal(auth.der, renew=job.renew)
+        verdict, stored = self.tokens.check(auth.name, auth.mac)
+        if verdict is TokenCheck.OK:
+            return _Principal(f"est:token:{auth.name}")
+        if verdict is TokenCheck.VERIFY:
+            assert stored is not None  # noqa: S101
+            return NeedsVerification(stored)
+        return unauthorized(f"token {auth.name!r} is {verdict.value}")
+
+    def _cert_principal(self, der: bytes, *, renew: bool) -> _Principal | Reply:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return forbidden("the client certificate cannot be parsed")
+        serial = serial_hex(cert.serial_number)
+        now = utcnow()
+        # TLS leaves validity times to us (est.py) so the client hears why, not a bare alert.
+        if now > cert.not_valid_after_utc:
+            return forbidden(f"client certificate {serial} expired at "
+                              f"{iso(cert.not_valid_after_utc)}", serial=serial)
+        if now < cert.not_valid_before_utc:
+            return forbidden(f"client certificate {serial} is not valid before "
+                              f"{iso(cert.not_valid_before_utc)}", serial=serial)
+        row = self._conn.execute(
+            'SELECT c.device_id, c.status, c.fingerprint, d.status, d."group" FROM certificates '
+            "c JOIN devices d ON d.device_id = c.device_id WHERE c.serial = ?",
+            (serial,)).fetchone()
+        if row is None or row[2] != hashlib.sha256(der).hexdigest():
+            return forbidden(f"client certificate {serial} is not a device certificate of "
+                              "this CA's registry", serial=serial)
+        device_id, cert_status, _, device_status, group = row
+        actor = f"est:cert:{device_id}"
+        if cert_status in ("revoked", "on_hold"):
+            return forbidden(f"client certificate {serial} is {cert_status.replace('_', ' ')}",
+                              actor=actor, device_id=device_id, serial=serial)
+        if device_status != "active":
+            return forbidden(f"device {device_id!r} is {device_status}", actor=actor,
+                              device_id=device_id, serial=serial)
+        if renew:
+            return _Principal(actor, renews=serial)
+        if group not in self._stations:
+            return forbidden(f"device {device_id!r} (group {group or 'none'}) is not a factory "
+                              "station: want a group listed in pki.toml station_groups (a "
+                              "device renews its own certificate with simplereenroll)",
+                              actor=actor, device_id=device_id, serial=serial)
+        return _Principal(actor)
+
+    def _sign(self, renew: bool, group: list[tuple[int, _ToSign]],
+              ) -> list[tuple[int, Any]]:
+        operation = "simplereenroll" if renew else "simpleenroll"
+        inputs = [CSRInput(f"est:{operation}:{e.job.peer}", e.csr, actor=e.who.actor,
+                           renews=e.who.renews) for _, e in group]
+        # The manifest is the factory's production list: it gates first enrollment only.
+        options = SignOptions(manifest=None if renew else self._manifest, renew=renew)
+        queued = len(self._events)
+
+        def write_events(tx: Transaction) -> None:
+            write_audit_events(tx, self._events[:queued])
+
+        try:
+            results = self._issuer.sign(inputs, options, in_transaction=write_events)
+            del self._events[:queued]
+        except ProvisioningError as exc:
+            log.warning("enrollment batch failed: %s", exc)
+            return [(job_id, text_reply(503, "the CA registry is unavailable; try again later",
+                                   actor=e.who.actor, result="error", reason=str(exc)))
+                    for job_id, e in group]
+        self._signed += sum(1 for r in results if r.status == "issued")
+        return [(job_id, _enrollment_reply(result, e.who))
+                for (job_id, e), result in zip(group, results, strict=True)]
+
+    # -- revocation status ---------------------------------------------------------------
+
+    def _status_of(self, serial: str) -> tuple[str, str | None, str | None] | None:
+        row = self._conn.execute("SELECT status, revoked_at, reason FROM certificates WHERE "
+                                 "serial = ?", (serial,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def _crl_snapshot(self) -> CRLSnapshot:
+        """crl.pem as DER, re-read only when the file changed (any writer replaces it)."""
+        path = self.authority.paths.crl
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._crl is None or key != self._crl_key:
+            crl = x509.load_pem_x509_crl(path.read_bytes())
+            der = crl.public_bytes(serialization.Encoding.DER)
+            etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
+            self._crl = CRLSnapshot(der, etag, crl.last_update_utc, crl.next_update_utc)
+            self._crl_key = key
+        return self._crl
+
+    def _housekeeping(self) -> None:
+        """Re-sign the CRL once half its lifetime has passed, so /crl never serves a stale one."""
+        self._last_housekeeping = time.monotonic()
+        try:
+            snapshot = self._crl_snapshot()
+            if snapshot.next_update is not None and (
+                    utcnow() >= snapshot.this_update
+                    + (snapshot.next_update - snapshot.this_update) / 2):
+                crl = self.authority.publish_crl()
+                log.info("re-signed the CRL before it went stale (next update %s)",
+                         iso(crl.next_update_utc or utcnow()))
+        except (OSError, ValueError, ProvisioningError) as exc:
+            log.warning("cannot refresh the CRL: %s", exc)
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        try:
+            with self.authority.registry.write(SERVICE_ACTOR) as tx:
+                write_audit_events(tx, events)
+        except ProvisioningError as exc:
+            log.warning("audit events not written yet (%d kept for the next try): %s",
+                      len(events), exc)
+            self._events[:0] = events
+
+
+
+
+def _csr_der(body: bytes, who: _Principal) -> bytes | Reply:
+    der = decode_base64(body)
+    if der is None:
+        return text_reply(400, "malformed base64: want the base64 of a DER PKCS#10 request",
+                     actor=who.actor, result="refused", reason="malformed base64")
+    if not der:
+        return text_reply(400, "empty body: want the base64 of a DER PKCS#10 request",
+                     actor=who.actor, result="refused", reason="empty body")
+    return der
+
+
+def _enrollment_reply(result: SignResult, who: _Principal) -> Issued | Reply:
+    if result.status != "rejected" and result.pem is not None:
+        return Issued(result.pem, who.actor, result.device_id, result.serial, result.status)
+    reason = result.reason or "rejected"
+    # A renewal refused because the presented certificate is revoked or held is a 403.
+    status = 403 if reason.startswith(("renew-revoked", "renew-on-hold")) else 400
+    return text_reply(status, reason, actor=who.actor, result="rejected",
+                 device_id=result.device_id)
+
