@@ -11,6 +11,8 @@ one they expect.
 
 from __future__ import annotations
 
+import binascii
+
 # RFC 5480 / RFC 5758 object identifiers.
 ID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 SECP256R1 = "1.2.840.10045.3.1.7"
@@ -153,3 +155,10 @@ def children(data: bytes, start: int = 0, end: int | None = None
         found.append((element[0], pos, element[1], element[2]))
         pos = element[2]
     return found
+
+
+def base64_lines(data: bytes) -> bytes:
+    """*data* in base64 lines of 64 characters, each ending in "\n" (48 octets a line): the
+    body of a PEM block (RFC 7468) and of an EST reply (RFC 2045); empty data gives b""."""
+    b2a = binascii.b2a_base64
+    return b"".join([b2a(data[i:i + 48]) for i in range(0, len(data), 48)])

@@ -119,8 +119,7 @@ class Statistics:
 
 def b64_body(data: bytes) -> bytes:
     """Base64 in 64-character lines: what ``openssl base64 -d`` and RFC 2045 readers take."""
-    b2a = binascii.b2a_base64  # 48 octets make one 64-character line, "\n" included
-    return b"".join([b2a(data[i:i + 48]) for i in range(0, len(data), 48)]) or b"\n"
+    return der.base64_lines(data) or b"\n"
 
 
 def certs_only(certs: Iterable[x509.Certificate]) -> bytes:

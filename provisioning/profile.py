@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import binascii
 import datetime as dt
 import hashlib
 import ipaddress
@@ -332,10 +331,8 @@ def _cut(whole: bytes, config: PKIConfig) -> _Layout | None:
 def certificate_pem(certificate_der: bytes) -> str:
     """``Certificate.public_bytes(Encoding.PEM)`` of this DER, without parsing it: base64
     in lines of 64 characters (48 octets each) between the RFC 7468 labels."""
-    b2a = binascii.b2a_base64  # ends every line with "\n"
-    body = b"".join([b2a(certificate_der[i:i + 48])
-                     for i in range(0, len(certificate_der), 48)])
-    return f"-----BEGIN CERTIFICATE-----\n{body.decode('ascii')}-----END CERTIFICATE-----\n"
+    body = der.base64_lines(certificate_der).decode("ascii")
+    return f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n"
 
 
 def public_key_der(public_key: IssuablePublicKey) -> bytes:
