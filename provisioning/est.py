@@ -152,7 +152,7 @@ class EnrollmentService:
         loop = asyncio.get_running_loop()
         self._scrypt_slots = asyncio.Semaphore(SCRYPT_SLOTS)
         self._worker = Worker(self.authority, self.manifest, loop)
-        self._worker.start()
+        await self._worker.start()
         urls: list[str] = []
         try:
             self._runner = await self._listen(self._app(est=True), host, port, self.tls)

@@ -100,8 +100,9 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the worker process and wait until it has opened the PKI and the CA key."""
+    async def start(self) -> None:
+        """Start the worker process and wait (off the loop) until it has opened the PKI and
+        the CA key."""
         # A new interpreter (never a fork of one running an event loop with a SQLite
         # connection), importing only this module: not the caller's __main__ as
         # multiprocessing's spawn would.
@@ -114,7 +115,7 @@ class Worker:
         finally:
             self._child_end.close()  # the worker's end: its exit then reads as EOF here
         try:
-            trouble = self._handshake()
+            trouble = await asyncio.to_thread(self._handshake)
         except BaseException:
             self._abandon("it did not start")
             raise
