@@ -127,11 +127,6 @@ def parse_serial(text: str) -> int | None:
         return None
 
 
-def output_bytes(cert_pem: str, ca: IssuingCA) -> bytes:
-    """``OUT/<device-id>.pem``: the device certificate followed by the issuing CA."""
-    return cert_pem.encode("ascii") + ca.chain_pem
-
-
 class Issuer:
     """Signs CSRs for one PKI; ``progress`` is told after every committed chunk."""
 
@@ -410,7 +405,7 @@ class _FileWriter:
         folder, name = os.path.split(path)
         folder = folder or "."
         tmp = f".{name}{self.suffix}"
-        data = pem.encode("ascii") + self.chain_pem  # output_bytes
+        data = pem.encode("ascii") + self.chain_pem  # the certificate, then its chain
         try:
             dir_fd = self.folders.get(folder)
             if dir_fd is None:

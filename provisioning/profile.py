@@ -221,7 +221,7 @@ class DeviceTemplate:
         if layout is None:
             return None
         spki = public_key_der(public_key)
-        tbs = layout.tbs(device_id, serial, spki, _key_id(public_key, spki))
+        tbs = layout.tbs(device_id, serial, spki, key_identifier(public_key, spki).digest)
         if tbs != cert.tbs_certificate_bytes or layout.wrap(tbs, cert.signature) != whole:
             return None
         return layout
@@ -235,7 +235,7 @@ class DeviceTemplate:
         if serial <= 0 or serial.bit_length() >= 160:
             raise ValueError("serial must be positive and less than 160 bits")
         spki = spki_der if spki_der is not None else public_key_der(public_key)
-        tbs = layout.tbs(device_id, serial, spki, _key_id(public_key, spki))
+        tbs = layout.tbs(device_id, serial, spki, key_identifier(public_key, spki).digest)
         # The same signature as sign(tbs, ECDSA(SHA256())), hashed here: a little cheaper
         return layout.wrap(tbs, self.ca.key.sign(hashlib.sha256(tbs).digest(),
                                                  _ECDSA_SHA256_PREHASHED))
@@ -351,13 +351,6 @@ def key_identifier(
         if bits is not None:
             return x509.SubjectKeyIdentifier(hashlib.sha1(bits).digest())  # noqa: S324
     return x509.SubjectKeyIdentifier.from_public_key(public_key)
-
-
-def _key_id(public_key: IssuablePublicKey, spki_der: bytes) -> bytes:
-    bits = _spki_key_bits(spki_der)
-    if bits is not None:
-        return hashlib.sha1(bits).digest()  # noqa: S324 (RFC 5280 4.2.1.2 method 1)
-    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
 
 
 def _spki_key_bits(data: bytes) -> bytes | None:
