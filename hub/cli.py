@@ -80,6 +80,13 @@ def check(config: ConfigOpt = None) -> None:
                      f"{_sources(loaded)}, audit {loaded.audit.path}, "
                      f"{len(acl.defaults.publish)} publish / {len(acl.defaults.subscribe)} "
                      f"subscribe rules, {len(acl.groups)} group(s)\n")
+    limits = loaded.limits
+    sys.stdout.write(f"limits: packet {limits.max_packet_bytes} B, topic "
+                     f"{limits.max_topic_bytes} B, {limits.max_subscriptions} subscriptions, "
+                     f"{limits.publish_rate:g} msg/s and {limits.publish_bytes_rate} B/s per "
+                     f"device ({limits.on_rate_limit}), {limits.max_retained_per_device} "
+                     f"retained / {limits.max_retained_bytes} B per device, "
+                     f"{limits.max_pending_tls} pending TLS per address\n")
 
 
 def _sources(config: HubConfig) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "AuthConfig",
     "BindAddress",
     "HubConfig",
+    "LimitsConfig",
     "ListenerConfig",
     "MetricsConfig",
     "RevocationConfig",
@@ -37,6 +38,7 @@ __all__ = [
 
 DEFAULT_BIND = "0.0.0.0:8883"  # a gateway listens on every interface by default
 DEFAULT_METRICS_BIND = "127.0.0.1:9883"
+MAX_PACKET_BYTES = 268_435_460  # the largest MQTT packet: 1 + 4 length bytes + 268,435,455
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -47,6 +49,8 @@ _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # imported: importing provisioning.identity runs provisioning/__init__, i.e. the whole CA.
 _GROUP_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _GROUP_RE = re.compile(rf"^{_GROUP_PATTERN}$")
+# provisioning.identity.is_valid_trust_domain's rule (a DNS-like name, lowercase).
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
 _T = TypeVar("_T")
 
 
@@ -116,10 +120,33 @@ class RevocationConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """[auth]: checks after the certificate; the username is never part of identity."""
+    """[auth]: checks after the certificate; the username is never part of identity.
+
+    ``trust_domain`` None: learnt at start from the registry, or else from the hub's own
+    gateway certificate (``spiffe://<domain>/gateway/<name>``); see :mod:`hub.trust`.
+    """
 
     client_id: Literal["must-match"] = "must-match"
     password: bool = False
+    trust_domain: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """[limits]: what one connection or device may cost the gateway (DESIGN section 5).
+
+    Rates are per device, a token bucket holding ``2x`` the rate (one second's burst on top).
+    """
+
+    max_packet_bytes: int = 262_144
+    max_topic_bytes: int = 1024
+    max_subscriptions: int = 64
+    publish_rate: float = 100.0
+    publish_bytes_rate: int = 524_288
+    on_rate_limit: Literal["drop", "disconnect"] = "drop"
+    max_retained_per_device: int = 100
+    max_retained_bytes: int = 1_048_576
+    max_pending_tls: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +173,7 @@ class HubConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     acl: AclPolicy = field(default_factory=AclPolicy)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: Path | None = None
 
     @classmethod
@@ -173,6 +201,7 @@ class HubConfig:
         if not registry.is_file() and not crl.is_file():
             raise ConfigError(pki, "--pki", "no registry.db or crl.pem: the hub needs one to "
                               "learn of revocations")
+        trust_domain = _pki_trust_domain(pki / "pki.toml")
         return cls(
             listener=ListenerConfig(
                 files["server.pem"], files["server.key"], files["ca-chain.pem"],
@@ -183,9 +212,21 @@ class HubConfig:
                 crl_file=crl if crl.is_file() else None,
             ),
             audit=AuditConfig(pki / "hub-audit.db"),
+            auth=AuthConfig(trust_domain=trust_domain),
             acl=AclPolicy.default(),
             metrics=MetricsConfig(parse_bind(DEFAULT_METRICS_BIND)),
         )
+
+
+def _pki_trust_domain(path: Path) -> str | None:
+    """``trust_domain`` from a PKI folder's pki.toml; None when it has none to give."""
+    try:
+        value = tomllib.loads(path.read_text("utf-8")).get("trust_domain")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    if not isinstance(value, str) or not _TRUST_DOMAIN_RE.match(value):
+        return None
+    return value
 
 
 def _file_problem(path: Path) -> str | None:
@@ -296,7 +337,7 @@ class _Table:
             raise self.error(key, str(exc), index) from exc
 
 
-_SECTIONS = ("listener", "revocation", "auth", "acl", "audit", "metrics")
+_SECTIONS = ("listener", "revocation", "auth", "acl", "audit", "metrics", "limits")
 
 
 def load_config(path: Path | str) -> HubConfig:
@@ -313,13 +354,24 @@ def load_config(path: Path | str) -> HubConfig:
     root = _Table(file, "", data, _SECTIONS)
     for section in _SECTIONS:
         root.get(section, dict, "a table")
+    listener = _listener(root)
+    revocation = _revocation(root)
+    auth = _auth(root)
+    if auth.password and revocation.registry is None:
+        # The password hashes live in the registry only: a CRL-only gateway would refuse
+        # every device.
+        raise ConfigError(
+            file, "auth.password",
+            "true needs revocation.registry (the password hashes are in the "
+            "registry; a CRL carries none, so every device would be refused)")
     return HubConfig(
-        listener=_listener(root),
-        revocation=_revocation(root),
-        auth=_auth(root),
+        listener=listener,
+        revocation=revocation,
+        auth=auth,
         acl=_acl(root),
         audit=AuditConfig(root.table("audit", ("path",)).path("path") or _default_audit(file)),
         metrics=MetricsConfig(root.table("metrics", ("bind",)).bind("bind", None)),
+        limits=_limits(root),
         source=file,
     )
 
@@ -365,12 +417,56 @@ def _revocation(root: _Table) -> RevocationConfig:
 
 
 def _auth(root: _Table) -> AuthConfig:
-    table = root.table("auth", ("client_id", "password"))
+    table = root.table("auth", ("client_id", "password", "trust_domain"))
     client_id = table.get("client_id", str, 'the string "must-match"', "must-match")
     if client_id != "must-match":
         raise table.error("client_id", f'want "must-match" (the only mode), got "{client_id}"')
     password = table.get("password", bool, "true or false", False)
-    return AuthConfig(client_id="must-match", password=bool(password))
+    trust_domain = table.get("trust_domain", str, "a trust domain such as fleet.acme.com")
+    if trust_domain is not None and not _TRUST_DOMAIN_RE.match(trust_domain):
+        raise table.error("trust_domain", f'"{trust_domain}" is not a trust domain (want a '
+                          "lowercase DNS-like name such as fleet.acme.com)")
+    return AuthConfig(client_id="must-match", password=bool(password),
+                      trust_domain=trust_domain)
+
+
+def _limits(root: _Table) -> LimitsConfig:
+    defaults = LimitsConfig()
+    keys = ("max_packet_bytes", "max_topic_bytes", "max_subscriptions", "publish_rate",
+            "publish_bytes_rate", "on_rate_limit", "max_retained_per_device",
+            "max_retained_bytes", "max_pending_tls")
+    table = root.table("limits", keys)
+
+    def count(key: str, low: int, high: int) -> int:
+        default = getattr(defaults, key)
+        value = table.get(key, int, f"an integer from {low} to {high}", default)
+        if value is None or not low <= value <= high:
+            raise table.error(key, f"want an integer from {low} to {high}, got {value}")
+        return int(value)
+
+    rate = table.get("publish_rate", float, "messages per second above 0",
+                     defaults.publish_rate)
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        raise table.error("publish_rate", f"want messages per second above 0, got {rate}")
+    action = table.get("on_rate_limit", str, '"drop" or "disconnect"', defaults.on_rate_limit)
+    if action not in ("drop", "disconnect"):
+        raise table.error("on_rate_limit", f'want "drop" or "disconnect", got "{action}"')
+    max_packet = count("max_packet_bytes", 64, MAX_PACKET_BYTES)
+    max_topic = count("max_topic_bytes", 1, 65535)
+    if max_topic > max_packet:
+        raise table.error("max_topic_bytes", f"{max_topic} is above max_packet_bytes "
+                          f"({max_packet}): no packet could carry such a topic")
+    return LimitsConfig(
+        max_packet_bytes=max_packet,
+        max_topic_bytes=max_topic,
+        max_subscriptions=count("max_subscriptions", 1, 65535),
+        publish_rate=rate,
+        publish_bytes_rate=count("publish_bytes_rate", 1, 2**40),
+        on_rate_limit="disconnect" if action == "disconnect" else "drop",
+        max_retained_per_device=count("max_retained_per_device", 0, 10**9),
+        max_retained_bytes=count("max_retained_bytes", 0, 2**40),
+        max_pending_tls=count("max_pending_tls", 1, 65535),
+    )
 
 
 def _rules(table: _Table) -> AclRules:

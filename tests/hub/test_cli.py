@@ -48,6 +48,18 @@ def test_check_accepts_a_good_config(pki: Path, tmp_path: Path) -> None:
     done = _hub("check", "--config", _config(tmp_path, pki))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("config ok: listen 127.0.0.1:8883")
+    assert "limits: packet 262144 B, topic 1024 B, 64 subscriptions, 100 msg/s" in done.stdout
+
+
+def test_check_refuses_bad_limits(pki: Path, tmp_path: Path) -> None:
+    """`check` validates [limits]: exit 2, one line naming the key."""
+    with Authority(pki) as authority:
+        authority.server_cert("localhost", ["127.0.0.1"], pki)
+    config = _config(tmp_path, pki, extra="[limits]\nmax_subscriptions = 0\n")
+    done = _hub("check", "--config", config)
+    assert done.returncode == 2
+    assert done.stderr == ("error: limits.max_subscriptions: want an integer from 1 to 65535, "
+                           f"got 0 ({config})\n")
 
 
 def test_bad_config_is_one_line_naming_the_key(pki: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from hub.config import (
     AuthConfig,
     BindAddress,
     HubConfig,
+    LimitsConfig,
     ListenerConfig,
     MetricsConfig,
     RevocationConfig,
@@ -59,6 +60,17 @@ path = "hub-audit.db"
 
 [metrics]
 bind = "127.0.0.1:9883"
+
+[limits]
+max_packet_bytes = 262144
+max_topic_bytes = 1024
+max_subscriptions = 64
+publish_rate = 100
+publish_bytes_rate = 524288
+on_rate_limit = "drop"
+max_retained_per_device = 100
+max_retained_bytes = 1048576
+max_pending_tls = 16
 """
 
 
@@ -125,6 +137,48 @@ def test_defaults(site: Path) -> None:
     assert config.acl == AclPolicy()  # deny everything
     assert config.audit.path == site / "hub-audit.db"
     assert config.metrics.bind is None
+    assert config.limits == LimitsConfig()
+    assert config.limits.max_packet_bytes == 262144
+    assert config.limits.publish_rate == 100.0
+    assert config.limits.on_rate_limit == "drop"
+    assert config.limits.max_pending_tls == 16
+
+
+def test_limits_and_trust_domain(site: Path) -> None:
+    """Every [limits] key and [auth] trust_domain are read as written."""
+    config = load_config(_write(site, LISTENER + """
+[auth]
+trust_domain = "fleet.acme.com"
+
+[limits]
+max_packet_bytes = 1000
+max_topic_bytes = 100
+max_subscriptions = 3
+publish_rate = 2.5
+publish_bytes_rate = 4096
+on_rate_limit = "disconnect"
+max_retained_per_device = 0
+max_retained_bytes = 10
+max_pending_tls = 1
+"""))
+    assert config.auth.trust_domain == "fleet.acme.com"
+    assert config.limits == LimitsConfig(1000, 100, 3, 2.5, 4096, "disconnect", 0, 10, 1)
+
+
+def test_password_needs_a_registry(site: Path) -> None:
+    """A CRL carries no password hashes: password = true on a CRL-only gateway is refused."""
+    text = LISTENER + '[revocation]\ncrl = "pki/crl.pem"\n[auth]\npassword = true\n'
+    path = _write(site, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith("auth.password: true needs revocation.registry")
+    ok = LISTENER + '[revocation]\nregistry = "pki/registry.db"\n[auth]\npassword = true\n'
+    assert load_config(_write(site, ok)).auth.password is True
+
+
+def test_from_pki_reads_the_trust_domain(site: Path) -> None:
+    (site / "pki" / "pki.toml").write_text('trust_domain = "fleet.example.org"\n')
+    assert HubConfig.from_pki(site / "pki").auth.trust_domain == "fleet.example.org"
 
 
 def test_optional_values(site: Path) -> None:
@@ -136,6 +190,7 @@ handshake_timeout = 2.5
 min_tls = "1.3"
 
 [revocation]
+registry = "pki/registry.db"
 crl = "https://ca.example.com/crl.der"
 refresh_seconds = 0.25
 
@@ -161,7 +216,8 @@ bind = "localhost:9100"
     assert config.listener.handshake_timeout == 2.5
     assert config.listener.min_tls_version is ssl.TLSVersion.TLSv1_3
     assert config.revocation == RevocationConfig(
-        crl_url="https://ca.example.com/crl.der", refresh_seconds=0.25
+        registry=site / "pki" / "registry.db", crl_url="https://ca.example.com/crl.der",
+        refresh_seconds=0.25,
     )
     assert config.auth.password is True
     assert config.acl.groups == {
@@ -225,7 +281,8 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         LISTENER + "[listner]\n",
-        "listner: unknown section (want one of: acl, audit, auth, listener, metrics, revocation)",
+        "listner: unknown section (want one of: acl, audit, auth, limits, listener, metrics, "
+        "revocation)",
         id="unknown-section",
     ),
     pytest.param(
@@ -331,6 +388,50 @@ BAD_CONFIGS = [
         LISTENER + '[auth]\npassword = "yes"\n',
         'auth.password: want true or false, got string "yes"',
         id="password-not-bool",
+    ),
+    pytest.param(
+        LISTENER + '[auth]\ntrust_domain = "Fleet.Acme"\n',
+        'auth.trust_domain: "Fleet.Acme" is not a trust domain (want a lowercase DNS-like '
+        "name such as fleet.acme.com)",
+        id="trust-domain",
+    ),
+    pytest.param(
+        LISTENER + "[limits]\nmax_packet_bytes = 10\n",
+        "limits.max_packet_bytes: want an integer from 64 to 268435460, got 10",
+        id="packet-too-small",
+    ),
+    pytest.param(
+        LISTENER + "[limits]\nmax_packet_bytes = 1000\nmax_topic_bytes = 2000\n",
+        "limits.max_topic_bytes: 2000 is above max_packet_bytes (1000): no packet could "
+        "carry such a topic",
+        id="topic-above-packet",
+    ),
+    pytest.param(
+        LISTENER + "[limits]\npublish_rate = 0\n",
+        "limits.publish_rate: want messages per second above 0, got 0.0",
+        id="rate-zero",
+    ),
+    pytest.param(
+        LISTENER + "[limits]\nmax_subscriptions = true\n",
+        "limits.max_subscriptions: want an integer from 1 to 65535, got boolean true",
+        id="subscriptions-bool",
+    ),
+    pytest.param(
+        LISTENER + '[limits]\non_rate_limit = "block"\n',
+        'limits.on_rate_limit: want "drop" or "disconnect", got "block"',
+        id="rate-action",
+    ),
+    pytest.param(
+        LISTENER + "[limits]\nmax_pending_tls = 0\n",
+        "limits.max_pending_tls: want an integer from 1 to 65535, got 0",
+        id="pending-tls-zero",
+    ),
+    pytest.param(
+        LISTENER + "[limits]\nmax_bytes = 1\n",
+        "limits.max_bytes: unknown key (want one of: max_packet_bytes, max_pending_tls, "
+        "max_retained_bytes, max_retained_per_device, max_subscriptions, max_topic_bytes, "
+        "on_rate_limit, publish_bytes_rate, publish_rate)",
+        id="limits-unknown-key",
     ),
     pytest.param(
         LISTENER + "[audit]\npath = 1\n",
