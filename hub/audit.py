@@ -43,7 +43,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("accept", "reject", "acl-deny", "kick", "disconnect")
+# accept / reject (with reason) / acl-deny / kick (revocation, expiry) / disconnect;
+# violation: an MQTT protocol violation closed the connection ("protocol-violation: what");
+# limit: a [limits] value was hit (packet-too-large, rate-limited, topic-too-long,
+# too-many-subscriptions, retained-quota, pending-tls); source: a revocation source went
+# down, stale, or came back ("registry down: why").
+EVENTS = ("accept", "reject", "acl-deny", "kick", "disconnect", "violation", "limit", "source")
 _EVENT_SET = frozenset(EVENTS)
 
 _SCHEMA_VERSION = 1
