@@ -66,13 +66,18 @@ class TLSSocketTransport(asyncio.Transport):
     """The subset of ``asyncio.Transport`` that streams (and amqtt) use."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
-                 protocol: asyncio.Protocol) -> None:
+                 protocol: asyncio.Protocol, *, peername: Any = None) -> None:
+        """*peername* is the address ``accept()`` gave: asked again here, a client that reset
+        right after its handshake makes ``getpeername()`` fail with ENOTCONN."""
         super().__init__()
         self._loop = loop
         self._sock: ssl.SSLSocket | None = sock
         self._fd = sock.fileno()
         self._protocol = protocol
-        self._peername = sock.getpeername()
+        if peername is None:
+            with contextlib.suppress(OSError):
+                peername = sock.getpeername()
+        self._peername = peername
         self._buffer = bytearray()
         self._flush_scheduled = False
         self._writer_on = False
@@ -199,7 +204,11 @@ class TLSSocketTransport(asyncio.Transport):
         buffer = self._buffer
         while sock is not None and buffer:
             try:
-                sent = sock.send(memoryview(buffer)[:RECORD])
+                # Views released before anything else happens: an exception's traceback keeps
+                # ssl's frame and its argument alive, and a live view makes the buffer's
+                # clear() in _finish raise BufferError (the socket then leaked).
+                with memoryview(buffer) as view, view[:RECORD] as record:
+                    sent = sock.send(record)
             except ssl.SSLWantWriteError:
                 if not self._writer_on:
                     self._loop.add_writer(self._fd, self._flush)
@@ -262,7 +271,10 @@ class TLSSocketTransport(asyncio.Transport):
             if self._writer_on:
                 self._loop.remove_writer(self._fd)
                 self._writer_on = False
-            self._buffer.clear()
+            try:
+                self._buffer.clear()
+            except BufferError:  # a view still exported: drop the buffer, close all the same
+                self._buffer = bytearray()
             if goodbye:
                 # One SSL_shutdown call writes close_notify; the peer's answer is not awaited.
                 with contextlib.suppress(ssl.SSLError, OSError, ValueError):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import select
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -231,5 +233,84 @@ def test_handshake_times_out_on_a_silent_client(certs: tuple[Path, Path], run: R
         tls.close()
         client.close()
         listener.close()
+
+    run(main)
+
+
+def _open_fds() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST, as a device that loses power and reboots."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def _blocking_client_pair(certs: tuple[Path, Path]) -> tuple[
+        TLSSocketTransport, asyncio.Future[Exception | None], ssl.SSLSocket]:
+    """A server-side transport and a blocking TLS client socket the test resets at will."""
+    loop = asyncio.get_running_loop()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(certs[0]), str(certs[1]))
+    client_ctx = ssl.create_default_context(cafile=str(certs[0]))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+
+        def client() -> ssl.SSLSocket:
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+            raw.connect(listener.getsockname())
+            return client_ctx.wrap_socket(raw, server_hostname="localhost")
+
+        connecting = asyncio.ensure_future(asyncio.to_thread(client))
+        conn, addr = await loop.sock_accept(listener)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    conn.setblocking(False)
+    tls = server_ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+    await handshake(loop, tls, 10)
+    peer = await connecting
+    lost: asyncio.Future[Exception | None] = loop.create_future()
+
+    class Protocol(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            lost.set_result(exc)
+
+    return TLSSocketTransport(loop, tls, Protocol(), peername=addr), lost, peer
+
+
+@pytest.mark.parametrize("path", ["write", "writer-callback"])
+def test_a_peer_that_resets_while_the_hub_writes_leaks_no_descriptor(
+        certs: tuple[Path, Path], run: Run, path: str) -> None:
+    """A peer that vanishes with 400 KB on its way: the failed send closes the socket.
+
+    ``write``: the reset is already there when a burst is written (the flush inside write()
+    fails); ``writer-callback``: the peer stopped reading, the socket is full and reading paused
+    (the writer callback's flush fails). 20 drops each; the descriptors open afterwards are
+    those open before, no exception reaches the loop, and the protocol hears of every drop.
+    """
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        before = _open_fds()
+        for _ in range(20):
+            transport, lost, peer = await _blocking_client_pair(certs)
+            if path == "write":
+                fd = transport.get_extra_info("socket").fileno()
+                _reset(peer)
+                assert select.select([fd], [], [], 5)[0], "the reset did not arrive"
+                transport.write(b"x" * 400_000)
+            else:
+                transport.pause_reading()  # a busy handler: only the writer callback is left
+                transport.write(b"x" * 400_000)
+                assert transport.get_write_buffer_size() > 0  # the peer's buffers are full
+                _reset(peer)
+            assert isinstance(await asyncio.wait_for(lost, 5), OSError)
+            assert transport.is_closing()
+        assert _open_fds() == before
+        assert errors == []
 
     run(main)
