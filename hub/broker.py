@@ -68,7 +68,9 @@ class HubBroker(Broker):  # type: ignore[misc]
         listener = runtime.config.listener
         self.listener = TLSListener(server_context(listener), self._on_stream,
                                     runtime.gatekeeper.handshake_refused,
-                                    handshake_timeout=listener.handshake_timeout)
+                                    handshake_timeout=listener.handshake_timeout,
+                                    max_pending_tls=runtime.config.limits.max_pending_tls,
+                                    audit=runtime.audit)
 
     async def start(self) -> None:
         await super().start()

@@ -1,9 +1,10 @@
 """The listener's TLS: a client certificate is required, and a failed handshake says why.
 
-The handshake runs through ``StreamWriter.start_tls`` on an accepted plain socket instead of
+The listener hand-shakes accepted sockets itself (:mod:`hub.listener`) instead of
 ``start_server(ssl=...)``: that way the hub sees *why* OpenSSL refused a client (expired,
 unknown issuer, wrong EKU, no certificate) and can audit it, where asyncio would only log it
-at debug level.
+at debug level. :func:`client_hello_size` reads the first record's header, so the listener
+spends a handshake slot only on a ClientHello that has fully arrived.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import ssl
 from dataclasses import dataclass
 
 from hub.config import ListenerConfig
+
+RECORD_HEADER_BYTES = 5  # content type, legacy version (2), length (2): RFC 8446 section 5.1
+# The largest record a peer may send: TLSCiphertext's bound (RFC 8446 section 5.2). A
+# ClientHello is a few hundred bytes (about 1.8 KB with an ML-KEM key share).
+MAX_RECORD_BYTES = 16384 + 2048
+_HANDSHAKE_RECORD = 0x16
+_CLIENT_HELLO = 0x01
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) mapped to the hub's refusal reasons.
 _VERIFY_REASONS = {
@@ -61,3 +69,23 @@ def classify(exc: BaseException) -> HandshakeRefusal:
     if isinstance(exc, TimeoutError):
         return HandshakeRefusal("handshake-timeout", "TLS handshake did not finish in time")
     return HandshakeRefusal("tls-error", f"{type(exc).__name__}: {exc}")
+
+
+def client_hello_size(head: bytes) -> int | HandshakeRefusal:
+    """Bytes (header included) of the first record a client sends, from at least its header.
+
+    A refusal when the bytes cannot open a TLS connection: not a handshake record (plain MQTT on
+    the TLS port starts with 0x10), a length no record may have, or a handshake message that is
+    not a ClientHello (checked once the record's first byte is in *head*).
+    """
+    if head[0] != _HANDSHAKE_RECORD or head[1] != 3:
+        return HandshakeRefusal("tls-error",
+                                f"not a TLS handshake record (starts {head[:3].hex()})")
+    length = int.from_bytes(head[3:5], "big")
+    if not 0 < length <= MAX_RECORD_BYTES:
+        return HandshakeRefusal("tls-error", f"first TLS record of {length} bytes; want 1 to "
+                                f"{MAX_RECORD_BYTES}")
+    if len(head) > RECORD_HEADER_BYTES and head[RECORD_HEADER_BYTES] != _CLIENT_HELLO:
+        return HandshakeRefusal("tls-error", "first handshake message is not a ClientHello "
+                                f"(type {head[RECORD_HEADER_BYTES]})")
+    return RECORD_HEADER_BYTES + length
