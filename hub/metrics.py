@@ -25,6 +25,7 @@ __all__ = [
     "ACL_ACTIONS",
     "CONTENT_TYPE",
     "KICK_REASONS",
+    "REVOCATION_VERSION",
     "Metrics",
     "MetricsError",
     "MetricsServer",
@@ -43,6 +44,9 @@ _EXTRA_HELP = {
     "fleet_hub_audit_written_total": "Audit records committed to the audit store.",
     "fleet_hub_audit_queue_depth": "Audit records queued and not yet committed.",
 }
+# The revocation snapshot's version: +1 on every change of the refused serials, devices,
+# passwords or groups. Tests and operators wait for it to move instead of sleeping.
+REVOCATION_VERSION = "fleet_hub_revocation_version"
 
 
 class MetricsError(HubError):
@@ -67,6 +71,8 @@ class SourceHealthLike(Protocol):
     def last_error(self) -> str | None: ...
     @property
     def entries(self) -> int: ...
+    @property
+    def warning(self) -> str | None: ...
 
 
 def _escape_label(value: str) -> str:
@@ -188,6 +194,7 @@ class Metrics:
         extra_gauges: Mapping[str, float] | None = None,
         *,
         now: float | None = None,
+        revocation_version: int | None = None,
     ) -> str:
         """The exposition text; *now* (``time.time()``) is for the revocation ages."""
         now = time.time() if now is None else now
@@ -207,6 +214,9 @@ class Metrics:
         out.single("fleet_hub_messages_delivered_total", "counter",
                    "Messages delivered to subscribers.", self._delivered)
         self._render_revocation(out, revocation, now)
+        if revocation_version is not None:
+            out.single(REVOCATION_VERSION, "gauge", "Version of the revocation snapshot in "
+                       "force; it grows by one on every change.", revocation_version)
         resident = _resident_bytes()
         if resident is not None:
             out.single("fleet_hub_process_resident_bytes", "gauge",
@@ -246,7 +256,12 @@ def _age(source: SourceHealthLike, now: float) -> float:
 
 
 class MetricsServer:
-    """``GET /metrics`` and ``GET /healthz`` on *bind*, on the running event loop."""
+    """``GET /metrics`` and ``GET /healthz`` on *bind*, on the running event loop.
+
+    ``/healthz`` is 200 ``{"status": "ok"}`` only while every revocation source loaded on its
+    last attempt and is fresh, else 503 ``"degraded"``; both list each source (its error or
+    staleness warning) and, given *revocation_version*, the snapshot's version.
+    """
 
     def __init__(
         self,
@@ -256,12 +271,14 @@ class MetricsServer:
         extra: Callable[[], Mapping[str, float]] | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        revocation_version: Callable[[], int] | None = None,
     ) -> None:
         self.bind = bind
         self.metrics = metrics
         self._health = revocation_health
         self._extra = extra
         self._clock = clock
+        self._version = revocation_version
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -302,7 +319,9 @@ class MetricsServer:
 
     async def _get_metrics(self, _request: web.Request) -> web.Response:
         extra = self._extra() if self._extra is not None else None
-        text = self.metrics.render(self._health(), extra, now=self._clock())
+        version = self._version() if self._version is not None else None
+        text = self.metrics.render(self._health(), extra, now=self._clock(),
+                                   revocation_version=version)
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _get_healthz(self, _request: web.Request) -> web.Response:
@@ -315,10 +334,14 @@ class MetricsServer:
                 "ok": source.ok,
                 "stale": source.stale,
                 "last_error": source.last_error,
+                "warning": source.warning,
                 "age_seconds": None if source.last_success is None else _age(source, now),
                 "entries": source.entries,
             }
             for source in sources
         ]
-        body = {"status": "ok" if healthy else "degraded", "revocation": report}
+        body: dict[str, object] = {"status": "ok" if healthy else "degraded",
+                                   "revocation": report}
+        if self._version is not None:
+            body["revocation_version"] = self._version()
         return web.json_response(body, status=200 if healthy else 503)

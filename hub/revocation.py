@@ -5,20 +5,31 @@ Sources, from ``[revocation]`` (DESIGN section 5):
 - ``registry``: the CA's SQLite registry on the same host, opened read-only. ``PRAGMA
   data_version`` tells whether another connection committed since the last look, and
   ``meta.audit_head`` (moved by every CA action, DESIGN section 3) whether that commit was a CA
-  action, so an unchanged registry costs one ``stat`` and one PRAGMA per refresh.
+  action, so an unchanged registry costs one ``stat`` and one PRAGMA per refresh. The PRAGMA
+  only sees commits made through SQLite: when the file itself changes under the connection
+  (another inode, size or mtime: a restore, a checkpoint, or garbage written over it) the
+  header is checked and the registry reopened and read in full, so a broken file is reported
+  down instead of answering from the old connection's cache.
 - ``crl-file``: a CRL file, re-read when its inode, mtime or size changes.
 - ``crl-url``: a CRL over http(s), fetched every refresh with a conditional GET.
 
 A CRL is used only when its signature verifies against a ``client_ca`` certificate whose subject
 is the CRL's issuer, and never when its CRL number is below the last one accepted from the same
 source (RFC 5280 §5.2.3: the number only grows, so a lower one is an old list replayed).
+The number to beat is that of the last *good* CRL: one that arrived before its nextUpdate. A
+higher-numbered CRL that arrives already past its nextUpdate (a CA with a slow clock) does not
+replace the good list: it is enforced together with it (a serial listed by either is refused),
+the source reports ``stale``, and the good CRL put back is not a rollback. A later fresh CRL
+with a number at least the stale one's supersedes both. A first CRL that arrives stale is used
+(better than nothing) and reported stale.
 
 The :class:`Snapshot` is the union of every source's last good data and is replaced wholesale
 on change, so a reader needs no lock. A source that cannot be read keeps its last good data and
 reports ``ok=False``; a CRL past its nextUpdate is still used and reports ``stale=True``; each
-change of state is logged once on ``hub.revocation``. Nothing fails open (drops entries) or
-closed (refuses everyone) without saying so. Blocking work (SQLite, file reads, CRL parsing and
-signature checks) runs in worker threads, never on the event loop.
+change of state is logged once on ``hub.revocation`` and handed to ``on_source`` (the hub
+audits it). Nothing fails open (drops entries) or closed (refuses everyone) without saying
+so. Blocking work (SQLite, file reads, CRL parsing and signature checks) runs in worker
+threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ __all__ = [
     "RevocationWatcher",
     "Snapshot",
     "SourceHealth",
+    "SourceState",
     "load_ca_bundle",
     "refusal",
 ]
@@ -65,6 +77,8 @@ _DEVICE_REASONS: Final = {"suspended": "device-suspended", "revoked": "device-re
 _SQLITE_TIMEOUT_S: Final = 5.0
 FAST_POLL_SECONDS: Final = 0.1
 _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"  # the first 16 bytes of every database file
+_SQLITE_HEADER_BYTES: Final = 100
 
 
 class RevocationError(HubError):
@@ -116,6 +130,19 @@ class SourceHealth:
     last_error: str | None  # why the last attempt failed; None while ok
     entries: int  # revoked or held serials in the source's last good data
     next_update: float | None  # the CRL's nextUpdate; None for the registry
+    warning: str | None = None  # why the source is stale, one line; None while fresh
+
+
+class SourceState(enum.Enum):
+    """A source's state as ``on_source`` hears of it, once per change."""
+
+    DOWN = "down"  # the last attempt failed: the last good data stays in force
+    STALE = "stale"  # loaded, but the list in use is past its nextUpdate
+    UP = "up"  # loaded and fresh again
+
+
+SourceCallback = Callable[[str, SourceState, str | None], None]
+"""``on_source(name, state, why)``: *why* is the error or the staleness; None for UP."""
 
 
 def load_ca_bundle(path: Path | str) -> list[x509.Certificate]:
@@ -173,6 +200,7 @@ class _Source:
         self.ok = False
         self.last_success: float | None = None
         self.last_error: str | None = None
+        self.on_state: SourceCallback | None = None  # set by the watcher
         self._logged = ("ok", "")
 
     async def _attempt(self, budget: float | None) -> _Data | _Still:
@@ -203,36 +231,53 @@ class _Source:
         next_update = self.data.next_update if self.data is not None else None
         return next_update is not None and now > next_update
 
+    def warning(self, now: float) -> str | None:
+        """Why the source is stale, in one line that does not change while the state holds."""
+        data = self.data
+        if data is None or data.next_update is None or not self.stale(now):
+            return None
+        return f"past its nextUpdate {_iso(data.next_update)}"
+
     def health(self, now: float) -> SourceHealth:
         data = self.data
         return SourceHealth(
             name=self.name, ok=self.ok, stale=self.stale(now), last_success=self.last_success,
             last_error=self.last_error, entries=len(data.revoked) if data else 0,
-            next_update=data.next_update if data else None,
+            next_update=data.next_update if data else None, warning=self.warning(now),
         )
 
     def _log_state(self) -> None:
         if not self.ok:
             state = ("failed", self.last_error or "")
-        elif self.stale(time.time()):
-            state = ("stale", "")
         else:
-            state = ("ok", "")
+            warning = self.warning(time.time())
+            state = ("ok", "") if warning is None else ("stale", warning)
         if state == self._logged:
             return
         self._logged = state
         data = self.data
+        entries = len(data.revoked) if data is not None else 0
         if state[0] == "failed":
-            kept = (f"keeping its last good list of {len(data.revoked)} entries"
+            kept = (f"keeping its last good list of {entries} entries"
                     if data is not None else "it has given no list yet")
             logger.warning("revocation source %s (%s) cannot be used: %s; %s",
                            self.name, self.where, state[1], kept)
-        elif state[0] == "stale" and data is not None and data.next_update is not None:
-            logger.warning("revocation source %s (%s) is past its nextUpdate %s; still using "
-                           "its list of %d entries", self.name, self.where,
-                           _iso(data.next_update), len(data.revoked))
+            self._tell(SourceState.DOWN, state[1])
+        elif state[0] == "stale":
+            logger.warning("revocation source %s (%s) is stale: %s; still using its list of "
+                           "%d entries", self.name, self.where, state[1], entries)
+            self._tell(SourceState.STALE, state[1])
         else:
             logger.info("revocation source %s (%s) is ok again", self.name, self.where)
+            self._tell(SourceState.UP, None)
+
+    def _tell(self, state: SourceState, why: str | None) -> None:
+        if self.on_state is None:
+            return
+        try:
+            self.on_state(self.name, state, why)
+        except Exception:  # the watcher goes on whatever the integrator's callback does
+            logger.exception("revocation on_source callback failed")
 
 
 # -- the registry -------------------------------------------------------------------------------
@@ -247,6 +292,23 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _check_header(path: Path) -> None:
+    """Refuse a file that is no SQLite database before SQLite reads it (or a WAL masks it)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(_SQLITE_HEADER_BYTES)
+    except FileNotFoundError:
+        raise _SourceError("no such file") from None
+    except OSError as exc:
+        raise _SourceError(f"cannot read the registry: {exc.strerror}") from exc
+    if len(header) < _SQLITE_HEADER_BYTES:
+        raise _SourceError(f"the registry is truncated: {len(header)} bytes, shorter than an "
+                           "SQLite header")
+    if not header.startswith(_SQLITE_MAGIC):
+        raise _SourceError("the registry is not an SQLite database any more (its header is "
+                           "gone: overwritten?)")
+
+
 class _RegistrySource(_Source):
     """The same-host registry; its connection is used by one worker thread at a time."""
 
@@ -257,7 +319,7 @@ class _RegistrySource(_Source):
         super().__init__(str(path))
         self._path = path
         self._conn: sqlite3.Connection | None = None
-        self._file_id: tuple[int, int] | None = None
+        self._file_id: tuple[int, int, int, int] | None = None  # dev, inode, size, mtime
         self._seen: tuple[int, str | None] | None = None  # (data_version, audit head) loaded
         # The watcher's asyncio lock already serialises polls; this one also covers a poll
         # whose awaiting coroutine was cancelled while its thread still runs.
@@ -286,22 +348,30 @@ class _RegistrySource(_Source):
         try:
             stat = self._path.stat()
         except FileNotFoundError:
+            self._drop_connection()
             raise _SourceError("no such file") from None
         except OSError as exc:
+            self._drop_connection()
             raise _SourceError(f"cannot stat the registry: {exc.strerror}") from exc
+        file_id = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         try:
-            return self._query((stat.st_dev, stat.st_ino))
+            if self._conn is None or file_id != self._file_id:
+                # First look, or the file changed under the connection. A restore (another
+                # inode) leaves the old connection reading the old file; garbage written over
+                # the same inode leaves it answering from its cache and data_version unmoved.
+                # So: check the header, reopen, and read everything afresh.
+                self._drop_connection()
+                _check_header(self._path)
+                self._conn, self._file_id = _open_read_only(self._path), file_id
+            return self._query(self._conn)
+        except _SourceError:
+            self._drop_connection()
+            raise
         except sqlite3.Error as exc:
             self._drop_connection()
             raise _SourceError(f"cannot read the registry: {exc}") from exc
 
-    def _query(self, file_id: tuple[int, int]) -> _Data | _Still:
-        if self._conn is None or file_id != self._file_id:
-            # First look, or the file was replaced (restored from a backup): a new connection,
-            # since the old one still reads the old inode.
-            self._drop_connection()
-            self._conn, self._file_id = _open_read_only(self._path), file_id
-        conn = self._conn
+    def _query(self, conn: sqlite3.Connection) -> _Data | _Still:
         version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         if self._seen is not None and self._seen[0] == version:
             return _Still.UNCHANGED  # no other connection has committed since the last look
@@ -358,19 +428,19 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
 
 
 class _CrlVerifier:
-    """Parse a CRL (PEM or DER) and accept it only from a client_ca CA, never rolled back."""
+    """Parse a CRL (PEM or DER) and accept it only from a client_ca CA (rollbacks: _CrlLists)."""
 
     def __init__(self, ca_certs: Sequence[x509.Certificate]) -> None:
         self._cas = tuple(ca_certs)
 
-    def check(self, blob: bytes, last_number: int | None) -> _Data:
+    def check(self, blob: bytes) -> _Data:
         """Runs in a worker thread: parsing and signature checks are CPU work."""
         try:
-            return self._check(blob, last_number)
+            return self._check(blob)
         except ValueError as exc:  # cryptography's word for malformed DER, anywhere in it
             raise _SourceError(f"not a valid CRL: {exc}") from exc
 
-    def _check(self, blob: bytes, last_number: int | None) -> _Data:
+    def _check(self, blob: bytes) -> _Data:
         if not blob.strip():
             raise _SourceError("empty CRL")
         if b"-----BEGIN X509 CRL-----" in blob:
@@ -386,12 +456,75 @@ class _CrlVerifier:
                                  f"certificate of {issuer!r}")
         _refuse_unusable_extensions(crl)
         number = _crl_number(crl)
-        if last_number is not None and number < last_number:
-            raise _SourceError(f"CRL number {number} is below {last_number}, the last one "
-                               "accepted: refusing a rollback")
         next_update = crl.next_update_utc
         return _Data(_entries(crl), crl_number=number,
                      next_update=None if next_update is None else next_update.timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class _CrlLists:
+    """What one CRL source enforces: its last good CRL, and a newer one that arrived stale.
+
+    DESIGN section 5: a CRL already past its nextUpdate when it arrives (a CA with a slow
+    clock) must not replace the last good list, yet it is genuine and newer, so both are
+    enforced (``data`` is their union). Only a CRL that arrives fresh moves the rollback floor;
+    otherwise the stale one would make the good one, put back, look like a rollback.
+    """
+
+    good: _Data | None = None  # the last CRL that arrived before its nextUpdate
+    newer: _Data | None = None  # a higher-numbered CRL that arrived past its nextUpdate
+    data: _Data | None = None  # the union, computed once (in the worker thread)
+
+    def take(self, incoming: _Data, now: float) -> _CrlLists:
+        """The lists once *incoming* (signature already verified) is taken; raises on a
+        rollback. Runs in a worker thread: the union of two large lists is CPU work."""
+        number = incoming.crl_number
+        assert number is not None  # noqa: S101 - the verifier refuses a CRL without one
+        good, newer = self.good, self.newer
+        floor = good.crl_number if good is not None else None
+        if floor is not None and number < floor:
+            raise _SourceError(f"CRL number {number} is below {floor}, the last good one: "
+                               "refusing a rollback")
+        arrived_stale = incoming.next_update is not None and incoming.next_update <= now
+        if not arrived_stale or number == floor:
+            # Fresh (or the good CRL itself again, now past its nextUpdate): the new good list.
+            # A stale-on-arrival CRL numbered above it is still newer: it stays in the union.
+            kept = newer if newer is not None and _number(newer) > number else None
+            return _CrlLists.of(incoming, kept)
+        if newer is not None and number < _number(newer):
+            raise _SourceError(f"CRL number {number} is below {_number(newer)}, a newer one "
+                               "already taken (past its nextUpdate): refusing a rollback")
+        return _CrlLists.of(good, incoming)
+
+    @classmethod
+    def of(cls, good: _Data | None, newer: _Data | None) -> _CrlLists:
+        if good is None or newer is None:
+            return cls(good, newer, good or newer)
+        revoked = dict(newer.revoked)
+        for serial, reason in good.revoked.items():
+            if reason == "revoked" or serial not in revoked:  # revoked outranks on-hold
+                revoked[serial] = reason
+        next_update = min(t for t in (good.next_update, newer.next_update) if t is not None)
+        return cls(good, newer, _Data(revoked, next_update=next_update,
+                                      crl_number=good.crl_number))
+
+    def warning(self, now: float) -> str | None:
+        """Why these lists are stale; None while fresh. Stable while the lists are unchanged."""
+        good, newer = self.good, self.newer
+        if newer is not None and newer.next_update is not None:
+            arrived = (f"CRL number {_number(newer)} arrived already past its nextUpdate "
+                       f"{_iso(newer.next_update)}")
+            if good is None:
+                return f"{arrived}; used, as no earlier good CRL is known"
+            return (f"{arrived}; enforced together with CRL number {_number(good)}, the last "
+                    "good one")
+        if good is not None and good.next_update is not None and now > good.next_update:
+            return f"CRL number {_number(good)} is past its nextUpdate {_iso(good.next_update)}"
+        return None
+
+
+def _number(data: _Data) -> int:
+    return data.crl_number if data.crl_number is not None else -1
 
 
 def _refuse_unusable_extensions(crl: x509.CertificateRevocationList) -> None:
@@ -424,21 +557,42 @@ def _entries(crl: x509.CertificateRevocationList) -> dict[int, str]:
     return revoked
 
 
-class _CrlFileSource(_Source):
+class _CrlSource(_Source):
+    """A source of CRLs: keeps the last good CRL and a newer one that arrived stale."""
+
+    def __init__(self, where: str, verifier: _CrlVerifier) -> None:
+        super().__init__(where)
+        self._verifier = verifier
+        self.lists = _CrlLists()
+
+    def _take(self, blob: bytes, lists: _CrlLists) -> _CrlLists:
+        """Verify *blob* and fold it into *lists*; runs in a worker thread."""
+        return lists.take(self._verifier.check(blob), time.time())
+
+    def _accept(self, lists: _CrlLists) -> _Data:
+        """On the event loop: the new lists are the source's, their union its data."""
+        self.lists = lists
+        assert lists.data is not None  # noqa: S101 - take() always leaves one list
+        return lists.data
+
+    def warning(self, now: float) -> str | None:
+        return self.lists.warning(now) if self.stale(now) else None
+
+
+class _CrlFileSource(_CrlSource):
     name = "crl-file"
     local = True
 
     def __init__(self, path: Path, verifier: _CrlVerifier) -> None:
-        super().__init__(str(path))
+        super().__init__(str(path), verifier)
         self._path = path
-        self._verifier = verifier
         self._key: tuple[int, int, int, int] | None = None  # the file last accepted
 
     async def _attempt(self, budget: float | None) -> _Data | _Still:
-        last_number = self.data.crl_number if self.data is not None else None
-        return await asyncio.to_thread(self._read, last_number)
+        outcome = await asyncio.to_thread(self._read, self.lists)
+        return outcome if isinstance(outcome, _Still) else self._accept(outcome)
 
-    def _read(self, last_number: int | None) -> _Data | _Still:
+    def _read(self, lists: _CrlLists) -> _CrlLists | _Still:
         try:
             stat = self._path.stat()
             key = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -450,9 +604,9 @@ class _CrlFileSource(_Source):
         except OSError as exc:
             raise _SourceError(f"cannot read the CRL: {exc.strerror}") from exc
         self._key = None  # until this content is accepted, look again every time
-        data = self._verifier.check(blob, last_number)
+        taken = self._take(blob, lists)
         self._key = key
-        return data
+        return taken
 
 
 def _tls_context(cadata: str) -> ssl.SSLContext:
@@ -462,19 +616,18 @@ def _tls_context(cadata: str) -> ssl.SSLContext:
     return context
 
 
-class _CrlUrlSource(_Source):
+class _CrlUrlSource(_CrlSource):
     """A CRL over http(s). A slow fetch carries on across refresh cycles, never blocking them."""
 
     name = "crl-url"
 
     def __init__(self, url: str, verifier: _CrlVerifier, cadata: str) -> None:
-        super().__init__(url)
+        super().__init__(url, verifier)
         self._url = url
-        self._verifier = verifier
         self._cadata = cadata
         self._session: aiohttp.ClientSession | None = None
         self._validators: dict[str, str] = {}  # conditional-GET headers of the accepted CRL
-        self._inflight: asyncio.Task[_Data | _Still] | None = None
+        self._inflight: asyncio.Task[_CrlLists | _Still] | None = None
 
     async def _attempt(self, budget: float | None) -> _Data | _Still:
         if self._inflight is None:
@@ -483,9 +636,10 @@ class _CrlUrlSource(_Source):
         if not done:
             return _Still.PENDING
         task, self._inflight = self._inflight, None
-        return task.result()
+        outcome = task.result()
+        return outcome if isinstance(outcome, _Still) else self._accept(outcome)
 
-    async def _fetch(self) -> _Data | _Still:
+    async def _fetch(self) -> _CrlLists | _Still:
         if self._session is None:
             context = await asyncio.to_thread(_tls_context, self._cadata)
             self._session = aiohttp.ClientSession(
@@ -514,10 +668,9 @@ class _CrlUrlSource(_Source):
             raise _SourceError(f"no answer within {HTTP_TIMEOUT_S:g} s") from None
         except aiohttp.ClientError as exc:
             raise _SourceError(f"cannot fetch the CRL: {exc}") from exc
-        last_number = self.data.crl_number if self.data is not None else None
-        data = await asyncio.to_thread(self._verifier.check, bytes(body), last_number)
+        taken = await asyncio.to_thread(self._take, bytes(body), self.lists)
         self._validators = validators
-        return data
+        return taken
 
     async def close(self) -> None:
         task, self._inflight = self._inflight, None
@@ -538,6 +691,8 @@ class RevocationWatcher:
 
     ``on_change(old, new)`` is called on the event loop after each content change made by
     :meth:`refresh` or the refresh loop (not for the first load in :meth:`start`).
+    ``on_source(name, state, why)`` is called on the event loop once per change of a source's
+    state (down, stale, up again), including a failure in :meth:`start`.
     """
 
     def __init__(
@@ -545,6 +700,8 @@ class RevocationWatcher:
         config: RevocationConfig,
         ca_certs: Sequence[x509.Certificate],
         on_change: Callable[[Snapshot, Snapshot], None] | None = None,
+        *,
+        on_source: SourceCallback | None = None,
     ) -> None:
         self._config = config
         self._on_change = on_change
@@ -558,6 +715,8 @@ class RevocationWatcher:
             cadata = "".join(cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
                              for cert in ca_certs)
             self._sources.append(_CrlUrlSource(config.crl_url, verifier, cadata))
+        for source in self._sources:
+            source.on_state = on_source
         self._snapshot = _EMPTY_SNAPSHOT
         self._lock = asyncio.Lock()  # one refresh cycle at a time
         self._stopping = asyncio.Event()

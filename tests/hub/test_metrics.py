@@ -32,6 +32,7 @@ class Health:
     last_success: float | None = NOW - 2.5
     last_error: str | None = None
     entries: int = 3
+    warning: str | None = None
 
 
 def samples(text: str) -> dict[str, float]:
@@ -145,6 +146,7 @@ def serve(
     sources: Sequence[SourceHealthLike],
     check: Callable[[aiohttp.ClientSession, str], Awaitable[None]],
     metrics: Metrics | None = None,
+    version: Callable[[], int] | None = None,
 ) -> None:
     """Start a MetricsServer on 127.0.0.1 port 0, run *check* against its base URL, stop it."""
 
@@ -152,6 +154,7 @@ def serve(
         server = MetricsServer(
             LOOPBACK, metrics or Metrics(), lambda: sources,
             lambda: {"fleet_hub_audit_dropped_total": 0}, clock=lambda: NOW,
+            revocation_version=version,
         )
         await server.start()
         try:
@@ -200,9 +203,9 @@ def test_healthz_is_200_when_every_source_is_ok_and_fresh() -> None:
             "status": "ok",
             "revocation": [
                 {"name": "registry", "ok": True, "stale": False, "last_error": None,
-                 "age_seconds": 2.5, "entries": 3},
+                 "warning": None, "age_seconds": 2.5, "entries": 3},
                 {"name": "crl", "ok": True, "stale": False, "last_error": None,
-                 "age_seconds": 2.5, "entries": 3},
+                 "warning": None, "age_seconds": 2.5, "entries": 3},
             ],
         }
 
@@ -212,7 +215,8 @@ def test_healthz_is_200_when_every_source_is_ok_and_fresh() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        Health("crl", stale=True),
+        Health("crl", stale=True, warning="CRL number 7 arrived already past its nextUpdate "
+               "2026-12-01T00:00:00Z; enforced together with CRL number 6, the last good one"),
         Health("crl", ok=False, last_error="HTTP 500 from http://ca.example/crl.pem"),
         Health("crl", ok=False, last_success=None, last_error="connection refused", entries=0),
     ],
@@ -230,9 +234,28 @@ def test_healthz_is_503_when_any_source_is_down_or_stale(bad: Health) -> None:
         report = body["revocation"][1]
         assert (report["name"], report["ok"], report["stale"]) == ("crl", bad.ok, bad.stale)
         assert report["last_error"] == bad.last_error
+        assert report["warning"] == bad.warning
         assert report["age_seconds"] == (None if bad.last_success is None else 2.5)
 
     serve([Health("registry"), bad], check)
+
+
+def test_the_revocation_version_is_in_metrics_and_healthz() -> None:
+    """Given the snapshot's version, /metrics has fleet_hub_revocation_version and /healthz a
+    "revocation_version", both current at each request (tests wait on it instead of sleeping)."""
+    versions = iter([3, 3, 4, 4])
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        for expected in (3, 4):
+            async with session.get(f"{base}/metrics") as response:
+                text = await response.text()
+            assert "# TYPE fleet_hub_revocation_version gauge" in text.splitlines()
+            assert samples(text)["fleet_hub_revocation_version"] == expected
+            async with session.get(f"{base}/healthz") as response:
+                body = json.loads(await response.text())
+            assert body["revocation_version"] == expected
+
+    serve([Health("registry")], check, version=lambda: next(versions))
 
 
 def test_any_other_path_is_404() -> None:

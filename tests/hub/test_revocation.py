@@ -24,6 +24,7 @@ from hub.revocation import (
     RevocationWatcher,
     Snapshot,
     SourceHealth,
+    SourceState,
     load_ca_bundle,
     refusal,
 )
@@ -50,10 +51,15 @@ def fleet(tmp_path: Path) -> Fleet:
 
 def watcher_for(fleet: Fleet, *, registry: bool = False, crl_file: Path | None = None,
                 crl_url: str | None = None, refresh: float = 60.0,
-                on_change: OnChange | None = None) -> RevocationWatcher:
+                on_change: OnChange | None = None,
+                states: list[tuple[str, SourceState, str | None]] | None = None,
+                ) -> RevocationWatcher:
     config = RevocationConfig(registry=fleet.registry if registry else None, crl_file=crl_file,
                               crl_url=crl_url, refresh_seconds=refresh)
-    return RevocationWatcher(config, load_ca_bundle(fleet.chain), on_change)
+    on_source = None if states is None else (
+        lambda name, state, why: states.append((name, state, why)))
+    return RevocationWatcher(config, load_ca_bundle(fleet.chain), on_change,
+                             on_source=on_source)
 
 
 def only(watcher: RevocationWatcher) -> SourceHealth:
@@ -366,10 +372,12 @@ def test_a_crl_rollback_is_refused(fleet: Fleet) -> None:
 
 
 def test_a_stale_crl_is_used_and_flagged(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
-    """A CRL past its nextUpdate still refuses its serials, but its source is stale, the
-    watcher unhealthy, and a warning says so once."""
+    """A first CRL that arrives past its nextUpdate still refuses its serials (better than
+    nothing), but its source is stale, the watcher unhealthy, and a warning says so once. A good
+    CRL with a lower number after it is no rollback: both are enforced."""
     caplog.set_level(logging.INFO, LOGGER)
     ca = fleet.issuing_ca()
+    good = fleet.crl.read_bytes()
     past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     fleet.crl.write_bytes(pem(make_crl(ca.key, ca.cert.subject, fleet.crl_number() + 1,
                                        [(fleet.serials["d3"], HOLD)], next_update=past)))
@@ -384,14 +392,22 @@ def test_a_stale_crl_is_used_and_flagged(fleet: Fleet, caplog: pytest.LogCapture
             assert health.ok
             assert health.stale
             assert health.next_update == pytest.approx(past.timestamp(), abs=1)
+            assert health.warning is not None
+            assert "no earlier good CRL" in health.warning
             assert not watcher.healthy
+            fleet.crl.write_bytes(good)
+            await watcher.refresh()
+            health = only(watcher)
+            assert (health.ok, health.stale) == (True, True)
+            assert refusal(watcher.snapshot, fleet.serials["d3"], "d3") == "on-hold"
         finally:
             await watcher.stop()
 
     asyncio.run(scenario())
-    [warning] = warnings_of(caplog)
-    assert "is past its nextUpdate" in warning
-    assert "still using its list of 1 entries" in warning
+    first, second = warnings_of(caplog)
+    assert "arrived already past its nextUpdate" in first
+    assert "still using its list of 1 entries" in first
+    assert "enforced together with CRL number" in second
 
 
 def test_a_deleted_or_garbage_crl_file_keeps_the_last_good_list(
@@ -625,3 +641,118 @@ def test_load_ca_bundle_reads_every_certificate_and_refuses_nonsense(
     junk.write_text("hello\n")
     with pytest.raises(RevocationError, match="holds no PEM certificate"):
         load_ca_bundle(junk)
+
+
+# -- issue 11: CRLs stale on arrival, a registry overwritten --------------------------------------
+
+
+def _stale_crl(fleet: Fleet, number: int, revoked: list[tuple[int, x509.ReasonFlags]]) -> bytes:
+    """A genuine CRL from the fleet's CA whose nextUpdate is an hour gone (a slow CA clock)."""
+    ca = fleet.issuing_ca()
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    return pem(make_crl(ca.key, ca.cert.subject, number, revoked, next_update=past))
+
+
+def test_a_crl_stale_on_arrival_is_united_with_the_last_good_list(
+        fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    """A higher-numbered CRL already past its nextUpdate does not replace the last good list:
+    both lists are enforced (d1 from the good one, d2 from the stale one), the source is stale
+    and says why, and the good CRL put back is no rollback (the union stays). The CA's next
+    fresh CRL supersedes both and the source is healthy again."""
+    caplog.set_level(logging.INFO, LOGGER)
+    d1, d2, d3 = (fleet.serials[d] for d in ("d1", "d2", "d3"))
+    states: list[tuple[str, SourceState, str | None]] = []
+
+    async def scenario() -> None:
+        with fleet.authority() as auth:
+            auth.revoke("d1", None, "keyCompromise")
+        good = fleet.crl.read_bytes()
+        watcher = watcher_for(fleet, crl_file=fleet.crl, states=states)
+        await watcher.start()
+        try:
+            assert dict(watcher.snapshot.revoked) == {d1: "revoked"}
+            # The shorter list lacks d1: taking it in place of the good one re-admits d1.
+            fleet.crl.write_bytes(_stale_crl(fleet, fleet.crl_number() + 1,
+                                             [(d2, KEY_COMPROMISE)]))
+            assert await watcher.refresh() is True
+            assert dict(watcher.snapshot.revoked) == {d1: "revoked", d2: "revoked"}
+            health = only(watcher)
+            assert (health.ok, health.stale) == (True, True)
+            assert not watcher.healthy
+            fleet.crl.write_bytes(good)
+            assert await watcher.refresh() is False  # accepted, and the union is unchanged
+            health = only(watcher)
+            assert (health.ok, health.last_error, health.stale) == (True, None, True)
+            assert dict(watcher.snapshot.revoked) == {d1: "revoked", d2: "revoked"}
+            with fleet.authority() as auth:  # the CA, its clock mended, publishes again
+                auth.revoke("d3", None, "keyCompromise")
+            assert await watcher.refresh() is True
+            assert dict(watcher.snapshot.revoked) == {d1: "revoked", d3: "revoked"}
+            health = only(watcher)
+            assert (health.ok, health.stale) == (True, False)
+            assert watcher.healthy
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    [warning] = [w for w in warnings_of(caplog) if "nextUpdate" in w]
+    assert "arrived already past its nextUpdate" in warning
+    assert "enforced together with CRL number" in warning
+    assert [(name, state) for name, state, _ in states] == [
+        ("crl-file", SourceState.STALE), ("crl-file", SourceState.UP)]
+    assert states[0][2] is not None
+    assert states[0][2] in warning
+
+
+@pytest.mark.parametrize("damage", ["garbage-in-place", "garbage-new-inode", "truncated"])
+def test_a_damaged_registry_is_down_and_its_last_good_list_kept(
+        fleet: Fleet, tmp_path: Path, damage: str) -> None:
+    """A registry overwritten with garbage (same inode or a new one) or truncated is reported
+    down with a reason, its last good list stays in force, and a restore makes it ok again."""
+    backup = tmp_path / "backup.db"
+    states: list[tuple[str, SourceState, str | None]] = []
+
+    async def scenario() -> None:
+        with fleet.authority() as auth:
+            auth.suspend("d1")
+        with Registry(fleet.registry) as registry:
+            registry.conn.execute("VACUUM INTO ?", (str(backup),))
+        watcher = watcher_for(fleet, registry=True, states=states)
+        await watcher.start()
+        try:
+            assert only(watcher).ok
+            size = fleet.registry.stat().st_size
+            if damage == "garbage-in-place":
+                with fleet.registry.open("r+b") as file:
+                    file.write(b"\xa5" * size)
+            elif damage == "garbage-new-inode":
+                junk = tmp_path / "junk.db"
+                junk.write_bytes(b"\x5a" * size)
+                junk.replace(fleet.registry)
+            else:
+                with fleet.registry.open("r+b") as file:
+                    file.truncate(0)
+            assert await watcher.refresh() is False
+            health = only(watcher)
+            assert not health.ok, health
+            assert health.last_error is not None
+            assert not watcher.healthy
+            assert refusal(watcher.snapshot, fleet.serials["d1"], "d1") == "on-hold"
+            assert await watcher.refresh() is False  # still down, still the last good list
+            assert not only(watcher).ok
+            backup.replace(fleet.registry)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{fleet.registry}{suffix}").unlink(missing_ok=True)
+            await watcher.refresh()
+            assert only(watcher).ok
+            assert watcher.healthy
+            assert refusal(watcher.snapshot, fleet.serials["d1"], "d1") == "on-hold"
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    (_, down, why), (_, up, none) = states  # one record per change, however many refreshes
+    assert (down, up, none) == (SourceState.DOWN, SourceState.UP, None)
+    assert why is not None
+    assert why.startswith("the registry is truncated" if damage == "truncated"
+                          else "the registry is not an SQLite database")
