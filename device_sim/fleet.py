@@ -38,6 +38,7 @@ from device_sim.worker import (
     WorkerPlan,
     WorkerResult,
     new_loop,
+    on_loopback,
     raise_nofile,
     watch_pipe,
     worker_main,
@@ -46,7 +47,6 @@ from provisioning.authority import Authority
 
 Observer = Callable[[str], None]  # told "enrolled", "ramp-start", "ramp-end", "stop", "done"
 DEVICES_PER_PROCESS = 1000
-SPREAD_SOURCES_ABOVE = 20000  # past this many devices on loopback, vary the source address
 READY_TIMEOUT = 60.0
 
 
@@ -165,7 +165,7 @@ class _Parent:
         s = self.settings
         count = s.worker_count()
         context = multiprocessing.get_context("spawn")
-        spread = s.devices > SPREAD_SOURCES_ABOVE and s.host.startswith("127.")
+        spread = on_loopback(s.host)  # as a real fleet: many source addresses
         for index in range(count):
             share = [(i, files) for i, files in enumerate(self.enrollment.devices)
                      if i % count == index]

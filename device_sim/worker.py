@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import random
 import resource
@@ -31,6 +32,7 @@ TICK_EVERY = 1.0  # loop_misc: PINGREQ as soon as keep-alive is due
 DRAIN_TIMEOUT = 10.0  # after stop: how long to wait for telemetry echoes still in flight
 RECONNECT_TIMEOUT = 10.0
 MAX_IN_FLIGHT = 128  # connects under way per worker: a slow broker queues them here
+DEVICES_PER_SOURCE = 8  # fleet devices per loopback source address (see source_address)
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,26 @@ class WorkerResult:
     boot_s: float = 0.0  # CPU for the devices' TLS contexts, before the ramp
 
 
-def source_address(ordinal: int) -> str:
-    """127.a.b.c for connection *ordinal*: one source address per 250 devices.
+def on_loopback(host: str) -> bool:
+    """Whether *host* is an IPv4 loopback address, so any of 127/8 can be our source."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.version == 4 and address in ipaddress.ip_network("127.0.0.0/8")
 
-    Linux gives each (source address, destination) pair ~28,000 ephemeral ports; the whole
-    of 127.0.0.0/8 is local, so past that a loopback fleet spreads its source addresses.
+
+def source_address(ordinal: int) -> str:
+    """127.1.b.c and up for fleet device *ordinal*: one source address per 8 devices.
+
+    A real fleet connects from many addresses; a broker that budgets connections per source
+    address (fleet-hub's max_pending_tls: 16 not yet past the TLS handshake) would refuse a
+    fleet played from one, and Linux gives each (source, destination) pair only ~28,000
+    ephemeral ports. 127.0.0.x is left to the parent's attack devices and squatters.
     """
-    block = ordinal // 250 + 1
-    return f"127.{(block >> 16) & 255}.{(block >> 8) & 255}.{block & 255 or 1}"
+    block = ordinal // DEVICES_PER_SOURCE
+    net, host = divmod(block, 254)
+    return f"127.{1 + (net >> 8)}.{net & 255}.{host + 1}"
 
 
 def watch_pipe(loop: asyncio.AbstractEventLoop, conn: Connection,
@@ -145,6 +159,7 @@ class _Worker:
         self.live: dict[str, Device] = {}
         self.contexts: dict[str, ClientTLS] = {}
         self.booted: dict[str, Device] = {}  # made at boot, not yet connecting
+        self.ordinals = {files.device_id: ordinal for ordinal, files in plan.devices}
         self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self.go: asyncio.Future[float] = self.loop.create_future()
         self.stop = asyncio.Event()
@@ -316,7 +331,7 @@ class _Worker:
 
     async def reconnect(self, device_id: str) -> None:
         record = self.records[device_id]
-        device = self.device(device_id, 0)
+        device = self.device(device_id, self.ordinals[device_id])
         outcome: Outcome = await device.connect(RECONNECT_TIMEOUT)
         record.reconnect = outcome.describe()
         record.reconnect_refused = outcome.refused

@@ -20,10 +20,18 @@ def test_paho_still_has_the_socket_seam() -> None:
 
 
 def test_source_addresses_stay_in_loopback() -> None:
-    """One 127/8 source address per 250 connections, never 127.0.0.0."""
-    assert source_address(0) == "127.0.0.1"
-    assert source_address(250) == "127.0.0.2"
-    assert source_address(250 * 300).startswith("127.0.1.")
+    """One 127/8 source address per 8 devices, from 127.1.0.1: never .0 or .255, never
+    127.0.0.x (the attack devices and squatters), distinct up to a million devices."""
+    assert source_address(0) == source_address(7) == "127.1.0.1"
+    assert source_address(8) == "127.1.0.2"
+    assert source_address(8 * 254) == "127.1.1.1"
+    addresses = {source_address(i) for i in range(0, 1_000_000, 8)}
+    assert len(addresses) == 125_000
+    for address in addresses:
+        first, second, _, last = map(int, address.split("."))
+        assert first == 127
+        assert 1 <= second <= 255
+        assert 1 <= last <= 254
 
 
 def test_phases_are_timed(lab: Lab, tmp_path: Path) -> None:
