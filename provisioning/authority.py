@@ -18,7 +18,13 @@ from provisioning.config import PKIConfig
 from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
 from provisioning.errors import NotFoundError, UsageError
 from provisioning.fsutil import atomic_write
-from provisioning.identity import hash_password, serial_hex
+from provisioning.identity import (
+    gateway_spiffe_id,
+    hash_password,
+    host_name_problem,
+    normalise_host_name,
+    serial_hex,
+)
 from provisioning.issuer import Issuer, parse_serial
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
@@ -194,20 +200,14 @@ class Authority:
                     days: int | None = None, basename: str = "server") -> tuple[Path, Path]:
         """Key and certificate for a hub (or the enrollment service: ``basename="est-server"``).
 
-        The server's key is made here; a device's never is.
+        The server's key is made here; a device's never is. *name* and *ips* are checked
+        (:func:`server_names`) before anything is signed or written.
         """
-        addresses = []
-        for ip in ips:
-            try:
-                addresses.append(ipaddress.ip_address(ip))
-            except ValueError:
-                raise UsageError(f"{ip!r} is not an IP address", "--ip") from None
-        if not name or len(name) > 253:
-            raise UsageError("host name must be 1-253 characters", "--name")
+        host, addresses = server_names(name, ips)
         ca = self.ca
         now = utcnow()
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = server_certificate(ca, self.config, name, addresses, key.public_key(),
+        cert = server_certificate(ca, self.config, host, addresses, key.public_key(),
                                   days or self.config.default_days, now)
         out_dir.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = out_dir / f"{basename}.pem", out_dir / f"{basename}.key"
@@ -218,7 +218,9 @@ class Authority:
             atomic_write(key_path, key_pem, 0o600)
             atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem)
             tx.audit(iso(now), "server.issue", None, serial_hex(cert.serial_number),
-                     {"name": name, "ips": list(ips), "not_after": iso(cert.not_valid_after_utc),
+                     {"name": host, "ips": [str(a) for a in addresses],
+                      "uri": gateway_spiffe_id(self.config.trust_domain, host),
+                      "not_after": iso(cert.not_valid_after_utc),
                       "out": str(out_dir.absolute())})
         return cert_path, key_path
 
@@ -246,6 +248,43 @@ class Authority:
                        (stored, stamp, device_id))
             tx.audit(stamp, "device.password.set" if stored else "device.password.clear",
                      device_id)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def server_names(name: str, ips: Sequence[str]) -> tuple[str, list[IPAddress]]:
+    """The host name (normalised) and addresses a server certificate may carry.
+
+    Raises UsageError naming ``--name`` or ``--ip``: a host name that is not one would go
+    into the SAN and the gateway's SPIFFE ID as typed (``../../evil`` did, issue 11).
+    """
+    host = normalise_host_name(name)
+    problem = host_name_problem(host)
+    if problem is not None:
+        raise UsageError(problem, "--name")
+    addresses: list[IPAddress] = []
+    for text in ips:
+        address = _server_address(text)
+        if address not in addresses:
+            addresses.append(address)
+    return host, addresses
+
+
+def _server_address(text: str) -> IPAddress:
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise UsageError(f"{shown!r} is not an IP address", "--ip") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        # The zone (%eth0) is local to one host; an IP SAN has no place for it (RFC 5280).
+        raise UsageError(f"{shown!r} has a zone index; want the address without %zone",
+                         "--ip")
+    if address.is_unspecified or address.is_multicast:
+        raise UsageError(f"{shown!r} is not an address a client connects to; want the "
+                         "hub's unicast address", "--ip")
+    return address
 
 
 def _reason(reason: str) -> str:

@@ -18,7 +18,7 @@ from cryptography import x509
 from rich.console import Console
 from rich.table import Table
 
-from provisioning.authority import Authority, initialize
+from provisioning.authority import Authority, initialize, server_names
 from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig
 from provisioning.csr import read_inputs
 from provisioning.errors import NotFoundError, PassphraseError, ProvisioningError, UsageError
@@ -154,6 +154,7 @@ def server_cert(
     Example: fleet-provision server-cert --name gw1.local --ip 127.0.0.1 --out fleet-pki
     """
     _check_days(days)
+    server_names(name, ip or [])  # a bad name or address fails before a passphrase prompt
     with _authority(pki, passphrase_env) as authority:
         cert_path, key_path = authority.server_cert(name, ip or [], out_dir, days)
     err.print(f"wrote {cert_path} (with chain) and {key_path}")

@@ -65,7 +65,7 @@ from provisioning.est_messages import (
     unauthorized,
 )
 from provisioning.est_worker import Worker
-from provisioning.identity import verify_password
+from provisioning.identity import host_name_problem, normalise_host_name, verify_password
 from provisioning.timefmt import iso, utcnow
 
 log = logging.getLogger("provisioning.est")
@@ -449,9 +449,11 @@ def server_names(host: str) -> tuple[str, list[str]]:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return host, []
+        return normalise_host_name(host), []
     if address.is_unspecified:
-        return socket.gethostname(), ["127.0.0.1", "::1"]
+        # The machine's name when it is a valid host name (container names may not be).
+        name = normalise_host_name(socket.gethostname())
+        return name if host_name_problem(name) is None else "localhost", ["127.0.0.1", "::1"]
     return "localhost", [str(address)]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 
@@ -16,6 +17,12 @@ _DEVICE_ID_RE = re.compile(rf"^{DEVICE_ID_PATTERN}$")
 _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
 _SPIFFE_PREFIX = "spiffe://"
 _DEVICE_PATH = "/device/"
+_GATEWAY_PATH = "/gateway/"
+# RFC 1123 section 2.1: a host name is dot-separated labels of letters, digits and hyphens,
+# 1-63 characters each, no hyphen first or last (a digit may come first), at most 253 in all
+# (255 octets on the wire, RFC 1035 section 2.3.4, less the length octets).
+HOST_NAME_MAX = 253
+_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
 
 
 def is_valid_device_id(value: str) -> bool:
@@ -39,6 +46,58 @@ def is_valid_trust_domain(value: str) -> bool:
 def spiffe_id(trust_domain: str, device_id: str) -> str:
     """The SAN URI that names *device_id* in *trust_domain*."""
     return f"{_SPIFFE_PREFIX}{trust_domain}{_DEVICE_PATH}{device_id}"
+
+
+def gateway_spiffe_id(trust_domain: str, host: str) -> str:
+    """The SAN URI that names a gateway (hub): its identity toward the CA's services."""
+    return f"{_SPIFFE_PREFIX}{trust_domain}{_GATEWAY_PATH}{host}"
+
+
+def normalise_host_name(value: str) -> str:
+    """The one spelling a host name is certified under: lowercase, without the root's dot.
+
+    DNS names compare case-insensitively and ``gw1.example.com.`` (absolute) names the same
+    host as ``gw1.example.com``; a certificate carries the relative form (RFC 5280 4.2.1.6
+    wants the preferred name syntax), and the SPIFFE path segment must not vary with either.
+    """
+    return value.lower().removesuffix(".")
+
+
+def host_name_problem(value: str) -> str | None:
+    """Why *value* is not a host name for a server certificate, or None.
+
+    Refused besides bad RFC 1123 labels: path characters (the name also becomes a SPIFFE
+    path segment), IP addresses (they belong in an IP SAN, ``--ip``) and an all-numeric last
+    label (RFC 3696 section 2: no top-level domain is, so ``1.2.3`` is a mistyped address).
+    """
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    if not value:
+        return "the host name is empty"
+    if len(value) > HOST_NAME_MAX:
+        return f"{shown!r} is {len(value)} characters long; want at most {HOST_NAME_MAX}"
+    if _is_ip_address(value):
+        return f"{shown!r} is an IP address, not a host name; give it with --ip"
+    for char in ("/", "\\", "%", "?", "#", "@", ":"):
+        if char in value:
+            return f"{shown!r} contains {char!r}; a host name has no path or URL characters"
+    labels = value.split(".")
+    for label in labels:
+        if not label:
+            return f"{shown!r} has an empty label; want labels between single dots"
+        if _LABEL_RE.fullmatch(label) is None:
+            return (f"{shown!r} has the label {label!r}; want RFC 1123 labels: letters, "
+                    "digits and inner hyphens, 1-63 characters each")
+    if labels[-1].isdigit():
+        return f"{shown!r} ends in the all-numeric label {labels[-1]!r}; no top-level domain is"
+    return None
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_spiffe_id(uri: str) -> tuple[str, str] | None:

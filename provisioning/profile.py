@@ -21,7 +21,7 @@ from cryptography.x509.oid import (
 
 from provisioning import der
 from provisioning.config import PKIConfig
-from provisioning.identity import is_valid_device_id, spiffe_id
+from provisioning.identity import gateway_spiffe_id, is_valid_device_id, spiffe_id
 from provisioning.pki import IssuingCA
 
 # Devices with slightly slow clocks must accept a certificate minted moments ago.
@@ -377,10 +377,16 @@ def server_certificate(
     days: int,
     now: dt.datetime,
 ) -> x509.Certificate:
-    """A TLS server certificate for a hub: serverAuth, SAN DNS name and IP addresses."""
+    """A hub's certificate (DESIGN section 4): SAN DNS name, IP addresses and the gateway's
+    SPIFFE ID; EKU serverAuth for its listener and clientAuth, since it is also the gateway's
+    identity toward the CA's services (the fleet-state feed, section 9).
+
+    The hub refuses it as a device: it names no ``/device/`` SPIFFE ID.
+    """
     not_before, not_after = validity(ca, days, now)
     names: list[x509.GeneralName] = [x509.DNSName(host)]
     names.extend(x509.IPAddress(ip) for ip in ips)
+    names.append(x509.UniformResourceIdentifier(gateway_spiffe_id(config.trust_domain, host)))
     builder = (
         x509.CertificateBuilder()
         .subject_name(
@@ -395,7 +401,9 @@ def server_certificate(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
         .add_extension(_DEVICE_KU, critical=True)
     )
     builder = _common(builder, ca, public_key, config)

@@ -130,7 +130,8 @@ def test_pki_from_environment(pki_dir: Path, cli: Callable[..., CliResult],
 
 
 def test_server_cert(pki_dir: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
-    """server.pem carries serverAuth, the DNS name and IPs, then the chain; key is 0600."""
+    """server.pem carries serverAuth + clientAuth, the DNS name and IPs, then the chain;
+    key is 0600 (the whole profile: test_server_cert.py)."""
     result = cli("server-cert", "--pki", pki_dir, "--name", "gw1.local", "--ip", "127.0.0.1",
                  "--ip", "::1", "--out", tmp_path)
     assert result.code == 0, result.err
@@ -140,7 +141,8 @@ def test_server_cert(pki_dir: Path, tmp_path: Path, cli: Callable[..., CliResult
     assert san.get_values_for_type(x509.DNSName) == ["gw1.local"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     eku = certs[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                         x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
     assert stat.S_IMODE((tmp_path / "server.key").stat().st_mode) == 0o600
     bad = cli("server-cert", "--pki", pki_dir, "--name", "gw", "--ip", "1.2.3", "--out",
               tmp_path / "x")
