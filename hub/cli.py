@@ -15,9 +15,10 @@ import typer
 from hub.config import HubConfig, load_config
 from hub.errors import ConfigError, HubError
 
+# rich_markup_mode=None: rich markup took "[default: ...]" for a style tag and dropped it.
 app = typer.Typer(help="The edge-gateway MQTT broker that admits only valid, unrevoked device "
                        "certificates.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
+                  add_completion=False, rich_markup_mode=None)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", envvar="FLEET_HUB_CONFIG",
                                                 help="hub.toml")]

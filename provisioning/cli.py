@@ -27,19 +27,23 @@ from provisioning.issuer import SignOptions, SignResult
 from provisioning.pki import ENV_PKI, PKIPaths
 from provisioning.policy import load_manifest
 
+# rich_markup_mode=None: help is plain click text. Rich markup reads "[default: ...]" in a
+# help string as a style tag and drops it (issue 11 defect 11), and it cut long lines.
 app = typer.Typer(
     help="Fleet CA: mint per-device certificates from factory CSRs, revoke, publish CRLs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
-audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(audit_app, name="audit")
 token_app = typer.Typer(help="Enrollment tokens for the EST service (HTTP Basic).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(token_app, name="token")
 password_app = typer.Typer(help="A device's MQTT password: the hub's optional second factor.",
-                           no_args_is_help=True)
+                           no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(password_app, name="password")
 
 PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
