@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from device_sim.abuse import Limits
 from device_sim.display import Display
 from device_sim.errors import SimError, UsageError
 from device_sim.fleet import RunSettings, run_fleet
@@ -26,9 +27,11 @@ from device_sim.report import render
 from provisioning.errors import ProvisioningError
 from provisioning.pki import PKI
 
+# rich_markup_mode=None: rich markup took "[default: ...]" for a style tag and dropped it.
 app = typer.Typer(
     help="Virtual device fleets: per-device certificates, mutual TLS, attacks, revocation.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    rich_markup_mode=None)
 
 DEFAULT_PKI = Path("fleet-pki")
 TOKEN_ENV = "FLEET_SIM_TOKEN"  # noqa: S105  (the name of a variable, not a secret)
@@ -158,7 +161,8 @@ def quickstart(
             display.phase(f"hub ready on {hub.host}:{hub.port}")
             settings = RunSettings(pki=pki, host="127.0.0.1", port=hub.port, devices=devices,
                                    rate=500.0, duration=3.0, publish_interval=2.0,
-                                   revoke=0.05, attacks=True)
+                                   revoke=0.05, attacks=True,
+                                   limits=Limits.from_hub_config(config))
             result = run_fleet(settings, display)
             display.phase("stopping the hub")
         display.phase(f"done in {time.monotonic() - started:.1f} s")

@@ -25,13 +25,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_sim.transport import ClientTLS, HandshakeError, TLSStream, open_tls
+from device_sim.transport import ClientTLS, HandshakeError, TLSStream, open_tls, wait_ready
 
 # paho 2 reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code.
 _CONNACK_311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 _CONNACK_TEXT = {1: "unacceptable protocol version", 2: "identifier rejected",
                  3: "server unavailable", 4: "bad user name or password", 5: "not authorised"}
 SUBACK_FAILURE = 0x80
+RAW_CHUNK = 16384  # one TLS record's worth of plaintext per write
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Device:
         self.sent = 0
         self.acked = 0
         self.received = 0
+        self.retained = 0  # messages delivered with the RETAIN flag (a new subscription's)
         client = _PresetSocketClient(CallbackAPIVersion.VERSION2, client_id=client_id,
                                      protocol=mqtt.MQTTv311, clean_session=True,
                                      reconnect_on_failure=False)
@@ -210,15 +212,49 @@ class Device:
             self._subacks.pop(mid, None)
         return codes
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, *,
+                retain: bool = False) -> bool:
         """Queue a PUBLISH; False when the client is not connected."""
         if not self.connected:
             return False
-        info = self.client.publish(topic, payload, qos=qos)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         self.sent += 1
         return True
+
+    async def send_raw(self, data: bytes, timeout: float = 10.0) -> int:
+        """Write *data* on the TLS stream behind paho's back: bytes no MQTT client would send.
+
+        Returns how many bytes the TLS layer took before the connection closed or *timeout*
+        passed (taken by the kernel's buffers, not necessarily read by the broker). paho must
+        have nothing queued: the two writers would interleave.
+        """
+        taken = 0
+        deadline = self._loop.time() + timeout
+        chunks = [data[i:i + RAW_CHUNK] for i in range(0, len(data), RAW_CHUNK)]
+        for chunk in chunks:
+            while True:
+                sock = self._sock
+                if sock is None or not self.connected:
+                    return taken
+                try:
+                    # The same bytes object again after "want write": OpenSSL insists.
+                    taken += sock.send(chunk)
+                    break
+                except BlockingIOError:
+                    remaining = deadline - self._loop.time()
+                    if remaining <= 0 or self._writer:
+                        return taken
+                    try:
+                        async with asyncio.timeout(remaining):
+                            await wait_ready(self._loop, self._fd, write=True)
+                    except TimeoutError:
+                        return taken
+                except OSError:
+                    return taken
+            await asyncio.sleep(0)  # let the reader see the broker's close
+        return taken
 
     def tick(self) -> None:
         """Keep-alive (PINGREQ) and retries: call every few seconds."""
@@ -288,6 +324,7 @@ class Device:
 
     def _on_message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
         self.received += 1
+        self.retained += int(message.retain)
         if self._on_message_cb is not None:
             self._on_message_cb(message.topic, bytes(message.payload))
 

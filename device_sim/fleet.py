@@ -1,12 +1,14 @@
 """The parent of a run: enroll, spread the fleet over worker processes, attack, revoke, report.
 
-Timeline: enrollment (cached in the fleet folder) → workers start and report ready → every
-worker ramps its share of the fleet at ``rate / processes`` connects per second, interleaved
-→ the hold: ``duration`` seconds with every device connected and publishing; meanwhile the
-attack scenarios run here (their own devices) and the revocation: ``revoke`` of the connected
-devices are revoked through the provisioning library, each disconnect is timed from its own
-revocation, then each revoked device reconnects once → stop: telemetry still in flight is
-awaited, every device sends DISCONNECT → the workers send their records → the report.
+Timeline: enrollment (cached in the fleet folder) → workers start and report ready → with
+attacks, one-byte handshake squatters are opened here → every worker ramps its share of the
+fleet at ``rate / processes`` connects per second, interleaved (the squatters are closed when
+it is over) → the hold: ``duration`` seconds with every device connected and publishing;
+meanwhile the attack scenarios run here (their own devices) and the revocation:
+``revoke`` of the connected devices are revoked through the provisioning library, each
+disconnect is timed from its own revocation, then each revoked device reconnects once →
+stop: telemetry still in flight is awaited, every device sends DISCONNECT → the workers send
+their records → the report.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from device_sim.abuse import Limits
 from device_sim.display import Display
 from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
 from device_sim.errors import UsageError
 from device_sim.report import RunFacts, build
 from device_sim.scenarios import AttackKit, AttackRunner, ScenarioResult, prepare
+from device_sim.squatters import SQUATTERS, SquatFacts, Squatters
 from device_sim.worker import (
     RECONNECT_TIMEOUT,
     Counters,
@@ -68,6 +72,8 @@ class RunSettings:
     connect_timeout: float = 30.0
     revocation_timeout: float = 10.0
     check_hostname: bool = True
+    limits: Limits = field(default_factory=Limits)  # the broker's, when known (quickstart)
+    squatters: int = SQUATTERS  # one-byte TLS connections during the ramp (with attacks)
 
     @property
     def broker(self) -> str:
@@ -157,6 +163,7 @@ class _Parent:
         self.changed = asyncio.Event()
         self.revoked_at: dict[str, float] = {}
         self.scenarios: list[ScenarioResult] = []
+        self.squat: SquatFacts | None = None
         self.errors: list[str] = []
 
     # -- workers ---------------------------------------------------------------------------
@@ -239,17 +246,24 @@ class _Parent:
         cpu_start = _cpu()
         self._start_workers()
         display = self.display
+        squatters: Squatters | None = None
         try:
             if not await self._until(lambda: all(k.ready for k in self.links), READY_TIMEOUT):
                 why = "; ".join(e for k in self.links if k.result for e in k.result.errors)
                 raise UsageError(f"worker processes did not start: {why or 'no answer'}",
                                  "--processes")
+            if self.kit is not None and s.squatters > 0:
+                squatters = Squatters(s.host, s.port, s.squatters)
+                await squatters.open()
+                display.phase(f"{squatters.opened} one-byte TLS squatters open")
             ramp_start = time.monotonic() + 0.1
             self._send(("go", ramp_start))
             self.notify("ramp-start")
             display.phase(f"connecting {s.devices} devices at {s.rate:g}/s over "
                           f"{len(self.links)} processes to {s.broker}")
             await self._until(lambda: all(k.ramp_done or k.result for k in self.links), None)
+            if squatters is not None:
+                self.squat, squatters = squatters.close(), None
             self.notify("ramp-end")
             hold_end = time.monotonic() + s.duration
             display.phase(f"{self.total().connected} connected; holding {s.duration:g} s"
@@ -268,6 +282,8 @@ class _Parent:
             self._send(("stop",))
             await self._until(lambda: all(k.result is not None for k in self.links), 120)
         finally:
+            if squatters is not None:
+                squatters.close()
             for link in self.links:
                 link.process.join(5)
                 if link.process.is_alive():
@@ -280,7 +296,8 @@ class _Parent:
                    for k in self.links]
         return RunFacts(s.devices, s.broker, results, ramp_start, self.scenarios,
                         self.revoked_at, s.revocation_timeout, s.revoke > 0,
-                        parent_cpu_s=_cpu() - cpu_start, errors=self.errors)
+                        parent_cpu_s=_cpu() - cpu_start, errors=self.errors,
+                        squat=self.squat, limits=s.limits if self.kit else None)
 
     async def _attacks(self, kit: AttackKit) -> None:
         runner = AttackRunner(kit, self.settings.host, self.settings.port, self.ca_pem,

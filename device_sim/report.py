@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from device_sim import squatters
+from device_sim.abuse import Limits
 from device_sim.scenarios import ScenarioResult
 from device_sim.worker import DeviceRecord, WorkerResult
 
@@ -43,6 +45,8 @@ class RunFacts:
     parent_cpu_s: float = 0.0
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    squat: squatters.SquatFacts | None = None
+    limits: Limits | None = None  # what the abuse scenarios expected (with attacks)
 
 
 def _peak(records: list[DeviceRecord]) -> int:
@@ -149,8 +153,10 @@ def build(facts: RunFacts) -> dict[str, Any]:
     messages = {"sent": sent, "acked": acked, "received": received, "lost": lost}
     connect = _connect(records, facts.ramp_start)
     revocation, revocation_scenarios = _revocation(records, facts)
-    scenarios = [*_fleet_scenarios(records, facts, messages), *facts.scenarios,
-                 *revocation_scenarios]
+    scenarios = _fleet_scenarios(records, facts, messages)
+    if facts.squat is not None:
+        scenarios.append(squatters.scenario(facts.squat, facts.devices, connect))
+    scenarios += [*facts.scenarios, *revocation_scenarios]
     scenarios += [ScenarioResult("simulator", "no simulator errors", e, passed=False)
                   for e in facts.errors + [e for w in facts.workers for e in w.errors]]
     workers_cpu = sum(w.cpu_total_s + w.boot_s for w in facts.workers)
@@ -163,7 +169,7 @@ def build(facts: RunFacts) -> dict[str, Any]:
         "per_connect_ms": round(ramp_cpu / connect["count"] * 1000, 3)
         if connect["count"] else None,
     }
-    return {
+    report: dict[str, Any] = {
         "passed": all(s.passed for s in scenarios),
         "devices": facts.devices,
         "broker": facts.broker,
@@ -176,6 +182,9 @@ def build(facts: RunFacts) -> dict[str, Any]:
         "processes": len(facts.workers),
         "wall_s": round(facts.wall_s, 3),
     }
+    if facts.limits is not None:
+        report["limits"] = facts.limits.to_json()
+    return report
 
 
 def _fmt(value: object, unit: str = "") -> str:

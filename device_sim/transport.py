@@ -176,7 +176,8 @@ class HandshakeError(Exception):
         self.reason = reason
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+async def wait_ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Until *fd* is readable (or writable): one reader or writer, removed on return."""
     waiter: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
@@ -254,9 +255,9 @@ async def open_tls(host: str, port: int, tls: ClientTLS, *,
                 conn.do_handshake()
                 break
             except SSL.WantReadError:
-                await _ready(loop, fd, write=False)
+                await wait_ready(loop, fd, write=False)
             except SSL.WantWriteError:
-                await _ready(loop, fd, write=True)
+                await wait_ready(loop, fd, write=True)
     except SSL.SysCallError as exc:
         sock.close()
         raise HandshakeError("tls", tls_reason(exc)) from None

@@ -9,6 +9,7 @@ import paho.mqtt.client as mqtt
 
 from device_sim.device import Device, Outcome
 from device_sim.enroll import FleetDir, LibraryEnroller
+from device_sim.squatters import source_addresses
 from device_sim.transport import Credentials, client_context
 from device_sim.worker import source_address
 from tests.device_sim.conftest import Lab
@@ -32,6 +33,13 @@ def test_source_addresses_stay_in_loopback() -> None:
         assert first == 127
         assert 1 <= second <= 255
         assert 1 <= last <= 254
+
+
+def test_squatters_keep_off_the_fleets_addresses() -> None:
+    """Squatters use 127.0.0.2 and up, 8 each, on a loopback broker only."""
+    assert source_addresses("127.0.0.1", 200) == [f"127.0.0.{i}" for i in range(2, 27)]
+    assert source_addresses("::1", 200) == [None]
+    assert source_addresses("broker.example", 200) == [None]
 
 
 def test_phases_are_timed(lab: Lab, tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from tests.device_sim.conftest import SimRun, fleet_sim
 pytestmark = pytest.mark.skipif(MOSQUITTO is None,
                                 reason="mosquitto missing: ./dev test installs it")
 
-HOLDS = ["fleet-connect", "fleet-steady", "telemetry", "no-certificate", "foreign-ca",
-         "expired", "not-yet-valid", "publish-other-device"]
+HOLDS = ["fleet-connect", "fleet-steady", "telemetry", "handshake-squatters",
+         "no-certificate", "foreign-ca", "expired", "not-yet-valid", "publish-other-device"]
 BREAKS = ["revoked-before-connect", "client-id-spoofing", "subscribe-all",
           "revocation-disconnect", "revoked-reconnect"]
 

@@ -21,7 +21,9 @@ def test_quickstart_passes_and_cleans_up(tmp_path: Path) -> None:
     assert result.report["revocation"]["revoked"] == 1
     assert "stopping the hub" in result.stderr
     names = {s["name"] for s in result.report["scenarios"]}
-    assert {"client-id-spoofing", "revocation-disconnect", "subscribe-all"} <= names
+    assert {"client-id-spoofing", "revocation-disconnect", "subscribe-all",
+            "handshake-squatters"} <= names
+    assert all(s["passed"] for s in result.report["scenarios"]), result.report["scenarios"]
     folder = Path(result.report["enrollment"]["fleet_dir"])
     assert not folder.exists()  # the temporary folder is gone
 

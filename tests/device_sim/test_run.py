@@ -9,9 +9,9 @@ import pytest
 from device_sim.lab import HubProcess, write_hub_config
 from tests.device_sim.conftest import Lab, SimRun, fleet_sim
 
-ATTACKS = ["no-certificate", "foreign-ca", "expired", "not-yet-valid",
-           "revoked-before-connect", "client-id-spoofing", "publish-other-device",
-           "subscribe-all"]
+ATTACKS = ["handshake-squatters", "no-certificate", "foreign-ca", "expired",
+           "not-yet-valid", "revoked-before-connect", "client-id-spoofing",
+           "publish-other-device", "subscribe-all"]
 CONNECT_KEYS = {"count", "failed", "per_second", "p50_ms", "p90_ms", "p99_ms", "max_ms",
                 "tcp_p99_ms", "tls_p99_ms", "mqtt_p99_ms"}
 REVOCATION_KEYS = {"revoked", "disconnected", "p50_ms", "p99_ms", "max_ms",
@@ -71,6 +71,18 @@ def test_attacks_all_refused_by_the_hub(full_run: tuple[SimRun, Path]) -> None:
     assert "victim stayed connected" in result.scenario("client-id-spoofing")["observed"]
     assert result.scenario("subscribe-all")["observed"] == "SUBACK 0x80 (refused)"
     assert "PASSED" in result.stdout
+
+
+def test_squatters_do_not_hold_up_the_fleet(full_run: tuple[SimRun, Path]) -> None:
+    """200 one-byte TLS connections from 25 addresses stay open through the ramp (the hub
+    gives them no handshake slot and keeps them within each address's budget), and the
+    fleet connects as usual."""
+    result, _ = full_run
+    squat = result.scenario("handshake-squatters")
+    assert squat["passed"], squat
+    assert squat["observed"].startswith("200 squatters from 25 source addresses, 200 still "
+                                         "open when the ramp ended; fleet: 8 connected, "
+                                         "0 failed")
 
 
 def test_revocation_is_measured(full_run: tuple[SimRun, Path]) -> None:
