@@ -186,7 +186,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         _fail("aborted")
         return 2
     except typer.TyperException as exc:  # click's UsageError family, vendored by typer
-        if type(exc).__name__ == "NoArgsIsHelpError":
+        if type(exc).__name__ == "NoArgsIsHelpError":  # its message is the help text
+            out.print(exc.format_message(), markup=False, highlight=False)
             return 2
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "fleet-sim"
