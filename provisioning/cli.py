@@ -10,13 +10,13 @@ import getpass
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from cryptography import x509
 from rich.console import Console
-from rich.table import Table
 
 from provisioning.authority import Authority, initialize, server_names
 from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig
@@ -286,6 +286,20 @@ def crl(pki: PkiOpt = DEFAULT_PKI,
               f"{new.next_update_utc:%Y-%m-%dT%H:%M:%SZ}")
 
 
+def _print_columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Aligned plain columns, never wrapped or cut at the terminal's width.
+
+    A rich table fitted to the terminal cut 40-digit serials (issue 11 defect 14), and
+    ``revoke --serial`` needs them whole; a long line is the terminal's to wrap.
+    """
+    widths = [max([len(header), *(len(row[i]) for row in rows)])
+              for i, header in enumerate(headers)]
+    for line in (headers, *rows):
+        sys.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths,
+                                                                             strict=True))
+                         .rstrip() + "\n")
+
+
 def _current_cert(certs: list[Any]) -> Any:
     live = [c for c in certs if c.status in ("active", "on_hold")]
     return (live or certs or [None])[-1]
@@ -306,7 +320,7 @@ def devices(
         raise UsageError(f"unknown status {status!r}; want one of "
                          f"{', '.join(DEVICE_STATUSES)}", "--status")
     with Authority(pki) as authority:
-        rows = []
+        rows: list[dict[str, str | None]] = []
         for dev in authority.registry.devices(status):
             cert = _current_cert(authority.registry.certificates(dev.device_id))
             rows.append({"device_id": dev.device_id, "status": dev.status, "group": dev.group,
@@ -315,11 +329,9 @@ def devices(
     if as_json:
         _emit_json(rows)
         return
-    table = Table("device", "status", "group", "serial", "not after")
-    for row in rows:
-        table.add_row(row["device_id"], row["status"], row["group"] or "",
-                      row["serial"] or "", row["not_after"] or "")
-    out.print(table)
+    _print_columns(("device", "status", "group", "serial", "not after"),
+                   [[row[key] or "-" for key in ("device_id", "status", "group", "serial",
+                                                  "not_after")] for row in rows])
 
 
 @app.command()
@@ -348,11 +360,9 @@ def device(
         return
     out.print(f"{dev.device_id}  status={dev.status}  group={dev.group or '-'}  "
               f"created={dev.created_at}", markup=False)
-    table = Table("serial", "status", "issued", "not after", "revoked", "reason")
-    for c in certs:
-        table.add_row(c.serial, c.status, c.issued_at, c.not_after, c.revoked_at or "",
-                      c.reason or "")
-    out.print(table)
+    _print_columns(("serial", "status", "issued", "not after", "revoked", "reason"),
+                   [(c.serial, c.status, c.issued_at, c.not_after, c.revoked_at or "-",
+                     c.reason or "-") for c in certs])
 
 
 @audit_app.command("verify")
