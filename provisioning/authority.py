@@ -19,6 +19,7 @@ from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
 from provisioning.errors import NotFoundError, UsageError
 from provisioning.fsutil import atomic_write
 from provisioning.identity import (
+    device_id_problem,
     gateway_spiffe_id,
     hash_password,
     host_name_problem,
@@ -28,7 +29,7 @@ from provisioning.identity import (
 from provisioning.issuer import Issuer, parse_serial
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
-from provisioning.registry import Registry, Transaction, operator
+from provisioning.registry import IN_BATCH, Registry, Transaction, operator
 from provisioning.timefmt import iso, utcnow
 
 
@@ -39,6 +40,21 @@ class Change:
     device_id: str
     serials: tuple[str, ...]
     crl_number: int | None
+
+
+@dataclass(frozen=True)
+class GroupMove:
+    """One device of ``group set``: its group before; ``moved`` is False when it was there."""
+
+    device_id: str
+    previous: str | None
+    moved: bool
+
+
+def check_group(group: str) -> None:
+    """A group name follows the device-id rules (it is an ACL's ``{group}``, a topic level)."""
+    if device_id_problem(group) is not None:
+        raise UsageError(f"group {group!r} is not valid (same rules as a device id)", "--group")
 
 
 class Authority:
@@ -193,6 +209,41 @@ class Authority:
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now, extra_out=out)
             tx.audit(iso(now), "crl.publish", None, None, {"crl_number": _crl_number(crl)})
         return crl
+
+    # -- groups (no CA key needed) ----------------------------------------------------------
+
+    def set_group(self, device_ids: Sequence[str], group: str) -> list[GroupMove]:
+        """Move devices to *group* in one transaction: all of them, or none when one is unknown.
+
+        Each move is a ``device.group`` audit event: the audit head moving is what tells a
+        hub watching the registry to read the devices' groups again (its ACL ``{group}``).
+        """
+        check_group(group)
+        unique = list(dict.fromkeys(device_ids))
+        stamp = iso(utcnow())
+        with self.registry.write(self.actor) as tx:
+            previous: dict[str, str | None] = {}
+            for start in range(0, len(unique), IN_BATCH):
+                part = unique[start:start + IN_BATCH]
+                marks = ",".join("?" * len(part))
+                previous.update(tx.execute(
+                    f'SELECT device_id, "group" FROM devices WHERE device_id IN ({marks})',  # noqa: S608
+                    tuple(part)).fetchall())
+            unknown = [d for d in unique if d not in previous]
+            if unknown:
+                shown = ", ".join(repr(d) for d in unknown[:5])
+                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+                raise NotFoundError(f"no device {shown}{more} in the registry; no device was "
+                                    "moved", str(self.paths.root))
+            moves = [GroupMove(d, previous[d], previous[d] != group) for d in unique]
+            for move in moves:
+                if not move.moved:
+                    continue
+                tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
+                           (group, stamp, move.device_id))
+                tx.audit(stamp, "device.group", move.device_id, None,
+                         {"from": move.previous, "to": group})
+        return moves
 
     # -- hub certificates --------------------------------------------------------------
 

@@ -18,11 +18,10 @@ import typer
 from cryptography import x509
 from rich.console import Console
 
-from provisioning.authority import Authority, initialize, server_names
+from provisioning.authority import Authority, check_group, initialize, server_names
 from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig
 from provisioning.csr import read_inputs
 from provisioning.errors import NotFoundError, PassphraseError, ProvisioningError, UsageError
-from provisioning.identity import device_id_problem
 from provisioning.issuer import SignOptions, SignResult
 from provisioning.pki import ENV_PKI, PKIPaths
 from provisioning.policy import load_manifest
@@ -45,6 +44,9 @@ app.add_typer(token_app, name="token")
 password_app = typer.Typer(help="A device's MQTT password: the hub's optional second factor.",
                            no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(password_app, name="password")
+group_app = typer.Typer(help="Device groups: the {group} of the hub's ACLs.",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(group_app, name="group")
 
 PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
                                       show_default=True)]
@@ -186,8 +188,8 @@ def sign(
     Example: fleet-provision sign --manifest line7.txt --group sensors --out certs csrs/
     """
     _check_days(days)
-    if group is not None and device_id_problem(group) is not None:
-        raise UsageError(f"group {group!r} is not valid (same rules as a device id)", "--group")
+    if group is not None:
+        check_group(group)
     allowed = load_manifest(manifest) if manifest is not None else None
     inputs, problems = read_inputs(csrs)
     target = out_dir if out_dir is not None else pki / "certs"
@@ -203,6 +205,11 @@ def sign(
         for r in results:
             line = f"{r.status:9} {r.device_id or '-':24} {r.serial or '-':42} {r.source}"
             out.print(line + (f"  ({r.reason})" if r.reason else ""), markup=False)
+    noted: set[str | None] = set()
+    for r in results:
+        if r.note is not None and r.device_id not in noted:  # one line per device
+            noted.add(r.device_id)
+            err.print(f"note: {r.note}", markup=False)
     counts = {s: sum(1 for r in results if r.status == s) for s in ("issued", "existing",
                                                                   "rejected")}
     err.print(f"{counts['issued']} issued, {counts['existing']} existing, "
@@ -378,6 +385,30 @@ def audit_verify(pki: PkiOpt = DEFAULT_PKI) -> None:
                   f"({authority.paths.registry})", markup=False)
         raise typer.Exit(1)
     out.print(f"audit chain ok: {report.count} events")
+
+
+@group_app.command("set")
+def group_set(
+    device_ids: Annotated[list[str], typer.Argument(metavar="DEVICE_ID...")],
+    group: Annotated[str, typer.Option("--group", metavar="G",
+                                       help="The group (same rules as a device id).")],
+    pki: PkiOpt = DEFAULT_PKI,
+) -> None:
+    """Move devices to a group in one transaction, each move audited: all or none.
+
+    An unknown device id fails the whole command (exit 1) and moves nobody.
+
+    Example: fleet-provision group set --pki fleet-pki --group operators sensor-0001 sensor-0002
+    """
+    check_group(group)
+    with Authority(pki) as authority:
+        moves = authority.set_group(device_ids, group)
+    for move in moves:
+        if move.moved:
+            was = f"group {move.previous}" if move.previous is not None else "no group"
+            err.print(f"moved {move.device_id} to group {group} (was in {was})", markup=False)
+        else:
+            err.print(f"{move.device_id} is already in group {group}", markup=False)
 
 
 @token_app.command("create")

@@ -58,10 +58,18 @@ class SignResult:
     reason: str | None = None
     # The certificate (PEM) for "issued" and "existing": what the enrollment service returns.
     pem: str | None = field(default=None, repr=False, compare=False)
+    # Something asked for but not done, the CSR still accepted: a --group that an existing
+    # device keeps its own group against (issue 11 defect 12: it was ignored silently).
+    note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "device_id": self.device_id, "status": self.status,
-                "serial": self.serial, "reason": self.reason}
+        """DESIGN section 4's keys; ``note`` is added only when there is one."""
+        row: dict[str, Any] = {"source": self.source, "device_id": self.device_id,
+                               "status": self.status, "serial": self.serial,
+                               "reason": self.reason}
+        if self.note is not None:
+            row["note"] = self.note
+        return row
 
 
 @dataclass(frozen=True)
@@ -264,7 +272,8 @@ class Issuer:
                 cand.result = _reject(cand, f"key-{status.replace('_', '-')}: the certificate "
                                       f"for this key ({serial}) is {status}; make a new key")
                 return
-            cand.result = SignResult(cand.source, cand.device_id, "existing", serial, pem=pem)
+            cand.result = SignResult(cand.source, cand.device_id, "existing", serial, pem=pem,
+                                     note=_group_note(cand.device_id, device, options))
             view.promise(cand.device_id, serial, pem, writes)
             return
         current = view.live_serials(cand.device_id)
@@ -597,6 +606,20 @@ def _alive(pid: int) -> bool:
 def _result(cand: _Candidate) -> SignResult:
     assert cand.result is not None  # noqa: S101
     return cand.result
+
+
+def _group_note(device_id: str, device: tuple[str, str | None] | None,
+                options: SignOptions) -> str | None:
+    """Why ``--group`` was not applied to an existing certificate's device, or None.
+
+    Re-submitting a CSR returns its certificate and changes nothing else: moving a device
+    is ``group set``'s job, an explicit and audited act of its own.
+    """
+    if options.group is None or device is None or device[1] == options.group:
+        return None
+    where = f"group {device[1]!r}" if device[1] is not None else "no group"
+    return (f"--group {options.group!r} ignored: device {device_id!r} exists and stays in "
+            f"{where}; move it with fleet-provision group set")
 
 
 def _reject(cand: _Candidate, reason: str) -> SignResult:
