@@ -15,10 +15,9 @@ import typer
 from hub.config import HubConfig, load_config
 from hub.errors import ConfigError, HubError
 
-# rich_markup_mode=None: rich markup took "[default: ...]" for a style tag and dropped it.
 app = typer.Typer(help="The edge-gateway MQTT broker that admits only valid, unrevoked device "
                        "certificates.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False, rich_markup_mode=None)
+                  add_completion=False)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", envvar="FLEET_HUB_CONFIG",
                                                 help="hub.toml")]
@@ -42,8 +41,10 @@ def serve(
     config: ConfigOpt = None,
     pki: Annotated[Path | None, typer.Option("--pki", help="Serve on defaults drawn from a PKI "
                                              "folder holding server.pem/server.key.")] = None,
+    # "\\[": rich markup would take "[default: ...]" for a style tag and drop it.
     bind: Annotated[str | None, typer.Option("--bind", metavar="HOST:PORT",
-                                             help="With --pki [default: 0.0.0.0:8883]")] = None,
+                                             help="With --pki \\[default: 0.0.0.0:8883]")]
+    = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Serve MQTT over mutual TLS until SIGINT/SIGTERM.

@@ -552,8 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.TyperException as exc:  # click's UsageError family, vendored by typer
         ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            return 2  # the help text has been printed already
+        if type(exc).__name__ == "NoArgsIsHelpError":  # its message is the help text
+            sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
+            return 2
         where = ctx.command_path if ctx is not None else "fleet-provision"
         _fail(f"{exc.format_message()} ({where})")
         return 2
