@@ -1,8 +1,9 @@
 """Admission and eviction: every connect decision, and closing sessions that lose the right.
 
-The checks run in DESIGN section 5's order once TLS has verified the chain: the certificate is
-not revoked or on hold and its device is active, then the client id matches, then the optional
-password. Refusals are data (a reason code), audited and counted, never exceptions.
+The checks run in DESIGN section 5's order once TLS has verified the chain: the certificate
+names a device of the fleet's trust domain, it is not revoked or on hold and its device is
+active, then the client id matches, then the optional password. Refusals are data (a reason
+code), audited and counted, never exceptions.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ class Gatekeeper:
     """Decides who gets in and throws out whoever stops qualifying."""
 
     def __init__(self, config: HubConfig, watcher: RevocationWatcher, audit: AuditStore,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, trust_domain: str | None = None) -> None:
         self.config = config
         self.watcher = watcher
         self.audit = audit
         self.metrics = metrics
+        # The fleet's SPIFFE trust domain (hub.trust), set when the runtime starts; while None
+        # every certificate is refused: there is nothing to check its domain against.
+        self.trust_domain = trust_domain
         self.live: dict[str, LiveSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -94,6 +98,12 @@ class Gatekeeper:
             reason = "no-certificate" if der is None else "bad-identity"
             return Decision(False, reason, found.detail,
                             _unidentified(found.serial) if found.serial is not None else None)
+        if found.trust_domain != self.trust_domain:
+            # Before revocation: device ids are only unique within one trust domain, so the
+            # registry's word on "x" says nothing about spiffe://other/device/x.
+            return Decision(False, "wrong-trust-domain", f"certificate names trust domain "
+                            f"{found.trust_domain!r}, the fleet's is {self.trust_domain!r}",
+                            found)
         snapshot = self.watcher.snapshot
         refused = refusal(snapshot, found.serial, found.device_id)
         group = _group(snapshot, found.device_id)
@@ -118,7 +128,17 @@ class Gatekeeper:
             return "no password is set for this device in the registry"
         if password is None:
             return "CONNECT carried no password"
-        secret = password.decode("utf-8", "replace") if isinstance(password, bytes) else password
+        # The exact bytes the client sent, or no match: a lenient decode would let bytes that
+        # were never the secret stand in for it.
+        try:
+            wire = password.encode("utf-8") if isinstance(password, str) else password
+            secret = wire.decode("utf-8")
+        except UnicodeError:
+            return "password is not UTF-8: no secret set in the registry has these bytes"
+        if wire.endswith(b"\0"):
+            # scrypt keys HMAC-SHA256 with the password, and HMAC pads a key with zero bytes:
+            # "secret" and "secret\0" hash alike, so the hash alone cannot refuse this one.
+            return "password ends with a NUL byte: it is not the secret set in the registry"
         # scrypt costs ~50 ms of CPU: never on the event loop.
         ok = await asyncio.to_thread(verify_password, secret, stored)
         return None if ok else "password does not match"

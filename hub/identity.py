@@ -20,6 +20,9 @@ class DeviceIdentity:
     serial: int
     not_after: float  # unix time: when the session must be closed
     fingerprint: str
+    # The <domain> of its spiffe://<domain>/device/<id>; last and defaulted, so the
+    # positional four-field form (an unidentified serial) still builds one.
+    trust_domain: str = ""
 
     @property
     def serial_hex(self) -> str:
@@ -35,7 +38,11 @@ class IdentityProblem:
 
 
 def identity_from_der(der: bytes | None) -> DeviceIdentity | IdentityProblem:
-    """SAN URI ``spiffe://<domain>/device/<id>`` and CN must both name the same device."""
+    """SAN URI ``spiffe://<domain>/device/<id>`` and CN must both name the same device.
+
+    The domain is returned, not judged: whether it is the fleet's is the gatekeeper's check
+    (``wrong-trust-domain``), so the refusal names the device it was.
+    """
     if not der:
         return IdentityProblem("no client certificate on this connection")
     try:
@@ -54,11 +61,11 @@ def identity_from_der(der: bytes | None) -> DeviceIdentity | IdentityProblem:
     if len(devices) != 1:
         return IdentityProblem(f"want exactly one device SPIFFE URI in the SAN, got "
                                f"{len(devices)} among {len(uris)} URI(s)", serial)
-    device_id = devices[0][1]
+    trust_domain, device_id = devices[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if cns != [device_id]:
         return IdentityProblem(f"CN {cns!r} does not match SAN device {device_id!r}", serial)
     return DeviceIdentity(device_id, serial, cert.not_valid_after_utc.timestamp(),
-                          cert.fingerprint(hashes.SHA256()).hex())
+                          cert.fingerprint(hashes.SHA256()).hex(), trust_domain)

@@ -6,6 +6,9 @@ them from its own configuration (then the plugin builds it from ``hub.toml``).
 
 from __future__ import annotations
 
+import ast
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -14,7 +17,8 @@ from hub.audit import AuditStore
 from hub.config import HubConfig
 from hub.gatekeeper import Decision, Gatekeeper
 from hub.metrics import Metrics, MetricsServer
-from hub.revocation import RevocationWatcher, load_ca_bundle
+from hub.revocation import RevocationWatcher, SourceState, load_ca_bundle
+from hub.trust import resolve_trust_domain
 
 log = logging.getLogger("hub")
 
@@ -22,7 +26,8 @@ SYS_PREFIX = "$"
 
 
 class HubRuntime:
-    """Start order: audit (so nothing is lost), revocation (fail if no source), metrics."""
+    """Start order: audit (so nothing is lost), the trust domain (fail if none is known),
+    revocation (fail if no source), metrics."""
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
@@ -30,7 +35,8 @@ class HubRuntime:
         self.audit = AuditStore(config.audit.path)
         self.watcher = RevocationWatcher(config.revocation,
                                          load_ca_bundle(config.listener.client_ca),
-                                         on_change=self._revocation_changed)
+                                         on_change=self._revocation_changed,
+                                         on_source=self._source_changed)
         self.gatekeeper = Gatekeeper(config, self.watcher, self.audit, self.metrics)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None
@@ -39,12 +45,17 @@ class HubRuntime:
     async def start(self) -> None:
         self.audit.open()
         try:
+            # A registry read and a certificate parse: off the event loop.
+            domain = await asyncio.to_thread(resolve_trust_domain, self.config)
+            log.info("trust domain %s (from %s)", domain.name, domain.origin)
+            self.gatekeeper.trust_domain = domain.name
             await self.watcher.start()
             if self.config.metrics.bind is not None:
                 self.metrics_server = MetricsServer(
                     self.config.metrics.bind, self.metrics, self.watcher.health,
                     extra=lambda: {"fleet_hub_audit_dropped_total":
-                                   float(self.audit.statistics().dropped)})
+                                   float(self.audit.statistics().dropped)},
+                    revocation_version=lambda: self.watcher.snapshot.version)
                 await self.metrics_server.start()
         except BaseException:
             await self.watcher.stop()
@@ -65,6 +76,11 @@ class HubRuntime:
     def _revocation_changed(self, old: Any, new: Any) -> None:
         self.gatekeeper.revocation_changed(old, new)
 
+    def _source_changed(self, name: str, state: SourceState, why: str | None) -> None:
+        """A revocation source went down, stale or came back: on the record, not just the log."""
+        reason = f"{name} {state.value}" + (f": {why}" if why else "")
+        self.audit.record("source", reason=reason)
+
     # -- authorisation used by the plugins and the broker ---------------------------------------
 
     async def authenticate(self, session: Any) -> Decision:
@@ -72,9 +88,9 @@ class HubRuntime:
         ssl_object = getattr(session, "ssl_object", None)
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         peer = f"{session.remote_address}:{session.remote_port}"
-        decision = await self.gatekeeper.admit(der, session.client_id or "", session.password,
-                                               peer, will_topic=_will_topic(session),
-                                               acl=self.acl)
+        decision = await self.gatekeeper.admit(der, session.client_id or "",
+                                               _wire_password(session.password), peer,
+                                               will_topic=_will_topic(session), acl=self.acl)
         session.attributes["fleet_hub.decision"] = decision
         return decision
 
@@ -101,6 +117,28 @@ class HubRuntime:
                               peer=f"{session.remote_address}:{session.remote_port}",
                               reason=f"{action} {topic}")
         return allowed
+
+
+def _wire_password(value: str | bytes | None) -> str | bytes | None:
+    """The CONNECT password as the bytes the client sent, as far as amqtt lets us know them.
+
+    Bytes pass as they are. amqtt's own CONNECT decoder (a stock amqtt running our plugins)
+    decodes the password, binary data in MQTT 3.1.1 (§3.1.3.5), as UTF-8 and, when that fails,
+    hands over ``str(raw)``, i.e. the text ``b'\\xff...'``: a device whose secret were that
+    text would be admitted with bytes it never had. Such a string is turned back into
+    the raw bytes, which the gatekeeper then refuses as not UTF-8. A client that really sends
+    that text as its password is refused too: the two cannot be told apart here.
+    """
+    if not isinstance(value, str) or len(value) < 3 or value[:2] not in ("b'", 'b"'):
+        return value
+    with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+        raw = ast.literal_eval(value)
+        if isinstance(raw, bytes):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw  # only amqtt's stand-in for bytes that are not UTF-8 looks like this
+    return value
 
 
 def _will_topic(session: Any) -> str | None:

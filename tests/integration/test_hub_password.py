@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.fleet import Fleet, RunningHub
+from tests.integration.healthz import revocation_version, wait_version_above
 from tests.integration.mqtt import Client
 
 ACCEPTED, NOT_AUTHORIZED = 0, 135
@@ -66,3 +67,45 @@ def test_password_does_not_replace_the_certificate(fleet: Fleet, password_hub: R
     client = connect(other, "pw-owner", port=password_hub.port, username="pw-owner",
                      password="s3cret")
     assert client.connect() == NOT_AUTHORIZED
+
+
+def _rejects(hub: RunningHub, device: str, want: int, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        reasons = [str(r["reason"]) for r in hub.events(device) if r["event"] == "reject"]
+        if len(reasons) >= want or time.monotonic() > deadline:
+            return reasons
+        time.sleep(0.1)
+
+
+def test_the_password_is_compared_byte_for_byte(fleet: Fleet, password_hub: RunningHub,
+                                                connect: Callable[..., Client]) -> None:
+    """"secret" is admitted; "secret\\0" (scrypt's HMAC pads its key with zero bytes, so the
+    hash alone cannot tell them apart) and "secret" plus a byte that is not UTF-8 are refused."""
+    device = fleet.device("pw-exact")
+    before = revocation_version(password_hub)
+    _set_password(fleet, "pw-exact", "secret")
+    wait_version_above(password_hub, before)
+    for wrong in (b"secret\x00", b"secret\x00\x00", b"secret\xff"):
+        client = connect(device, port=password_hub.port, username="pw-exact", password=wrong)
+        assert client.connect() == NOT_AUTHORIZED, wrong
+    right = connect(device, port=password_hub.port, username="pw-exact", password=b"secret")
+    assert right.connect() == ACCEPTED
+    assert _rejects(password_hub, "pw-exact", 3) == ["bad-password"] * 3
+
+
+def test_bytes_that_are_not_utf8_never_match_a_secret(fleet: Fleet, password_hub: RunningHub,
+                                                      connect: Callable[..., Client]) -> None:
+    """A password that is not UTF-8 is refused, even against the secret its lenient decoding
+    gives (U+FFFD for each bad byte) and against the secret spelt like Python's repr of it
+    (what stock amqtt's CONNECT decoder hands over for such a password)."""
+    raw = b"\xff\xfesecret"
+    for device_id, secret in (("pw-replaced", raw.decode("utf-8", "replace")),
+                              ("pw-repr", str(raw))):
+        device = fleet.device(device_id)
+        before = revocation_version(password_hub)
+        _set_password(fleet, device_id, secret)
+        wait_version_above(password_hub, before)
+        client = connect(device, port=password_hub.port, username=device_id, password=raw)
+        assert client.connect() == NOT_AUTHORIZED, device_id
+        assert _rejects(password_hub, device_id, 1) == ["bad-password"]

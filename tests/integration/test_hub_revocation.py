@@ -225,3 +225,140 @@ def test_registry_revocation_is_seen_long_before_refresh_seconds(
         assert client.disconnected_at - started < 1.0
     finally:
         assert running.stop() == 0
+
+
+# -- issue 11: a damaged registry, a CRL stale on arrival ----------------------------------------
+
+
+def _source_events(hub: RunningHub, want: int, timeout: float = 5.0) -> list[str]:
+    """The reasons of the audit's "source" records, once *want* of them have landed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reasons = [str(r["reason"]) for r in hub.events() if r["event"] == "source"]
+        if len(reasons) >= want or time.monotonic() > deadline:
+            return reasons
+        time.sleep(0.1)
+
+
+def _registry_state(status: int, body: dict[str, Any]) -> tuple[int, bool]:
+    [registry] = [s for s in body["revocation"] if s["name"] == "registry"]
+    return status, bool(registry["ok"])
+
+
+def test_a_registry_overwritten_truncated_or_replaced_is_down_until_restored(
+        tmp_path: Path) -> None:
+    """Garbage written over registry.db in place (same inode), a garbage file put in its place
+    (new inode), a truncated file: each time /healthz turns 503 with the registry not ok and
+    its reason, the audit store gets "registry down: ...", the last good list stays in force
+    (a suspended device is still refused, an active one still admitted); restoring the backup
+    brings 200 and "registry up" back."""
+    from provisioning.registry import Registry
+    from tests.integration.healthz import wait_healthz
+
+    fleet = Fleet.create(tmp_path / "own")
+    good, held = fleet.device("reg-good"), fleet.device("reg-held")
+    fleet.suspend("reg-held")
+    registry = fleet.pki / "registry.db"
+    backup = tmp_path / "backup.db"
+    with Registry(registry) as db:
+        db.conn.execute("VACUUM INTO ?", (str(backup),))
+    config = fleet.write_config("hub-registry.toml",
+                                revocation=f'registry = "pki/registry.db"\n'
+                                f"refresh_seconds = {REFRESH}")
+    running = RunningHub.start(config)
+    clients: list[Client] = []
+
+    def connects(device: Any) -> int | None:
+        client = Client(running.port, fleet.ca, device.cert, device.key, device.device_id)
+        clients.append(client)
+        return client.connect()
+
+    def damage(how: str) -> None:
+        size = registry.stat().st_size
+        if how == "in-place":
+            with registry.open("r+b") as file:
+                file.write(b"\xa5" * size)
+        elif how == "new-inode":
+            junk = tmp_path / "junk.db"
+            junk.write_bytes(b"\x5a" * size)
+            junk.replace(registry)
+        else:
+            with registry.open("r+b") as file:
+                file.truncate(0)
+
+    try:
+        assert _registry_state(*wait_healthz(running, lambda s, _b: s == 200)) == (200, True)
+        for round_, how in enumerate(("in-place", "new-inode", "truncated")):
+            damage(how)
+            _, body = wait_healthz(running, lambda s, b: _registry_state(s, b) == (503, False))
+            [report] = body["revocation"]
+            assert report["last_error"], report
+            assert report["entries"] == 1  # the last good list: reg-held's certificate
+            assert connects(held) == NOT_AUTHORIZED, how
+            assert connects(good) == ACCEPTED, how
+            # An operator's restore with the CA stopped: the old WAL files go with the old file.
+            restored = tmp_path / f"restore-{how}.db"
+            restored.write_bytes(backup.read_bytes())
+            restored.replace(registry)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{registry}{suffix}").unlink(missing_ok=True)
+            wait_healthz(running, lambda s, b: _registry_state(s, b) == (200, True))
+            reasons = _source_events(running, 2 * round_ + 2)
+            assert len(reasons) == 2 * round_ + 2, reasons
+            down, up = reasons[-2:]
+            assert down.startswith("registry down: the registry is "), down
+            assert up == "registry up"
+        assert connects(held) == NOT_AUTHORIZED
+    finally:
+        for client in clients:
+            client.close()
+        assert running.stop() == 0
+
+
+def test_a_crl_stale_on_arrival_does_not_readmit_a_revoked_device(
+        fleet: Fleet, tmp_path: Path, connect: Callable[..., Client]) -> None:
+    """CRL only: after a higher-numbered CRL that is already past its nextUpdate and lacks a
+    revoked device, that device is still refused (the last good list stays in force, united
+    with the stale one, whose own revocation is enforced too), /healthz is 503 with the
+    source stale and why, and the audit store says "crl-file stale: ..."."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from provisioning.authority import Authority
+    from tests.integration.healthz import wait_healthz
+
+    revoked, other = fleet.device("arrive-revoked"), fleet.device("arrive-other")
+    fleet.revoke("arrive-revoked")
+    crl_path = tmp_path / "crl.pem"
+    crl_path.write_bytes((fleet.pki / "crl.pem").read_bytes())
+    config = fleet.write_config("hub-arrive.toml",
+                                revocation=f'crl = "{crl_path}"\nrefresh_seconds = {REFRESH}')
+    config.write_text(config.read_text().replace('"hub-audit.db"', '"hub-arrive-audit.db"'))
+    running = RunningHub.start(config)
+    try:
+        assert connect(revoked, port=running.port).connect() == NOT_AUTHORIZED
+        with Authority(fleet.pki) as authority:
+            ca = authority.ca
+            current = x509.load_pem_x509_crl(crl_path.read_bytes())
+            number = current.extensions.get_extension_for_class(x509.CRLNumber).value
+            now = dt.datetime.now(dt.UTC)
+            stale = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+                     .last_update(now - dt.timedelta(days=2))
+                     .next_update(now - dt.timedelta(days=1))  # a CA clock two days slow
+                     .add_extension(x509.CRLNumber(number.crl_number + 1), critical=False)
+                     .add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                              .serial_number(int(other.serial, 16))
+                                              .revocation_date(now).build())
+                     .sign(ca.key, hashes.SHA256()))
+        crl_path.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+        _, body = wait_healthz(running, lambda s, b: s == 503 and b["revocation"][0]["stale"])
+        [report] = body["revocation"]
+        assert report["ok"] is True
+        assert report["entries"] == len(list(current)) + 1  # the good list and arrive-other
+        assert "arrived already past its nextUpdate" in report["warning"]
+        assert connect(revoked, port=running.port).connect() == NOT_AUTHORIZED
+        assert connect(other, port=running.port).connect() == NOT_AUTHORIZED
+        [reason] = _source_events(running, 1)
+        assert reason.startswith("crl-file stale: CRL number ")
+    finally:
+        assert running.stop() == 0

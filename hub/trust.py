@@ -1,0 +1,118 @@
+"""The fleet's SPIFFE trust domain: the ``<domain>`` of ``spiffe://<domain>/device/<id>`` admitted.
+
+A certificate from the fleet's CA that names another trust domain is refused
+(``wrong-trust-domain``, DESIGN section 5): a CA shared by several fleets, or one that once
+issued under another domain, must not let those devices in. The domain is, first found wins:
+
+1. ``[auth] trust_domain`` (with ``--pki``: ``trust_domain`` from the folder's ``pki.toml``);
+2. the registry: the ``trust_domain`` in the detail of its first ``pki.init`` audit event,
+   read over a read-only connection. That event is written once by ``fleet-provision init``
+   and sealed in the hash chain, and it is in the one file the hub is told to read; the
+   ``pki.toml`` next to ``registry.db`` is an editable file the hub may not even have;
+3. the hub's own certificate (``listener.server_cert``): a SAN URI
+   ``spiffe://<domain>/gateway/<name>``, which ``fleet-provision server-cert`` adds.
+
+When none names it, the hub refuses to start: admitting any domain would make the check void.
+Reading the registry and the certificate is blocking work: call :func:`resolve_trust_domain`
+from a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+
+from hub.config import HubConfig
+from hub.errors import ConfigError
+from provisioning.identity import is_valid_trust_domain
+
+__all__ = ["TrustDomain", "certificate_trust_domain", "registry_trust_domain",
+           "resolve_trust_domain"]
+
+log = logging.getLogger("hub.trust")
+
+_SPIFFE: Final = "spiffe://"
+_GATEWAY_PATH: Final = "/gateway/"
+_INIT_ACTION: Final = "pki.init"  # provisioning.authority.initialize's first audit event
+_SQLITE_TIMEOUT_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDomain:
+    """The fleet's trust domain and where the hub learnt it (for the log and the docs)."""
+
+    name: str
+    origin: str  # "auth.trust_domain" | "the registry's pki.init event" | "the server certificate"
+
+
+def resolve_trust_domain(config: HubConfig) -> TrustDomain:
+    """The configured domain, else the registry's, else the server certificate's.
+
+    Raises ConfigError naming ``auth.trust_domain`` when none of them gives one.
+    """
+    if config.auth.trust_domain is not None:
+        return TrustDomain(config.auth.trust_domain, "auth.trust_domain")
+    registry = config.revocation.registry
+    if registry is not None:
+        found = registry_trust_domain(registry)
+        if found is not None:
+            return TrustDomain(found, "the registry's pki.init event")
+    found = certificate_trust_domain(config.listener.server_cert)
+    if found is not None:
+        return TrustDomain(found, "the server certificate")
+    tried = "the registry's pki.init event, " if registry is not None else ""
+    raise ConfigError(
+        config.source, "auth.trust_domain",
+        f"not set, and neither {tried}nor a spiffe://<domain>/gateway/<name> URI in "
+        "listener.server_cert names the fleet's trust domain: set it, e.g. "
+        'trust_domain = "fleet.example.com"')
+
+
+def registry_trust_domain(path: Path) -> str | None:
+    """``trust_domain`` of the registry's first ``pki.init`` event; None if it cannot say."""
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                               timeout=_SQLITE_TIMEOUT_S, isolation_level=None)
+    except sqlite3.Error as exc:
+        log.warning("cannot open the registry %s for its trust domain: %s", path, exc)
+        return None
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        row = conn.execute("SELECT detail FROM events WHERE action = ? ORDER BY id LIMIT 1",
+                           (_INIT_ACTION,)).fetchone()
+    except sqlite3.Error as exc:
+        log.warning("cannot read the trust domain from the registry %s: %s", path, exc)
+        return None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    try:
+        value = json.loads(row[0]).get("trust_domain")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and is_valid_trust_domain(value) else None
+
+
+def certificate_trust_domain(path: Path) -> str | None:
+    """The domain of a ``spiffe://<domain>/gateway/<name>`` URI in the first certificate of
+    *path* (the hub's own); None when there is none or they disagree."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None
+    domains = set()
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if not uri.startswith(_SPIFFE):
+            continue
+        domain, sep, name = uri[len(_SPIFFE):].partition(_GATEWAY_PATH)
+        if sep and name and is_valid_trust_domain(domain):
+            domains.add(domain)
+    return domains.pop() if len(domains) == 1 else None
