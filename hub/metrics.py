@@ -25,6 +25,7 @@ __all__ = [
     "ACL_ACTIONS",
     "CONTENT_TYPE",
     "KICK_REASONS",
+    "LIMITS",
     "REVOCATION_VERSION",
     "Metrics",
     "MetricsError",
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ACL_ACTIONS = ("publish", "subscribe")
 KICK_REASONS = ("revoked", "on-hold", "device-suspended", "device-revoked", "expired")
+# [limits] hits, by the audit reason they share (hub/limits.py, docs/gateway.md).
+LIMITS = ("packet-too-large", "rate-limited", "topic-too-long", "too-many-subscriptions",
+          "retained-quota")
 _NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 # HELP text for gauges the integrator passes through ``extra``; other names get a generic line.
 _EXTRA_HELP = {
@@ -155,6 +159,7 @@ class Metrics:
         self._kicks: dict[str, int] = dict.fromkeys(KICK_REASONS, 0)
         self._received = 0
         self._delivered = 0
+        self._limit_hits: dict[str, int] = dict.fromkeys(LIMITS, 0)
 
     def connection_opened(self) -> None:
         """A client connection was accepted by the listener."""
@@ -179,6 +184,11 @@ class Metrics:
     def kicked(self, reason: str) -> None:
         """A live session was closed by the hub (revocation, hold, suspension, expiry)."""
         self._kicks[reason] = self._kicks.get(reason, 0) + 1
+
+    def limit_hit(self, limit: str) -> None:
+        """A [limits] value refused something (every message or filter, not once per
+        connection like the audit)."""
+        self._limit_hits[limit] = self._limit_hits.get(limit, 0) + 1
 
     def messages_in(self, n: int = 1) -> None:
         """*n* PUBLISH messages received from clients."""
@@ -209,6 +219,8 @@ class Metrics:
                      "action", self._acl_denied)
         out.labelled("fleet_hub_kicks_total", "Live sessions closed by the hub, by reason.",
                      "reason", self._kicks)
+        out.labelled("fleet_hub_limit_hits_total", "Packets, messages and filters refused by "
+                     "a [limits] value, by limit.", "limit", self._limit_hits)
         out.single("fleet_hub_messages_received_total", "counter",
                    "PUBLISH messages received from clients.", self._received)
         out.single("fleet_hub_messages_delivered_total", "counter",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub.limits import PublishBudget, PublishBudgets, RetainedQuota, RetainedUsage
+from hub.metrics import LIMITS, Metrics
 
 
 class TestPublishBudget:
@@ -158,3 +159,14 @@ def test_many_retained_messages_of_one_device_stay_bounded(count: int) -> None:
     quota = RetainedQuota(max_messages=100 * count, max_bytes=1 << 30)
     stored = sum(quota.store("flood", f"devices/flood/{n}", 1024) for n in range(50_000))
     assert stored == 100 * count
+
+
+def test_limit_hits_are_exported_from_zero_by_limit() -> None:
+    """fleet_hub_limit_hits_total{limit}: every known limit at 0 first, so rate() sees a hit."""
+    metrics = Metrics()
+    metrics.limit_hit("rate-limited")
+    metrics.limit_hit("rate-limited")
+    text = metrics.render([])
+    assert 'fleet_hub_limit_hits_total{limit="rate-limited"} 2' in text
+    for limit in LIMITS:
+        assert f'fleet_hub_limit_hits_total{{limit="{limit}"}}' in text
