@@ -113,6 +113,10 @@ class Client:
             self.client.disconnect()
         with contextlib.suppress(Exception):
             self.client.loop_stop()
+        # paho keeps a socket pair to wake its loop and closes it only when the client is
+        # collected: a late collection is a ResourceWarning, an error under this suite.
+        with contextlib.suppress(Exception):
+            self.client._reset_sockets()
 
 
 def _code(reason: object) -> int:
