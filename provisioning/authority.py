@@ -24,12 +24,12 @@ from provisioning.identity import (
     hash_password,
     host_name_problem,
     normalise_host_name,
-    serial_hex,
 )
-from provisioning.issuer import Issuer, parse_serial
+from provisioning.issuer import Issuer
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
 from provisioning.registry import IN_BATCH, Registry, Transaction, operator
+from provisioning.serial import format_serial, parse_serial
 from provisioning.timefmt import iso, utcnow
 
 
@@ -125,10 +125,10 @@ class Authority:
                    stamp: str) -> list[str]:
         self._device_status(tx, device_id)
         if serial is not None:
-            number = parse_serial(serial)
-            if number is None:
-                raise UsageError(f"{serial!r} is not a hexadecimal serial", "--serial")
-            wanted = serial_hex(number)
+            try:
+                wanted = format_serial(parse_serial(serial))
+            except ValueError:
+                raise UsageError(f"{serial!r} is not a hexadecimal serial", "--serial") from None
             row = tx.execute("SELECT status FROM certificates WHERE serial = ? AND "
                              "device_id = ?", (wanted, device_id)).fetchone()
             if row is None:
@@ -268,7 +268,7 @@ class Authority:
         with self.registry.write(self.actor) as tx:
             atomic_write(key_path, key_pem, 0o600)
             atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem)
-            tx.audit(iso(now), "server.issue", None, serial_hex(cert.serial_number),
+            tx.audit(iso(now), "server.issue", None, format_serial(cert.serial_number),
                      {"name": host, "ips": [str(a) for a in addresses],
                       "uri": gateway_spiffe_id(self.config.trust_domain, host),
                       "not_after": iso(cert.not_valid_after_utc),

@@ -12,6 +12,7 @@ from provisioning.config import PKIConfig
 from provisioning.fsutil import atomic_write
 from provisioning.pki import IssuingCA
 from provisioning.registry import Transaction
+from provisioning.serial import parse_serial
 
 CRL_NUMBER_KEY = "crl_number"
 
@@ -82,7 +83,7 @@ def publish_crl(
             reason or "unspecified", x509.ReasonFlags.unspecified)
         entry = (
             x509.RevokedCertificateBuilder()
-            .serial_number(int(serial, 16))
+            .serial_number(parse_serial(serial))
             .revocation_date(dt.datetime.strptime(revoked_at, "%Y-%m-%dT%H:%M:%SZ")
                              .replace(tzinfo=dt.UTC))
         )

@@ -53,10 +53,10 @@ from provisioning.est_messages import (
     unauthorized,
     write_audit_events,
 )
-from provisioning.identity import serial_hex
 from provisioning.issuer import CHUNK, SignOptions, SignResult
 from provisioning.ocsp import Responder
 from provisioning.registry import Transaction
+from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 from provisioning.tokens import TokenBook, TokenCheck
 
@@ -266,7 +266,7 @@ class _Engine:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             return forbidden("the client certificate cannot be parsed")
-        serial = serial_hex(cert.serial_number)
+        serial = format_serial(cert.serial_number)
         now = utcnow()
         # TLS leaves validity times to us (est.py) so the client hears why, not a bare alert.
         if now > cert.not_valid_after_utc:

@@ -11,6 +11,8 @@ import ipaddress
 import os
 import re
 
+from provisioning.serial import format_serial
+
 DEVICE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _DEVICE_ID_RE = re.compile(rf"^{DEVICE_ID_PATTERN}$")
 # A SPIFFE trust domain is a lowercase DNS-like name (SPIFFE ID spec, section 2.1).
@@ -111,13 +113,8 @@ def parse_spiffe_id(uri: str) -> tuple[str, str] | None:
     return domain, device_id
 
 
-def serial_hex(serial: int) -> str:
-    """Serials as every output shows them: lowercase hex in whole octets, no separators.
-
-    The form ``openssl x509 -serial`` prints, lowercased, so they compare as text anywhere.
-    """
-    text = format(serial, "x")
-    return text if len(text) % 2 == 0 else "0" + text
+# The hub's name for format_serial (hub/identity.py imports it from here).
+serial_hex = format_serial
 
 
 # -- the optional MQTT password (second factor) -------------------------------------------------

@@ -23,7 +23,6 @@ from typing import Any, Literal, cast
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRFormatError, CSRInput, parse_csr
 from provisioning.errors import OutputError
-from provisioning.identity import serial_hex as serial_hex  # noqa: PLC0414 (re-export)
 from provisioning.pki import IssuingCA
 from provisioning.policy import CSRContext, check
 from provisioning.profile import (
@@ -34,6 +33,7 @@ from provisioning.profile import (
     validity,
 )
 from provisioning.registry import IN_BATCH, Registry, Transaction, detail_json, operator
+from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 
 # CSRs per registry transaction (and the most the enrollment service batches): each commit
@@ -41,6 +41,9 @@ from provisioning.timefmt import iso, utcnow
 # its rows touch, so larger chunks write less; 512 measured best on disk against 256 and
 # 1024 (10,000 certificates: 128, 114, 104 MB written), about 0.2 s of signing each.
 CHUNK = 512
+# The old name of format_serial, for callers outside provisioning/ (device_sim/enroll.py,
+# tests/integration); new code imports provisioning.serial.
+serial_hex = format_serial
 Status = Literal["issued", "existing", "rejected"]
 _INSERT_CERTIFICATE = (
     "INSERT INTO certificates (serial, device_id, fingerprint, public_key_sha256, not_before, "
@@ -118,21 +121,12 @@ class _Candidate:
     der: bytes | None = None  # the certificate, once minted
     result: SignResult | None = None
     pem: str = field(default="")
-    serial: str = field(default="")  # serial_hex of the certificate
+    serial: str = field(default="")  # format_serial of the certificate
     fingerprint: str = field(default="")  # SHA-256 of der, hex
 
 
 class _SerialCollision(Exception):  # noqa: N818 (not an error the caller sees)
     """A chunk's batched certificate rows hit an existing serial or fingerprint."""
-
-
-def parse_serial(text: str) -> int | None:
-    """Accept what operators paste: any case, with or without ':' separators or 0x."""
-    cleaned = text.strip().lower().removeprefix("0x").replace(":", "")
-    try:
-        return int(cleaned, 16) if cleaned else None
-    except ValueError:
-        return None
 
 
 class Issuer:
@@ -248,7 +242,7 @@ class Issuer:
         cand.der = der
         cand.pem = certificate_pem(der)  # what cert.public_bytes(PEM) gives, from the DER
         cand.fingerprint = hashlib.sha256(der).hexdigest()  # cert.fingerprint(SHA256())
-        cand.serial = serial_hex(serial)
+        cand.serial = format_serial(serial)
 
     def _record(self, tx: Transaction, view: _ChunkView, cand: _Candidate,
                 options: SignOptions, window: _Window,

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from provisioning.crl import REASONS
-from provisioning.identity import serial_hex
 from provisioning.pki import IssuingCA
+from provisioning.serial import format_serial
 from provisioning.timefmt import parse_iso
 
 # How long a client may rely on an answer (nextUpdate); short, so a revocation shows soon.
@@ -94,7 +94,7 @@ class Responder:
             return malformed()
         if algorithm.name not in _HASHES:
             return malformed()
-        serial = serial_hex(serial_number)
+        serial = format_serial(serial_number)
         row = self.lookup(serial) if self._ours(algorithm.name) == (name_hash, key_hash) \
             else None
         status, result = ocsp.OCSPCertStatus.UNKNOWN, "unknown"

@@ -21,7 +21,8 @@ from typing import Any
 
 from cryptography import x509
 
-from provisioning.issuer import CHUNK, serial_hex
+from provisioning.issuer import CHUNK
+from provisioning.serial import format_serial
 from tests.provisioning.conftest import fleet_provision
 from tests.provisioning.csrs import make_csr
 
@@ -86,7 +87,7 @@ def _wait_for_commit(proc: subprocess.Popen[bytes], registry: Path, at_least: in
 
 
 def _serial_of(pem: bytes) -> str:
-    return serial_hex(x509.load_pem_x509_certificate(pem).serial_number)
+    return format_serial(x509.load_pem_x509_certificate(pem).serial_number)
 
 
 def _check_files_against_registry(out: Path, snap: Snapshot, chain: bytes) -> set[str]:

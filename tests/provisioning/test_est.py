@@ -25,8 +25,9 @@ from provisioning import der
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.est_messages import b64_body, certs_only, certs_only_der, pem_der
-from provisioning.issuer import SignOptions, serial_hex
+from provisioning.issuer import SignOptions
 from provisioning.profile import device_certificate, random_serial
+from provisioning.serial import format_serial
 from tests.provisioning.conftest import ORG, TRUST_DOMAIN, CliResult, fleet_provision
 from tests.provisioning.csrs import PrivateKey, make_csr, make_key
 from tests.provisioning.est_support import (
@@ -173,8 +174,8 @@ def test_curl_simplereenroll_with_the_current_certificate(fleet: Fleet, tmp_path
     assert new.subject == old.subject
     with Authority(fleet.pki) as authority:
         statuses = {c.serial: c.status for c in authority.registry.certificates("est-000")}
-    assert statuses == {serial_hex(old.serial_number): "superseded",
-                        serial_hex(new.serial_number): "active"}
+    assert statuses == {format_serial(old.serial_number): "superseded",
+                        format_serial(new.serial_number): "active"}
 
 
 def test_csrattrs_asks_for_p256_and_ecdsa_with_sha256(fleet: Fleet) -> None:
@@ -417,7 +418,7 @@ def test_every_request_is_audited_and_the_chain_verifies(tmp_path: Path) -> None
                         ("est:anonymous", "crl.fetch", 200, "ok")]
     issue = next(r for r in rows if r[1] == "certificate.issue")
     assert issue[:4] == ("est:token:line9", "certificate.issue", "est-020",
-                         serial_hex(cert.serial_number))
+                         format_serial(cert.serial_number))
 
 
 def _ca_worker(pid: int) -> int:

@@ -18,8 +18,9 @@ from cryptography.x509 import ocsp
 from provisioning.authority import Authority
 from provisioning.crl import publish_crl
 from provisioning.csr import CSRInput
-from provisioning.issuer import SignOptions, serial_hex
+from provisioning.issuer import SignOptions
 from provisioning.ocsp import Responder
+from provisioning.serial import format_serial
 from tests.provisioning.csrs import make_csr
 from tests.provisioning.est_support import NEEDS_TOOLS, Answer, Server, make_pki, request, run
 
@@ -111,7 +112,7 @@ def test_openssl_ocsp_reports_good_and_revoked(responders: Responders, scheme: s
     revoked_at = dt.datetime.strptime(str(row.revoked_at), "%Y-%m-%dT%H:%M:%SZ").replace(
         tzinfo=dt.UTC)
     assert f"Revocation Time: {revoked_at:%b %e %H:%M:%S %Y} GMT" in out
-    assert serial_hex(cert.serial_number) == row.serial
+    assert format_serial(cert.serial_number) == row.serial
 
 
 def test_on_hold_is_revoked_with_certificate_hold_until_resumed(responders: Responders) -> None:
@@ -249,7 +250,7 @@ def test_responder_answers_sha256_cert_ids_and_omits_unspecified_reasons(
         answer = responder.respond(_request_der(cert, authority.ca.cert,
                                                 algorithm=hashes.SHA256()), now)
     response = ocsp.load_der_ocsp_response(answer.der)
-    assert (answer.result, answer.serial) == ("revoked", serial_hex(cert.serial_number))
+    assert (answer.result, answer.serial) == ("revoked", format_serial(cert.serial_number))
     assert response.certificate_status is ocsp.OCSPCertStatus.REVOKED
     assert response.revocation_reason is None
     assert isinstance(response.hash_algorithm, hashes.SHA256)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from provisioning.issuer import serial_hex
+from provisioning.serial import format_serial
 from tests.provisioning.conftest import CliResult
 from tests.provisioning.csrs import make_csr, make_key
 
@@ -29,7 +29,7 @@ def _entries(pki: Path) -> dict[str, x509.ReasonFlags | None]:
             reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
         except x509.ExtensionNotFound:
             reason = None
-        out[serial_hex(entry.serial_number)] = reason
+        out[format_serial(entry.serial_number)] = reason
     return out
 
 

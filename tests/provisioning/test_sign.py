@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
-from provisioning.issuer import Issuer, SignOptions, serial_hex
+from provisioning.issuer import Issuer, SignOptions
+from provisioning.serial import format_serial
 from tests.provisioning.conftest import CliResult
 from tests.provisioning.csrs import make_csr, make_key
 
@@ -184,7 +185,7 @@ def _registry_agrees(authority: Authority, out: Path) -> dict[str, str]:
     newest = {}
     for serial, device_id, fingerprint, pem in rows:
         cert = x509.load_pem_x509_certificate(pem.encode())
-        assert serial_hex(cert.serial_number) == serial
+        assert format_serial(cert.serial_number) == serial
         assert fingerprint == cert.fingerprint(hashes.SHA256()).hex()
         assert pem == cert.public_bytes(serialization.Encoding.PEM).decode()
         cert.verify_directly_issued_by(authority.ca.cert)
@@ -230,7 +231,7 @@ def test_serial_collision_is_reminted_and_never_reused(
     serials = [r.serial for r in results]
     assert first.serial not in serials
     assert len(set(serials)) == 4
-    assert serials.count(serial_hex(twice)) == 1
+    assert serials.count(format_serial(twice)) == 1
     assert _registry_agrees(authority, out) == {
         "taken": first.serial, **{r.device_id: r.serial for r in results}}
 
