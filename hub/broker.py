@@ -22,14 +22,18 @@ from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from hub import session
+from hub.errors import MalformedPacketError
 from hub.gatekeeper import Decision, LiveSession
-from hub.handler import HubHandler
+from hub.handler import ConnectRefusedError, HubHandler, audit_session, audit_violation
+from hub.identity import DeviceIdentity, identity_from_der
+from hub.limits import PublishBudgets, RetainedQuota
 from hub.listener import TLSListener
 from hub.router import Router
 from hub.runtime import HubRuntime
 from hub.tls import server_context
 from hub.tlssocket import transport_of
 from hub.topictree import valid_filter
+from hub.wire import PacketTooLargeError, publish_packet
 
 log = logging.getLogger("hub.broker")
 
@@ -52,7 +56,6 @@ class HubBroker(Broker):  # type: ignore[misc]
     def __init__(self, runtime: HubRuntime) -> None:
         self.hub_runtime = runtime  # before super(): the plugins look for it while loading
         session.install()
-        self._closed_events: dict[int, asyncio.Event] = {}
         self._connect_locks: dict[str, asyncio.Lock] = {}
         source = str(runtime.config.source or "")
         plugin_config = {"config": source}
@@ -65,6 +68,10 @@ class HubBroker(Broker):  # type: ignore[misc]
         # Subscriptions live in the router's topic tree; amqtt's own table stays empty, so
         # its per-CONNECT walk over every filter in the broker costs nothing.
         self.router = Router(self._sessions, runtime.metrics)
+        limits = runtime.config.limits
+        self.publish_budgets = PublishBudgets(limits.publish_rate, limits.publish_bytes_rate)
+        self.retained_quota = RetainedQuota(limits.max_retained_per_device,
+                                            limits.max_retained_bytes)
         listener = runtime.config.listener
         self.listener = TLSListener(server_context(listener), self._on_stream,
                                     runtime.gatekeeper.handshake_refused,
@@ -115,12 +122,43 @@ class HubBroker(Broker):  # type: ignore[misc]
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[Any, Any]:
+        runtime = self.hub_runtime
+        peer = f"{remote_address}:{remote_port}"
+        # Taken before anything is read: a client that resets after its CONNECT takes its
+        # SSL socket with it, and the certificate must still be there to decide on.
+        der = _peer_der(writer)
+        if der is None:
+            await _close(writer)
+            raise AMQTTError(f"{peer} closed before its CONNECT was read")
         try:
             handler, incoming = await asyncio.wait_for(
-                HubHandler.init_from_connect(reader, writer, self.plugins_manager),
+                HubHandler.init_from_connect(reader, writer, self.plugins_manager,
+                                             max_bytes=runtime.config.limits.max_packet_bytes,
+                                             peer_der=der),
                 # A client that completed TLS but sends no CONNECT loses its slot as fast as
                 # one that stalls the handshake.
-                self.hub_runtime.config.listener.handshake_timeout)
+                runtime.config.listener.handshake_timeout)
+        except PacketTooLargeError as exc:
+            identity = _identity(der)
+            runtime.audit.record("limit", device_id=identity.device_id if identity else None,
+                                 serial=identity.serial_hex if identity else None, peer=peer,
+                                 reason="packet-too-large")
+            log.info("%s: %s; closing", peer, exc)
+            _abort(writer)  # its body is not read, nor waited for
+            raise AMQTTError(f"{peer}: {exc}") from None
+        except MalformedPacketError as exc:
+            audit_violation(runtime, str(exc), _identity(der), peer)  # [MQTT-4.8.0-1]
+            log.info("%s: protocol violation: %s; closing", peer, exc)
+            await _close(writer)
+            raise AMQTTError(f"{peer}: protocol violation: {exc}") from None
+        except ConnectRefusedError as exc:
+            identity = _identity(der)
+            runtime.audit.record("reject", device_id=identity.device_id if identity else None,
+                                 serial=identity.serial_hex if identity else None, peer=peer,
+                                 reason=exc.reason)
+            runtime.metrics.refused(exc.reason)
+            await _close(writer)
+            raise AMQTTError(f"{peer} refused: {exc}") from None
         except (AMQTTError, MQTTError, NoDataError, TimeoutError, ConnectionError,
                 asyncio.IncompleteReadError) as exc:
             await _close(writer)
@@ -165,13 +203,15 @@ class HubBroker(Broker):  # type: ignore[misc]
         """Take over, clean or resume only now, for an authenticated client."""
         existing = self._sessions.get(client_id)
         if existing is not None and existing[0].transitions.is_connected():
-            await self._take_over(client_id, existing[1])
-        if incoming.clean_session:
+            await self._take_over(client_id, existing[1])  # the old one has ended on return
+            existing = self._sessions.get(client_id)
+        if incoming.clean_session or (existing is not None and existing[0].clean_session):
+            # [MQTT-3.1.2-6]: clean session 1 discards the previous session, and a clean
+            # session's own state is never reused (it normally went with its connection).
             await self._delete_session(client_id)
-            incoming.parent = 0
-            return incoming
-        if client_id in self._sessions:
-            session = self._sessions[client_id][0]
+            existing = None
+        if not incoming.clean_session and existing is not None:
+            session = existing[0]
             # Everything that belongs to the *new* connection, its TLS object above all.
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
                          "keep_alive", "username", "password", "ssl_object", "remote_address",
@@ -201,12 +241,17 @@ class HubBroker(Broker):  # type: ignore[misc]
                 _abort(handler.writer)
 
     async def _take_over(self, client_id: str, old_handler: Any) -> None:
-        closed = self._closed_events.setdefault(id(old_handler), asyncio.Event())
+        """End the connection that holds *client_id* [MQTT-3.1.4-2] and wait until the broker
+        is done with it (:meth:`_handle_client_session` always sets ``finished``)."""
         self.hub_runtime.gatekeeper.detach(client_id)
         await old_handler.handle_connection_closed()
+        finished = getattr(old_handler, "finished", None)
+        if finished is None:
+            return
         try:
-            await asyncio.wait_for(closed.wait(), TAKEOVER_TIMEOUT)
-        except TimeoutError:
+            async with asyncio.timeout(TAKEOVER_TIMEOUT):
+                await finished.wait()
+        except TimeoutError:  # a safety net: every path sets it
             log.warning("old connection of %s did not close in time; stopping it", client_id)
             await self._stop_handler(old_handler)
 
@@ -259,16 +304,39 @@ class HubBroker(Broker):  # type: ignore[misc]
         session.attributes["fleet_hub.live"] = live
         self.hub_runtime.gatekeeper.attach(live)
 
-    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
-        live = client_session.attributes.get("fleet_hub.live")
+    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Any,
+                                     handler: Any, server: Any, listener_name: str) -> None:
         try:
-            await self._message_loop(client_session, handler)
+            await super()._handle_client_session(reader, writer, client_session, handler,
+                                                 server, listener_name)
         finally:
+            await self._session_ended(client_session, handler)
+
+    async def _session_ended(self, session: Any, handler: Any) -> None:
+        """However a connection's life ended (DISCONNECT, loss, take-over, kick, a bug): it is
+        untracked and disconnected, a clean session's state goes with it [MQTT-3.1.2-6], and
+        a take-over waiting for it is told."""
+        client_id = session.client_id
+        try:
+            live = session.attributes.get("fleet_hub.live")
             if live is not None:
-                self.hub_runtime.gatekeeper.detach(client_session.client_id, live)
-            event = self._closed_events.pop(id(handler), None)
-            if event is not None:
-                event.set()
+                self.hub_runtime.gatekeeper.detach(client_id, live)
+            entry = self._sessions.get(client_id)
+            ours = entry is not None and entry[1] is handler
+            if ours and session.transitions.is_connected():
+                # Ended by an exception, not through stock's _handle_disconnect.
+                await self._stop_handler(handler)
+                session.transitions.disconnect()
+            if ours and session.clean_session:
+                del self._sessions[client_id]
+                await self._del_all_subscriptions(session)
+                session.clear_queues()
+        finally:
+            if isinstance(handler, HubHandler):
+                handler.finished.set()
+
+    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
+        await self._message_loop(client_session, handler)
 
     async def _message_loop(self, session: Any, handler: Any) -> None:
         """Stock's loop, on one future: it kept four tasks per connection waiting forever.
@@ -308,13 +376,31 @@ class HubBroker(Broker):  # type: ignore[misc]
         # Same function the topic plugin calls, without a task per message (hot path).
         return self.hub_runtime.topic_allowed(session, topic, str(action.value))
 
+    async def _publish_session_retained_messages(self, session: Any) -> None:
+        """Nothing to do: messages queued while away wait in the session's outbox, which the
+        handler's start resends and moves (stock awaited each acknowledgement here)."""
+
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Any) -> None:
-        # Only for a filter this client holds (stock also calls it for everybody's filters).
-        if not self._retained_messages or \
-                subscription[0] not in self.router.tree.filters_of(session.client_id):
+        """Retained messages for a filter this client holds (stock also sent them for
+        everybody's filters), with RETAIN 1 [MQTT-3.3.1-8]: QoS 0 written at once, QoS 1/2
+        through the outbox (stock awaited each acknowledgement in the message loop)."""
+        topic_filter = subscription[0]
+        granted = self.router.tree.filters_of(session.client_id).get(topic_filter)
+        entry = self._sessions.get(session.client_id)
+        if not self._retained_messages or granted is None or entry is None:
             return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
+        writer = entry[1].writer if entry[1] is not None else None
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            qos = min(granted, retained.qos if retained.qos is not None else granted)
+            encoded, payload = topic.encode(), bytes(retained.data)
+            if qos:
+                self.router.acknowledged(session, encoded, payload, qos, retain=True,
+                                         writer=writer)
+            elif writer is not None:
+                writer.write(publish_packet(encoded, payload, retain=True))
 
     # -- routing: the topic tree instead of amqtt's filter table and broadcast loop -------------
 
@@ -334,12 +420,53 @@ class HubBroker(Broker):  # type: ignore[misc]
         topic_filter, qos = subscription
         if not valid_filter(topic_filter):
             return 0x80  # [MQTT-4.7.1-2/3]
+        limits = self.hub_runtime.config.limits
+        if len(topic_filter.encode()) > limits.max_topic_bytes:
+            self._note_limit(session, "topic-too-long")
+            return 0x80
         if not self.hub_runtime.topic_allowed(session, topic_filter, "subscribe"):
+            return 0x80
+        held = self.router.tree.filters_of(session.client_id)
+        if topic_filter not in held and len(held) >= limits.max_subscriptions:
+            self._note_limit(session, "too-many-subscriptions")
             return 0x80
         max_qos = self.config.get("max-qos", qos)
         granted = min(qos, max_qos) if isinstance(max_qos, int) else qos
         self.router.tree.subscribe(session.client_id, topic_filter, granted)
         return granted
+
+    def _note_limit(self, session: Any, reason: str) -> None:
+        """A [limits] hit by *session*'s device: through its connection's handler (audited
+        once per connection), or audited at once when it has none (a will)."""
+        entry = self._sessions.get(session.client_id) if session is not None else None
+        handler = entry[1] if entry is not None and entry[0] is session else None
+        if isinstance(handler, HubHandler):
+            handler.note_limit(reason)
+        elif session is not None:
+            self.hub_runtime.metrics.limit_hit(reason)
+            audit_session(self.hub_runtime, session, "limit", reason)
+
+    async def retain_message(self, source_session: Any, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        """Stock's, within the publishing device's retained quota (hub/limits.py).
+
+        A message over the quota is not kept (it was routed live already) and the topic's
+        older retained message goes too: no later subscriber gets a value the device has
+        since replaced. An empty payload deletes and frees the quota [MQTT-3.3.1-10/11].
+        Messages of a device revoked later are kept: they were legitimate when published.
+        """
+        if topic_name is None:
+            return
+        if data:
+            owner = _device_of(source_session)
+            size = len(topic_name.encode()) + len(data)
+            if not self.retained_quota.store(owner, topic_name, size):
+                self._note_limit(source_session, "retained-quota")
+                self.retained_quota.remove(topic_name)
+                data = b""
+        else:
+            self.retained_quota.remove(topic_name)
+        await super().retain_message(source_session, topic_name, data, qos)
 
     async def _del_all_subscriptions(self, session: Any) -> None:
         self.router.tree.unsubscribe_all(session.client_id)
@@ -363,15 +490,48 @@ class HubBroker(Broker):  # type: ignore[misc]
             return True
         topic = message.topic
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            if topic and topic[0] == "$" and isinstance(handler, HubHandler):
+                handler.deny_sys(topic)
             # Stock stops reading but keeps the socket open: close it [MQTT-4.8.0-1].
             await handler.handle_connection_closed()
             return False
         self.hub_runtime.metrics.messages_in()
-        if self.hub_runtime.topic_allowed(client_session, topic, "publish"):
+        within = handler.limit_qos2(topic, len(message.data)) \
+            if isinstance(handler, HubHandler) else True
+        if within is None:
+            await handler.handle_connection_closed()
+            return False
+        if within and self.hub_runtime.topic_allowed(client_session, topic, "publish"):
             self.router.route(client_session, topic, bytes(message.data), message.qos)
             if message.publish_packet is not None and message.publish_packet.retain_flag:
                 await self.retain_message(client_session, topic, message.data, message.qos)
         return True
+
+
+def _device_of(session: Any) -> str | None:
+    """The device a session's connection was admitted as; None for the broker's own."""
+    if session is None:
+        return None
+    identity = getattr(session.attributes.get(_DECISION), "identity", None)
+    return str(identity.device_id) if identity is not None else str(session.client_id)
+
+
+def _peer_der(writer: Any) -> bytes | None:
+    """The client certificate of a live TLS connection (DER), None once it is gone."""
+    ssl_object = writer.get_ssl_info()
+    if ssl_object is None:
+        return None
+    try:
+        der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    except (AttributeError, ValueError, OSError):  # closed under us
+        return None
+    return der
+
+
+def _identity(der: bytes | None) -> DeviceIdentity | None:
+    """Who a connection's certificate names, for the audit of a CONNECT that never got in."""
+    found = identity_from_der(der)
+    return found if isinstance(found, DeviceIdentity) else None
 
 
 async def _refuse(writer: Any) -> None:

@@ -3,8 +3,10 @@
 Stock amqtt queues every message for a broadcast loop that matches it against every filter
 and starts a task per subscriber. Here routing is a call: the topic tree names the
 subscribers, a QoS 0 copy is encoded once and written straight into each subscriber's TLS
-transport (whole packets per write, so copies never interleave with amqtt's own writes),
-and only QoS 1/2 copies go through amqtt's acknowledged flow (packet ids, retries).
+transport (whole packets per write, so copies never interleave with amqtt's own writes).
+QoS 1/2 copies go into the subscriber session's :class:`hub.session.Outbox`: a bounded
+window in flight, then a bounded queue, redelivered with DUP when a persistent session
+comes back [MQTT-4.4.0-1]; no task and no timer per copy.
 
 A subscriber that does not read cannot make the hub buffer without bound: past
 ``buffer_limit`` bytes waiting in its transport, its QoS 0 copies are dropped (QoS 0 is "at
@@ -13,13 +15,11 @@ most once") and counted.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-from amqtt.broker import RetainedApplicationMessage
-
 from hub.metrics import Metrics
+from hub.session import outbox_of
 from hub.tlssocket import transport_of
 from hub.topictree import TopicTree
 from hub.wire import publish_packet
@@ -38,8 +38,8 @@ class Router:
         self._sessions = sessions
         self._metrics = metrics
         self._buffer_limit = buffer_limit
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self.dropped = 0
+        self.dropped = 0  # QoS 0 copies not written: the subscriber's transport was full
+        self.overflowed = 0  # QoS 1/2 copies dropped: the subscriber's outbox queue was full
 
     def route(self, source: Any, topic: str, payload: bytes, qos: int,
               topic_bytes: bytes | None = None) -> int:
@@ -60,9 +60,8 @@ class Router:
             writer = handler.writer if handler is not None else None
             if session.transitions.state != "connected" or writer is None:
                 # [MQTT-3.1.2-5]: a persistent session keeps QoS 1/2 messages while away.
-                if level and not session.clean_session:
-                    session.retained_messages.put_nowait(
-                        RetainedApplicationMessage(source, topic, payload, level))
+                if level and not session.clean_session and \
+                        self.acknowledged(session, encoded, payload, level, writer=None):
                     delivered += 1
                 continue
             if level == 0:
@@ -72,24 +71,26 @@ class Router:
                     self.dropped += 1
                     continue
                 writer.write(qos0)
-            else:
-                task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, level, False))
-                self._tasks.add(task)
-                task.add_done_callback(self._finished)
+            elif not self.acknowledged(session, encoded, payload, level, writer=writer):
+                continue
             delivered += 1
         if delivered:
             self._metrics.messages_out(delivered)
         return delivered
 
-    def _finished(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("delivery failed: %r", task.exception())
+    def acknowledged(self, session: Any, topic: bytes, payload: bytes, qos: int, *,
+                     retain: bool = False, writer: Any = None) -> bool:
+        """A QoS 1/2 copy into the session's outbox; False (and counted) when it is full.
 
-    async def drain(self) -> None:
-        """Let acknowledged deliveries under way finish or fail (at shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        *writer* is the session's live connection (None while it is away).
+        """
+        if outbox_of(session, writer).offer(topic, payload, qos, retain):
+            return True
+        self.overflowed += 1
+        if self.overflowed & (self.overflowed - 1) == 0:  # 1, 2, 4, 8...: the log stays short
+            log.warning("QoS 1/2 copy for %s dropped: its outbox is full (%d dropped in all)",
+                        session.client_id, self.overflowed)
+        return False
 
 
 def _backlog(writer: Any) -> int:

@@ -12,10 +12,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.session import Session
 from transitions.core import MachineError
+
+from hub.wire import ack, publish_packet
+
+INFLIGHT_WINDOW = 32  # QoS 1/2 PUBLISHes out to one subscriber and not yet acknowledged
+QUEUE_LIMIT = 1000  # QoS 1/2 messages waiting for room in the window; past it new ones drop
+_PUBREL = 6
 
 
 class SessionStates:
@@ -153,13 +159,144 @@ class SlimEvent:
                 self._waiters.remove(waiter)
 
 
+class _Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class _Out:
+    """One acknowledged delivery: its PUBLISH until PUBACK/PUBREC, then (QoS 2) PUBREL."""
+
+    __slots__ = ("packet_id", "payload", "qos", "released", "retain", "topic")
+
+    def __init__(self, topic: bytes, payload: bytes, qos: int, retain: bool) -> None:
+        self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
+        self.packet_id = 0
+        self.released = False  # PUBREC received, PUBREL sent: waiting for PUBCOMP
+
+
+class Outbox:
+    """One session's QoS 1/2 deliveries: a bounded window in flight, then a bounded queue.
+
+    MQTT 3.1.1 redelivers only when a persistent session reconnects [MQTT-4.4.0-1], so while
+    connected there are no timers, retries or tasks (stock amqtt gave each copy a task that
+    failed with TimeoutError after 5 s and lost the message). A subscriber that does not
+    acknowledge holds ``window`` copies; later ones queue (in order [MQTT-4.6.0-6]) up to
+    ``limit`` and past that are dropped and counted in ``dropped``.
+    """
+
+    __slots__ = ("_inflight", "_limit", "_next_id", "_queue", "_window", "_writer", "dropped")
+
+    def __init__(self, window: int = INFLIGHT_WINDOW, limit: int = QUEUE_LIMIT) -> None:
+        self._inflight: dict[int, _Out] = {}  # packet id -> delivery, in the order sent
+        self._queue: deque[_Out] = deque()
+        self._window = window
+        self._limit = limit
+        self._next_id = 0
+        self._writer: _Writer | None = None
+        self.dropped = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def offer(self, topic: bytes, payload: bytes, qos: int, retain: bool = False) -> bool:
+        """Send now if connected with room in the window, else queue; False when dropped."""
+        item = _Out(topic, payload, qos, retain)
+        writer = self._writer
+        if writer is not None and not self._queue and len(self._inflight) < self._window:
+            self._send(item, writer)
+            return True
+        if len(self._queue) >= self._limit:
+            self.dropped += 1
+            return False
+        self._queue.append(item)
+        return True
+
+    def attach(self, writer: _Writer) -> None:
+        """A connection for this session: what was in flight goes again, PUBLISH with DUP or
+        PUBREL, same packet ids and order [MQTT-4.4.0-1, 3.3.1-1]; then the queue moves."""
+        self._writer = writer
+        for packet_id, item in self._inflight.items():
+            if item.released:
+                writer.write(ack(_PUBREL, packet_id))
+            else:
+                writer.write(publish_packet(item.topic, item.payload, item.qos, packet_id,
+                                            retain=item.retain, dup=True))
+        self._fill()
+
+    def detach(self, writer: _Writer) -> None:
+        """The connection ended: keep everything for the next one (a persistent session)."""
+        if self._writer is writer:
+            self._writer = None
+
+    def puback(self, packet_id: int) -> bool:
+        """QoS 1 acknowledged; False for a packet id not awaiting PUBACK."""
+        item = self._inflight.get(packet_id)
+        if item is None or item.qos != 1:
+            return False
+        del self._inflight[packet_id]
+        self._fill()
+        return True
+
+    def pubrec(self, packet_id: int) -> bool:
+        """QoS 2 received: answer PUBREL and forget the payload [MQTT-4.3.3-1]."""
+        item = self._inflight.get(packet_id)
+        if item is None or item.qos != 2:
+            return False
+        item.released, item.payload = True, b""
+        if self._writer is not None:
+            self._writer.write(ack(_PUBREL, packet_id))
+        return True
+
+    def pubcomp(self, packet_id: int) -> bool:
+        """QoS 2 complete: the packet id is free again."""
+        item = self._inflight.get(packet_id)
+        if item is None or not item.released:
+            return False
+        del self._inflight[packet_id]
+        self._fill()
+        return True
+
+    def _fill(self) -> None:
+        writer = self._writer
+        while writer is not None and self._queue and len(self._inflight) < self._window:
+            self._send(self._queue.popleft(), writer)
+
+    def _send(self, item: _Out, writer: _Writer) -> None:
+        packet_id = self._next_id
+        while True:  # at most ``window`` ids are taken: this ends quickly
+            packet_id = packet_id % 65535 + 1
+            if packet_id not in self._inflight:
+                break
+        self._next_id = item.packet_id = packet_id
+        self._inflight[packet_id] = item
+        writer.write(publish_packet(item.topic, item.payload, item.qos, packet_id,
+                                    retain=item.retain))
+
+
+def outbox_of(session: Any, writer: _Writer | None = None) -> Outbox:
+    """The session's outbox, made on its first QoS 1/2 delivery (most devices never get one);
+    a new one is attached to *writer*, the live connection's, when there is one."""
+    box: Outbox | None = getattr(session, "outbox", None)
+    if box is None:
+        box = session.outbox = Outbox()
+        if writer is not None:
+            box.attach(writer)
+    return box
+
+
 class HubSession(Session):  # type: ignore[misc]
-    """amqtt's Session with :class:`SessionStates` and slim queues."""
+    """amqtt's Session with :class:`SessionStates`, slim queues and an :class:`Outbox`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.retained_messages = SlimQueue()
         self.delivered_message_queue = SlimQueue()
+        self.outbox: Outbox | None = None
 
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,16 @@ from tests.integration.fleet import Device, Fleet, RunningHub
 from tests.integration.mqtt import Client
 
 ACCEPTED = 0
+# These tests stream thousands of messages from one device: far above [limits] publish_rate's
+# default of 100/s, which tests/integration/test_hub_limits.py covers.
+UNLIMITED = "[limits]\npublish_rate = 1000000\npublish_bytes_rate = 1000000000\n"
+
+
+@pytest.fixture(scope="module")
+def hub(fleet: Fleet) -> Iterator[RunningHub]:
+    running = RunningHub.start(fleet.write_config("hub-routing.toml", extra=UNLIMITED))
+    yield running
+    assert running.stop() == 0, "".join(running.log)
 
 
 @pytest.fixture(scope="module")
