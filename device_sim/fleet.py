@@ -4,7 +4,7 @@ Timeline: enrollment (cached in the fleet folder) → workers start and report r
 attacks, one-byte handshake squatters are opened here → every worker ramps its share of the
 fleet at ``rate / processes`` connects per second, interleaved (the squatters are closed when
 it is over) → the hold: ``duration`` seconds with every device connected and publishing;
-meanwhile the attack scenarios run here (their own devices) and the revocation:
+meanwhile the attack and abuse scenarios run here (their own devices) and the revocation:
 ``revoke`` of the connected devices are revoked through the provisioning library, each
 disconnect is timed from its own revocation, then each revoked device reconnects once →
 stop: telemetry still in flight is awaited, every device sends DISCONNECT → the workers send
@@ -29,7 +29,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from device_sim.abuse import Limits
+from device_sim.abuse import AbuseKit, AbuseRunner, Limits
 from device_sim.display import Display
 from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
 from device_sim.errors import UsageError
@@ -302,7 +302,11 @@ class _Parent:
     async def _attacks(self, kit: AttackKit) -> None:
         runner = AttackRunner(kit, self.settings.host, self.settings.port, self.ca_pem,
                               check_hostname=self.settings.check_hostname)
-        self.scenarios = await runner.run()
+        abuse = AbuseRunner(AbuseKit(*kit.abusers), self.settings.limits,
+                            lambda files, inbox: runner.device(files, files.device_id,
+                                                               inbox=inbox))
+        refused, abused = await asyncio.gather(runner.run(), abuse.run())
+        self.scenarios = refused + abused
 
     def _shares(self, total: int) -> list[int]:
         """Split *total* over the workers in proportion to their live devices."""

@@ -3,7 +3,8 @@
 Material (made before the run, in ``FLEET_DIR/attack``): a foreign PKI made with the
 provisioning library and a certificate from it; an expired and a not-yet-valid certificate
 signed by the real issuing CA with chosen dates; a device enrolled and then revoked; and two
-valid devices, a victim and an attacker, for client-id spoofing and the ACL checks.
+valid devices, a victim and an attacker, for client-id spoofing and the ACL checks; and four
+more valid devices for the abuse scenarios (:mod:`device_sim.abuse`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ATTACK_TIMEOUT = 10.0
 # How long a broker may take to learn of a revocation before the revoked device tries.
 REVOCATION_GRACE = 2.0
 SETTLE = 0.5  # after an attack, before looking at its effect on the victim
+ABUSERS = 4  # valid devices for device_sim.abuse: flooder, bystander, hoarder, bulky
 
 
 @dataclass(frozen=True)
@@ -53,14 +55,17 @@ class AttackKit:
     future: DeviceFiles
     revoked: DeviceFiles
     revoked_at: float  # time.monotonic() of its revocation (-inf: an earlier run)
+    abusers: tuple[DeviceFiles, ...] = ()  # flooder, bystander, hoarder, bulky
 
 
 def prepare(pki: Path, root: Path) -> AttackKit:
     """Everything the scenarios need; cached pieces are reused (the rogue PKI, the pair)."""
     root.mkdir(parents=True, exist_ok=True)
-    pair = FleetDir(root / "pair", prefix="atk-").prepare(pki, 2, LibraryEnroller(pki))
-    victim, attacker = pair.devices
-    return AttackKit(victim, attacker, _rogue(root), *_dated(pki, root), *_revoked(pki, root))
+    crew = FleetDir(root / "pair", prefix="atk-").prepare(pki, 2 + ABUSERS,
+                                                         LibraryEnroller(pki))
+    victim, attacker, *abusers = crew.devices
+    return AttackKit(victim, attacker, _rogue(root), *_dated(pki, root), *_revoked(pki, root),
+                     abusers=tuple(abusers))
 
 
 def _rogue(root: Path) -> DeviceFiles:
@@ -125,8 +130,9 @@ class AttackRunner:
         self.check_hostname = check_hostname
         self.victim_inbox: list[tuple[str, bytes]] = []
 
-    def _device(self, files: DeviceFiles | None, client_id: str, *,
+    def device(self, files: DeviceFiles | None, client_id: str, *,
                 inbox: list[tuple[str, bytes]] | None = None) -> Device:
+        """A device with *files* (None: no certificate) for this broker, not yet connected."""
         creds = (Credentials(files.cert, files.key) if files is not None
                  else Credentials(None, None))
         context = client_context(self.ca_pem, creds, check_hostname=self.check_hostname)
@@ -135,7 +141,7 @@ class AttackRunner:
 
     async def _refused(self, name: str, files: DeviceFiles | None,
                        client_id: str) -> ScenarioResult:
-        device = self._device(files, client_id)
+        device = self.device(files, client_id)
         outcome = await device.connect(ATTACK_TIMEOUT)
         if outcome.accepted:
             await device.disconnect()
@@ -153,7 +159,7 @@ class AttackRunner:
             self._refused("expired", kit.expired, kit.expired.device_id),
             self._refused("not-yet-valid", kit.future, kit.future.device_id),
             self._refused("revoked-before-connect", kit.revoked, kit.revoked.device_id)))
-        victim = self._device(kit.victim, victim_id, inbox=self.victim_inbox)
+        victim = self.device(kit.victim, victim_id, inbox=self.victim_inbox)
         outcome = await victim.connect(ATTACK_TIMEOUT)
         codes = (await victim.subscribe([f"devices/{victim_id}/cmd",
                                          f"devices/{victim_id}/telemetry"])
@@ -190,7 +196,7 @@ class AttackRunner:
 
     async def _spoof(self, victim: Device) -> ScenarioResult:
         """A valid certificate (the attacker's) with the victim's client id."""
-        spoofer = self._device(self.kit.attacker, victim.client_id)
+        spoofer = self.device(self.kit.attacker, victim.client_id)
         outcome = await spoofer.connect(ATTACK_TIMEOUT)
         await asyncio.sleep(SETTLE)
         # Connected, and still served: its own message comes back (a slow broker may take
@@ -207,7 +213,7 @@ class AttackRunner:
 
     async def _acl(self, victim: Device) -> list[ScenarioResult]:
         inbox: list[tuple[str, bytes]] = []
-        attacker = self._device(self.kit.attacker, self.kit.attacker.device_id, inbox=inbox)
+        attacker = self.device(self.kit.attacker, self.kit.attacker.device_id, inbox=inbox)
         outcome = await attacker.connect(ATTACK_TIMEOUT)
         if not outcome.accepted:
             why = f"the attacker's own valid connection failed: {outcome.describe()}"

@@ -5,7 +5,9 @@ Mosquitto is configured as close to the hub's policy as it gets: ``require_certi
 does (recorded here, and in docs/simulator.md): the TLS checks hold; a CRL is read once at
 start, so a device revoked later is still admitted and a revoked live session is never
 closed; the client id is not bound to the certificate, so a spoofer takes over the victim's
-session; a subscription to '#' is granted (then filtered by the ACL on delivery).
+session; a subscription to '#' is granted (then filtered by the ACL on delivery); and by
+default it has none of the hub's [limits]: a 200 MB PUBLISH is read on, every retained
+message is kept (the flood's bystander still gets its telemetry).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ pytestmark = pytest.mark.skipif(MOSQUITTO is None,
                                 reason="mosquitto missing: ./dev test installs it")
 
 HOLDS = ["fleet-connect", "fleet-steady", "telemetry", "handshake-squatters",
-         "no-certificate", "foreign-ca", "expired", "not-yet-valid", "publish-other-device"]
+         "no-certificate", "foreign-ca", "expired", "not-yet-valid", "publish-other-device",
+         "publish-flood"]
 BREAKS = ["revoked-before-connect", "client-id-spoofing", "subscribe-all",
-          "revocation-disconnect", "revoked-reconnect"]
+          "revocation-disconnect", "revoked-reconnect", "oversize-packet", "retained-flood"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,12 @@ def test_how_mosquitto_breaks_them(mosquitto_run: SimRun) -> None:
     assert observed["subscribe-all"].startswith("SUBACK 0x01 (granted); 0 messages")
     assert observed["revocation-disconnect"].startswith("0 of 3 disconnected")
     assert observed["revoked-reconnect"].startswith("0 of 3 refused")
+    # message_size_limit defaults to the protocol's maximum (268,435,455), no rate limit, no
+    # retained quota: the 200 MB PUBLISH is read on, the flood all comes back, 300 kept.
+    assert observed["oversize-packet"] == "still open 3 s after 1,048,576 body bytes"
+    assert observed["publish-flood"] == ("atk-00004: 50 of 50 arrived; atk-00003: 5,000 sent, "
+                                         "5,000 delivered back to it (still connected)")
+    assert observed["retained-flood"].startswith("300 retained messages came back")
 
 
 def test_report_is_written_anyway(mosquitto_run: SimRun) -> None:

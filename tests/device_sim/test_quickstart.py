@@ -22,8 +22,12 @@ def test_quickstart_passes_and_cleans_up(tmp_path: Path) -> None:
     assert "stopping the hub" in result.stderr
     names = {s["name"] for s in result.report["scenarios"]}
     assert {"client-id-spoofing", "revocation-disconnect", "subscribe-all",
-            "handshake-squatters"} <= names
+            "handshake-squatters", "oversize-packet", "publish-flood",
+            "retained-flood"} <= names
     assert all(s["passed"] for s in result.report["scenarios"]), result.report["scenarios"]
+    # quickstart knows the hub's limits (its hub.toml): the flood's delivered share is checked.
+    assert result.report["limits"]["source"] == "hub config"
+    assert "allowed in" in result.scenario("publish-flood")["observed"]
     folder = Path(result.report["enrollment"]["fleet_dir"])
     assert not folder.exists()  # the temporary folder is gone
 

@@ -11,7 +11,8 @@ from tests.device_sim.conftest import Lab, SimRun, fleet_sim
 
 ATTACKS = ["handshake-squatters", "no-certificate", "foreign-ca", "expired",
            "not-yet-valid", "revoked-before-connect", "client-id-spoofing",
-           "publish-other-device", "subscribe-all"]
+           "publish-other-device", "subscribe-all", "oversize-packet", "publish-flood",
+           "retained-flood"]
 CONNECT_KEYS = {"count", "failed", "per_second", "p50_ms", "p90_ms", "p99_ms", "max_ms",
                 "tcp_p99_ms", "tls_p99_ms", "mqtt_p99_ms"}
 REVOCATION_KEYS = {"revoked", "disconnected", "p50_ms", "p99_ms", "max_ms",
@@ -124,3 +125,21 @@ def test_exit_code_1_when_a_broker_breaks_an_expectation(lab: Lab, tmp_path: Pat
     assert failed == ["subscribe-all"]
     assert result.scenario("subscribe-all")["observed"].startswith("SUBACK 0x01 (granted)")
     assert "FAILED: subscribe-all" in result.stdout
+
+
+def test_abuse_meets_the_hubs_limits(full_run: tuple[SimRun, Path]) -> None:
+    """DESIGN section 5's [limits], seen from the devices: an oversize PUBLISH is closed after
+    its fixed header, a flood leaves another device's telemetry whole, at most 100 of 300
+    retained messages are kept."""
+    result, _ = full_run
+    assert result.scenario("oversize-packet")["observed"] == (
+        "closed after the fixed header (0 body bytes sent)")
+    flood = result.scenario("publish-flood")
+    assert flood["passed"], flood
+    assert flood["observed"].startswith("atk-00004: 50 of 50 arrived; atk-00003: 5,000 sent")
+    retained = result.scenario("retained-flood")
+    assert retained["passed"], retained
+    assert retained["observed"].startswith("100 retained messages came back (100 topics) of "
+                                           "300 published")
+    assert result.report is not None
+    assert result.report["limits"]["source"] == "DESIGN defaults"
