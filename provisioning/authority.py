@@ -28,7 +28,7 @@ from provisioning.identity import (
 from provisioning.issuer import Issuer
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
-from provisioning.registry import IN_BATCH, Registry, Transaction, operator
+from provisioning.registry.store import IN_BATCH, Registry, Transaction, operator
 from provisioning.serial import format_serial, parse_serial
 from provisioning.timefmt import iso, utcnow
 

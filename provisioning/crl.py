@@ -11,10 +11,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from provisioning.config import PKIConfig
 from provisioning.fsutil import atomic_write
 from provisioning.pki import IssuingCA
-from provisioning.registry import Transaction
+from provisioning.registry.schema import CRL_NUMBER_KEY
+from provisioning.registry.store import Transaction
 from provisioning.serial import parse_serial
-
-CRL_NUMBER_KEY = "crl_number"
 
 # RFC 5280 §5.3.1 names, as an operator types them.
 REASONS: dict[str, x509.ReasonFlags] = {

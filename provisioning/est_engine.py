@@ -55,7 +55,7 @@ from provisioning.est_messages import (
 )
 from provisioning.issuer import CHUNK, SignOptions, SignResult
 from provisioning.ocsp import Responder
-from provisioning.registry import Transaction
+from provisioning.registry.store import Transaction
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 from provisioning.tokens import TokenBook, TokenCheck

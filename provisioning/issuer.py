@@ -32,7 +32,7 @@ from provisioning.profile import (
     random_serial,
     validity,
 )
-from provisioning.registry import IN_BATCH, Registry, Transaction, detail_json, operator
+from provisioning.registry.store import IN_BATCH, Registry, Transaction, detail_json, operator
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 

@@ -22,7 +22,7 @@ from enum import Enum
 
 from provisioning.errors import ConflictError, NotFoundError, UsageError
 from provisioning.identity import DEVICE_ID_PATTERN, hash_password, is_valid_device_id
-from provisioning.registry import Registry
+from provisioning.registry.store import Registry
 from provisioning.timefmt import iso, utcnow
 
 SECRET_BYTES = 32

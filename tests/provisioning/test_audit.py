@@ -57,7 +57,7 @@ def test_altered_event_is_named(busy_pki: Path, cli: Callable[..., CliResult]) -
 def test_rehashed_alteration_is_caught_by_the_next_record(
         busy_pki: Path, cli: Callable[..., CliResult]) -> None:
     """Recomputing the altered record's own hash still breaks the link to the next one."""
-    from provisioning.audit import seal
+    from provisioning.registry.audit import seal
 
     db = _db(busy_pki)
     row = db.execute("SELECT id, time, actor, action, device_id, serial, detail, prev_hash "
@@ -109,7 +109,7 @@ def test_seal_is_the_canonical_json_array(text: str) -> None:
     import hashlib
     import json
 
-    from provisioning.audit import seal
+    from provisioning.registry.audit import seal
 
     for device_id, serial in ((text, text), (None, None), (None, "ab01")):
         fields = [7, text, f"{text}@host", text, device_id, serial, json.dumps({"k": text}),

@@ -8,8 +8,9 @@ import sqlite3
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # the C string encoder json.dumps uses
 
+from provisioning.registry.schema import HEAD_KEY
+
 GENESIS = "0" * 64
-HEAD_KEY = "audit_head"
 
 
 @dataclass(frozen=True)

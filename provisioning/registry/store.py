@@ -1,4 +1,4 @@
-"""The SQLite registry: devices, certificates and the audit log, every write one transaction."""
+"""The open registry: the connection, its migrations, its reads and ``write()`` transactions."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from typing import Any
 
 import sqlite_utils
 
-from provisioning.audit import GENESIS, HEAD_KEY, ChainReport, seal, verify_chain
 from provisioning.errors import RegistryError
+from provisioning.registry.audit import GENESIS, ChainReport, seal, verify_chain
+from provisioning.registry.migrations import upgrade
+from provisioning.registry.schema import HEAD_KEY, SCHEMA_VERSION
 
-SCHEMA_VERSION = 2
 # Ids per "IN (...)" query: far below SQLite's default limit of 32766 variables.
 IN_BATCH = 500
 # Long enough to ride out another process's batch; "database is locked" must never surface.
@@ -60,46 +61,6 @@ class DeviceRow:
 # A constant, never user input: the f-strings that use it are safe.
 _CERT_COLUMNS = ("serial, device_id, fingerprint, public_key_sha256, not_before, not_after, "
                  "status, revoked_at, reason, issued_at, pem")
-
-
-def _migrate_v1(db: sqlite_utils.Database) -> None:
-    devices, certificates = db.table("devices"), db.table("certificates")
-    events = db.table("events")
-    devices.create(
-        {"device_id": str, "status": str, "group": str, "created_at": str,
-         "updated_at": str, "metadata": str, "password_hash": str},
-        pk="device_id", not_null={"status", "created_at", "updated_at", "metadata"},
-    )
-    certificates.create(
-        {"serial": str, "device_id": str, "fingerprint": str, "public_key_sha256": str,
-         "not_before": str, "not_after": str, "status": str, "revoked_at": str,
-         "reason": str, "hold_prior_status": str, "issued_at": str, "pem": str},
-        pk="serial", foreign_keys=[("device_id", "devices", "device_id")],
-        not_null={"device_id", "fingerprint", "public_key_sha256", "not_before",
-                  "not_after", "status", "issued_at", "pem"},
-    )
-    certificates.create_index(["device_id", "public_key_sha256"])
-    certificates.create_index(["fingerprint"], unique=True)
-    events.create(
-        {"id": int, "time": str, "actor": str, "action": str, "device_id": str,
-         "serial": str, "detail": str, "prev_hash": str, "hash": str},
-        pk="id", not_null={"time", "actor", "action", "detail", "prev_hash", "hash"},
-    )
-    events.create_index(["device_id"])
-    db.table("meta").create({"key": str, "value": str}, pk="key")
-    # Files the registry promised to write: finished by the next sign after a crash.
-    db.table("pending_outputs").create({"path": str, "serial": str}, pk="path")
-
-
-def _migrate_v2(db: sqlite_utils.Database) -> None:
-    """Enrollment tokens for the EST service: the secret itself is never stored, only its hash."""
-    db.table("tokens").create(
-        {"name": str, "hash": str, "created_at": str, "revoked_at": str},
-        pk="name", not_null={"hash", "created_at"},
-    )
-
-
-_MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -147,9 +108,7 @@ class Registry:
         with self._transaction():
             # Re-read inside the write lock: another process may have migrated meanwhile.
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                _MIGRATIONS[target](self.db)
-                self.conn.execute(f"PRAGMA user_version = {target}")
+            upgrade(self.db, version)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -1,0 +1,62 @@
+"""The registry's migrations (sqlite-utils), one function per schema version.
+
+Run by :class:`provisioning.registry.store.Registry` under the write lock when a registry is
+older than :data:`provisioning.registry.schema.SCHEMA_VERSION`; each step ends by setting
+``PRAGMA user_version``. The tables and columns are described in
+:mod:`provisioning.registry.schema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+from provisioning.registry.schema import SCHEMA_VERSION
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    devices, certificates = db.table("devices"), db.table("certificates")
+    events = db.table("events")
+    devices.create(
+        {"device_id": str, "status": str, "group": str, "created_at": str,
+         "updated_at": str, "metadata": str, "password_hash": str},
+        pk="device_id", not_null={"status", "created_at", "updated_at", "metadata"},
+    )
+    certificates.create(
+        {"serial": str, "device_id": str, "fingerprint": str, "public_key_sha256": str,
+         "not_before": str, "not_after": str, "status": str, "revoked_at": str,
+         "reason": str, "hold_prior_status": str, "issued_at": str, "pem": str},
+        pk="serial", foreign_keys=[("device_id", "devices", "device_id")],
+        not_null={"device_id", "fingerprint", "public_key_sha256", "not_before",
+                  "not_after", "status", "issued_at", "pem"},
+    )
+    certificates.create_index(["device_id", "public_key_sha256"])
+    certificates.create_index(["fingerprint"], unique=True)
+    events.create(
+        {"id": int, "time": str, "actor": str, "action": str, "device_id": str,
+         "serial": str, "detail": str, "prev_hash": str, "hash": str},
+        pk="id", not_null={"time", "actor", "action", "detail", "prev_hash", "hash"},
+    )
+    events.create_index(["device_id"])
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+    # Files the registry promised to write: finished by the next sign after a crash.
+    db.table("pending_outputs").create({"path": str, "serial": str}, pk="path")
+
+
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Enrollment tokens for the EST service: the secret itself is never stored, only its hash."""
+    db.table("tokens").create(
+        {"name": str, "hash": str, "created_at": str, "revoked_at": str},
+        pk="name", not_null={"hash", "created_at"},
+    )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+
+
+def upgrade(db: sqlite_utils.Database, version: int) -> None:
+    """Bring a registry at *version* to :data:`SCHEMA_VERSION`; the caller holds the lock."""
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[target](db)
+        db.conn.execute(f"PRAGMA user_version = {target}")
