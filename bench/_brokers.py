@@ -74,7 +74,8 @@ def enroll(pki: Path, out: Path, device_ids: Sequence[str],
     return devices
 
 
-def hub_config(root: Path, *, refresh_seconds: float = 1.0) -> Path:
+def hub_config(root: Path, *, refresh_seconds: float = 1.0,
+               max_pending_tls: int = 65535) -> Path:
     """hub.toml with every check on: registry + CRL revocation, ACL, audit, metrics, limits.
 
     ``[limits]`` raises publish_rate and publish_bytes_rate far above what the throughput
@@ -118,7 +119,7 @@ bind = "127.0.0.1:0"
 [limits]
 publish_rate = 10000000
 publish_bytes_rate = 10000000000
-max_pending_tls = 65535
+max_pending_tls = {max_pending_tls}
 """
     path = root / "hub.toml"
     path.write_text(text)

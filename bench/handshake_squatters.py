@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = time.monotonic() - t0
         print(f"fleet: {len(devices)} devices enrolled in {setup:.1f} s (not timed); "
               f"RLIMIT_NOFILE {nofile}")
-        broker = BrokerProcess.hub(hub_config(root))
+        broker = BrokerProcess.hub(hub_config(root, max_pending_tls=16))  # DESIGN's default
         try:
             figures = uvloop.run(run(broker, devices, contexts, args))
             alive = broker.process.poll() is None
