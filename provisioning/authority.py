@@ -28,7 +28,15 @@ from provisioning.identity import (
 from provisioning.issuer import Issuer
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
 from provisioning.profile import server_certificate
-from provisioning.registry.store import IN_BATCH, Registry, Transaction, operator
+from provisioning.registry.schema import (
+    CERT_REVOKED,
+    DEVICE_ACTIVE,
+    DEVICE_REVOKED,
+    DEVICE_SUSPENDED,
+    PKI_INIT_ACTION,
+)
+from provisioning.registry.store import Registry, operator
+from provisioning.registry.transactions import Transaction
 from provisioning.serial import format_serial, parse_serial
 from provisioning.timefmt import iso, utcnow
 
@@ -129,22 +137,16 @@ class Authority:
                 wanted = format_serial(parse_serial(serial))
             except ValueError:
                 raise UsageError(f"{serial!r} is not a hexadecimal serial", "--serial") from None
-            row = tx.execute("SELECT status FROM certificates WHERE serial = ? AND "
-                             "device_id = ?", (wanted, device_id)).fetchone()
-            if row is None:
+            status = tx.certificate_status(wanted, device_id)
+            if status is None:
                 raise NotFoundError(f"device {device_id!r} has no certificate with serial "
                                     f"{serial}", "--serial")
-            serials = [wanted] if row[0] != "revoked" else []
+            serials = [wanted] if status != CERT_REVOKED else []
         else:
-            serials = [r[0] for r in tx.execute(
-                "SELECT serial FROM certificates WHERE device_id = ? AND status != "
-                "'revoked'", (device_id,))]
-            tx.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE "
-                       "device_id = ? AND status != 'revoked'", (stamp, device_id))
+            serials = tx.unrevoked_serials(device_id)
+            tx.revoke_device(device_id, stamp)
         for s in serials:
-            tx.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, "
-                       "reason = ?, hold_prior_status = NULL WHERE serial = ?",
-                       (stamp, canonical, s))
+            tx.revoke(s, stamp, canonical)
             tx.audit(stamp, "certificate.revoke", device_id, s, {"reason": canonical})
         if serial is None:
             tx.audit(stamp, "device.revoke", device_id, None, {"reason": canonical})
@@ -164,43 +166,29 @@ class Authority:
         stamp = iso(now)
         with self.registry.write(self.actor) as tx:
             status = self._device_status(tx, device_id)
-            if status == "revoked":
+            if status == DEVICE_REVOKED:
                 raise UsageError(f"device {device_id!r} is revoked; a revocation cannot be "
                                  f"{'suspended' if hold else 'resumed'}", device_id)
             if hold:
-                serials = [r[0] for r in tx.execute(
-                    "SELECT serial FROM certificates WHERE device_id = ? AND status IN "
-                    "('active', 'superseded')", (device_id,))]
-                for s in serials:
-                    tx.execute("UPDATE certificates SET hold_prior_status = status, "
-                               "status = 'on_hold', revoked_at = ?, reason = "
-                               "'certificateHold' WHERE serial = ?", (stamp, s))
-                new_status, action = "suspended", "device.suspend"
+                serials = tx.hold(device_id, stamp)
+                new_status, action = DEVICE_SUSPENDED, "device.suspend"
             else:
-                serials = [r[0] for r in tx.execute(
-                    "SELECT serial FROM certificates WHERE device_id = ? AND status = "
-                    "'on_hold'", (device_id,))]
-                for s in serials:
-                    tx.execute("UPDATE certificates SET status = COALESCE(hold_prior_status, "
-                               "'active'), hold_prior_status = NULL, revoked_at = NULL, "
-                               "reason = NULL WHERE serial = ?", (s,))
-                new_status, action = "active", "device.resume"
+                serials = tx.release(device_id)
+                new_status, action = DEVICE_ACTIVE, "device.resume"
             changed = status != new_status or bool(serials)
             if not changed:
                 return Change(device_id, (), None)
-            tx.execute("UPDATE devices SET status = ?, updated_at = ? WHERE device_id = ?",
-                       (new_status, stamp, device_id))
+            tx.set_device_status(device_id, new_status, stamp)
             tx.audit(stamp, action, device_id, None, {"serials": serials})
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
         return Change(device_id, tuple(serials), _crl_number(crl))
 
     @staticmethod
     def _device_status(tx: Transaction, device_id: str) -> str:
-        row = tx.execute("SELECT status FROM devices WHERE device_id = ?",
-                         (device_id,)).fetchone()
-        if row is None:
+        status = tx.device_status(device_id)
+        if status is None:
             raise NotFoundError(f"no device {device_id!r} in the registry", device_id)
-        return str(row[0])
+        return status
 
     def publish_crl(self, out: Path | None = None) -> x509.CertificateRevocationList:
         ca = self.ca
@@ -222,13 +210,7 @@ class Authority:
         unique = list(dict.fromkeys(device_ids))
         stamp = iso(utcnow())
         with self.registry.write(self.actor) as tx:
-            previous: dict[str, str | None] = {}
-            for start in range(0, len(unique), IN_BATCH):
-                part = unique[start:start + IN_BATCH]
-                marks = ",".join("?" * len(part))
-                previous.update(tx.execute(
-                    f'SELECT device_id, "group" FROM devices WHERE device_id IN ({marks})',  # noqa: S608
-                    tuple(part)).fetchall())
+            previous = tx.device_groups(unique)
             unknown = [d for d in unique if d not in previous]
             if unknown:
                 shown = ", ".join(repr(d) for d in unknown[:5])
@@ -239,8 +221,7 @@ class Authority:
             for move in moves:
                 if not move.moved:
                     continue
-                tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
-                           (group, stamp, move.device_id))
+                tx.set_group(move.device_id, group, stamp)
                 tx.audit(stamp, "device.group", move.device_id, None,
                          {"from": move.previous, "to": group})
         return moves
@@ -295,8 +276,7 @@ class Authority:
         stamp = iso(utcnow())
         with self.registry.write(self.actor) as tx:
             self._device_status(tx, device_id)
-            tx.execute("UPDATE devices SET password_hash = ?, updated_at = ? WHERE device_id = ?",
-                       (stored, stamp, device_id))
+            tx.set_password_hash(device_id, stored, stamp)
             tx.audit(stamp, "device.password.set" if stored else "device.password.clear",
                      device_id)
 
@@ -358,7 +338,7 @@ def initialize(root: Path, config: PKIConfig, passphrase: bytes | None) -> PKIPa
     try:
         now = utcnow()
         with Registry(paths.registry, create=True) as registry, registry.write(operator()) as tx:
-            tx.audit(iso(now), "pki.init", None, None,
+            tx.audit(iso(now), PKI_INIT_ACTION, None, None,
                      {"trust_domain": config.trust_domain, "organisation": config.organisation,
                       "encrypted": passphrase is not None})
             publish_crl(tx, issuing, config, paths.crl, now)

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from provisioning.config import PKIConfig
 from provisioning.fsutil import atomic_write
 from provisioning.pki import IssuingCA
-from provisioning.registry.schema import CRL_NUMBER_KEY
-from provisioning.registry.store import Transaction
+from provisioning.registry.schema import CERT_ON_HOLD, HOLD_REASON
+from provisioning.registry.transactions import Transaction
 from provisioning.serial import parse_serial
 
 # RFC 5280 §5.3.1 names, as an operator types them.
@@ -58,9 +58,7 @@ def publish_crl(
     processes can never publish out of order. The number is one past both the registry's
     and the file's, which keeps it monotonic even if a crash fell between file and commit.
     """
-    row = tx.execute("SELECT value FROM meta WHERE key = ?", (CRL_NUMBER_KEY,)).fetchone()
-    stored = int(row[0]) if row else 0
-    number = max(stored, _current_file_number(crl_path)) + 1
+    number = max(tx.crl_number(), _current_file_number(crl_path)) + 1
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
@@ -72,13 +70,8 @@ def publish_crl(
             critical=False,
         )
     )
-    rows = tx.execute(
-        "SELECT serial, status, revoked_at, reason FROM certificates "
-        "WHERE status IN ('revoked', 'on_hold') AND not_after > ? ORDER BY revoked_at, serial",
-        (now.strftime("%Y-%m-%dT%H:%M:%SZ"),),
-    ).fetchall()
-    for serial, status, revoked_at, reason in rows:
-        flag = REASONS["certificateHold"] if status == "on_hold" else REASONS.get(
+    for serial, status, revoked_at, reason in tx.crl_entries(now.strftime("%Y-%m-%dT%H:%M:%SZ")):
+        flag = REASONS[HOLD_REASON] if status == CERT_ON_HOLD else REASONS.get(
             reason or "unspecified", x509.ReasonFlags.unspecified)
         entry = (
             x509.RevokedCertificateBuilder()
@@ -95,5 +88,5 @@ def publish_crl(
     atomic_write(crl_path, pem)
     if extra_out is not None:
         atomic_write(extra_out, pem)
-    tx.set_meta(CRL_NUMBER_KEY, str(number))
+    tx.set_crl_number(number)
     return crl

@@ -55,7 +55,8 @@ from provisioning.est_messages import (
 )
 from provisioning.issuer import CHUNK, SignOptions, SignResult
 from provisioning.ocsp import Responder
-from provisioning.registry.store import Transaction
+from provisioning.registry.schema import DEVICE_ACTIVE, REFUSED_CERT_STATUSES
+from provisioning.registry.transactions import Transaction
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 from provisioning.tokens import TokenBook, TokenCheck
@@ -121,11 +122,11 @@ class _Engine:
         self.authority = authority
         self.tokens = tokens
         self._issuer = authority.issuer()
-        self._conn = authority.registry.conn
+        self._registry = authority.registry
         self._pipe = conn
         self._manifest = manifest
         self._stations = frozenset(authority.config.station_groups)
-        self._responder = Responder(authority.ca, self._status_of)
+        self._responder = Responder(authority.ca, authority.registry.revocation_status)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._events: list[AuditEvent] = []
         self._crl: CRLSnapshot | None = None
@@ -133,7 +134,7 @@ class _Engine:
         self._last_housekeeping = 0.0
         self._batches = self._jobs = self._largest = self._signed = 0
         self._parent_gone = False
-        self.tokens.refresh(self._conn)
+        self.tokens.refresh(self._registry)
 
     def statistics(self) -> Statistics:
         return Statistics(self._batches, self._jobs, self._largest, self._signed)
@@ -211,7 +212,7 @@ class _Engine:
         settled: list[tuple[int, Any]] = []
         signing: dict[bool, list[tuple[int, _ToSign]]] = {False: [], True: []}
         try:
-            self.tokens.refresh(self._conn)
+            self.tokens.refresh(self._registry)
         except Exception:  # the batch is still answered: each job fails on its own below
             log.exception("cannot re-read enrollment tokens")
         for job, job_id in batch:
@@ -275,19 +276,17 @@ class _Engine:
         if now < cert.not_valid_before_utc:
             return forbidden(f"client certificate {serial} is not valid before "
                               f"{iso(cert.not_valid_before_utc)}", serial=serial)
-        row = self._conn.execute(
-            'SELECT c.device_id, c.status, c.fingerprint, d.status, d."group" FROM certificates '
-            "c JOIN devices d ON d.device_id = c.device_id WHERE c.serial = ?",
-            (serial,)).fetchone()
-        if row is None or row[2] != hashlib.sha256(der).hexdigest():
+        holder = self._registry.certificate_holder(serial)
+        if holder is None or holder.fingerprint != hashlib.sha256(der).hexdigest():
             return forbidden(f"client certificate {serial} is not a device certificate of "
                               "this CA's registry", serial=serial)
-        device_id, cert_status, _, device_status, group = row
+        device_id, cert_status = holder.device_id, holder.status
+        device_status, group = holder.device_status, holder.group
         actor = f"est:cert:{device_id}"
-        if cert_status in ("revoked", "on_hold"):
+        if cert_status in REFUSED_CERT_STATUSES:
             return forbidden(f"client certificate {serial} is {cert_status.replace('_', ' ')}",
                               actor=actor, device_id=device_id, serial=serial)
-        if device_status != "active":
+        if device_status != DEVICE_ACTIVE:
             return forbidden(f"device {device_id!r} is {device_status}", actor=actor,
                               device_id=device_id, serial=serial)
         if renew:
@@ -324,11 +323,6 @@ class _Engine:
                 for (job_id, e), result in zip(group, results, strict=True)]
 
     # -- revocation status ---------------------------------------------------------------
-
-    def _status_of(self, serial: str) -> tuple[str, str | None, str | None] | None:
-        row = self._conn.execute("SELECT status, revoked_at, reason FROM certificates WHERE "
-                                 "serial = ?", (serial,)).fetchone()
-        return (row[0], row[1], row[2]) if row else None
 
     def _crl_snapshot(self) -> CRLSnapshot:
         """crl.pem as DER, re-read only when the file changed (any writer replaces it)."""

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from provisioning import der
-from provisioning.registry.store import Transaction
+from provisioning.registry.transactions import Transaction
 
 ANONYMOUS = "est:anonymous"
 SERVICE_ACTOR = "est:service"

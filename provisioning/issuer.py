@@ -13,7 +13,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
@@ -32,7 +31,15 @@ from provisioning.profile import (
     random_serial,
     validity,
 )
-from provisioning.registry.store import IN_BATCH, Registry, Transaction, detail_json, operator
+from provisioning.registry.audit import detail_json
+from provisioning.registry.issuance import ChunkRows, SerialCollisionError
+from provisioning.registry.schema import (
+    CERT_SUPERSEDED,
+    DEVICE_ACTIVE,
+    REFUSED_CERT_STATUSES,
+)
+from provisioning.registry.store import Registry, operator
+from provisioning.registry.transactions import Transaction
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 
@@ -45,9 +52,6 @@ CHUNK = 512
 # tests/integration); new code imports provisioning.serial.
 serial_hex = format_serial
 Status = Literal["issued", "existing", "rejected"]
-_INSERT_CERTIFICATE = (
-    "INSERT INTO certificates (serial, device_id, fingerprint, public_key_sha256, not_before, "
-    "not_after, status, issued_at, pem) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)")
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,6 @@ class _Candidate:
     fingerprint: str = field(default="")  # SHA-256 of der, hex
 
 
-class _SerialCollision(Exception):  # noqa: N818 (not an error the caller sees)
-    """A chunk's batched certificate rows hit an existing serial or fingerprint."""
-
-
 class Issuer:
     """Signs CSRs for one PKI; ``progress`` is told after every committed chunk."""
 
@@ -182,7 +182,7 @@ class Issuer:
         try:
             writes = self._commit(candidates, options, window, in_transaction, written,
                                   batched=True)
-        except _SerialCollision:
+        except SerialCollisionError:
             # Odds of 2^-159 a certificate, or a bug; that transaction was rolled back whole.
             # Decide the chunk again, inserting row by row, which re-mints a colliding
             # certificate before its audit event and file name its serial.
@@ -198,15 +198,13 @@ class Issuer:
         """Decide and record *candidates* in one transaction; the files it promises.
 
         *batched*: certificate rows are inserted with one statement per chunk (raising
-        :class:`_SerialCollision` when one collides), else one at a time.
+        :class:`SerialCollisionError` when one collides), else one at a time.
         """
         writes: list[tuple[str, str]] = []
         with self.registry.write(actor=self.actor) as tx:
             # New device and certificate rows are inserted in one statement per chunk; a
-            # certificate row may precede its device row: the reference is checked at COMMIT
-            # (and this pragma switches itself off there). A COMMIT that fails that check
-            # rolls back.
-            tx.execute("PRAGMA defer_foreign_keys = ON")
+            # certificate row may precede its device row: the reference is checked at COMMIT.
+            tx.defer_foreign_keys()
             view = _ChunkView(tx, [c.device_id for c in candidates], options, window,
                               batched=batched)
             for cand in candidates:
@@ -215,8 +213,7 @@ class Issuer:
             if in_transaction is not None:
                 in_transaction(tx)
             if written:
-                tx.executemany("DELETE FROM pending_outputs WHERE path = ?",
-                               [(p,) for p in written])
+                tx.clear_promises(written)
         return writes
 
     def _screen(self, item: CSRInput, options: SignOptions) -> SignResult | _Candidate:
@@ -249,7 +246,7 @@ class Issuer:
                 writes: list[tuple[str, str]]) -> None:
         """Decide under the write lock; the read-only pre-check may be stale."""
         device = view.devices.get(cand.device_id)
-        if device is not None and device[0] != "active":
+        if device is not None and device[0] != DEVICE_ACTIVE:
             cand.result = _reject(cand, f"device-{device[0]}: device {cand.device_id!r} is "
                                   f"{device[0]}; want an active device")
             return
@@ -262,7 +259,7 @@ class Issuer:
             same = None
         if same is not None:
             serial, status, pem = same
-            if status in ("revoked", "on_hold"):
+            if status in REFUSED_CERT_STATUSES:
                 cand.result = _reject(cand, f"key-{status.replace('_', '-')}: the certificate "
                                       f"for this key ({serial}) is {status}; make a new key")
                 return
@@ -285,16 +282,15 @@ class Issuer:
                           actor=cand.actor)
         elif options.group is not None and device[1] != options.group:
             view.flush()  # the device row may be one of this chunk's pending inserts
-            tx.execute('UPDATE devices SET "group" = ?, updated_at = ? WHERE device_id = ?',
-                       (options.group, stamp, cand.device_id))
-            view.devices[cand.device_id] = ("active", options.group)
+            tx.set_group(cand.device_id, options.group, stamp)
+            view.devices[cand.device_id] = (DEVICE_ACTIVE, options.group)
             tx.audit(stamp, "device.group", cand.device_id, None,
                      {"from": device[1], "to": options.group}, actor=cand.actor)
         if current:
             view.flush()  # an old certificate's row may be one of this chunk's pending rows
         for old in current:
-            tx.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", (old,))
-            view.set_status(cand.device_id, old, "superseded")
+            tx.supersede(old)
+            view.set_status(cand.device_id, old, CERT_SUPERSEDED)
             tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"},
                      actor=cand.actor)
         serial = self._store(tx, view, cand, window)
@@ -311,8 +307,8 @@ class Issuer:
     def _renewable(tx: Transaction, view: _ChunkView, cand: _Candidate) -> bool:
         """Re-checked under the write lock: the renewed certificate is the device's and live."""
         view.flush()  # its row may be one of this chunk's pending rows
-        row = tx.execute("SELECT device_id, status FROM certificates WHERE serial = ?",
-                         (cand.renews,)).fetchone()
+        assert cand.renews is not None  # noqa: S101 (only renewals are checked)
+        row = tx.renewal_target(cand.renews)
         if row is None:
             cand.result = _reject(cand, f"renew-unknown: certificate {cand.renews} is not in "
                                   "the registry")
@@ -320,7 +316,7 @@ class Issuer:
             cand.result = _reject(cand, f"device-mismatch: the CSR names {cand.device_id!r}, "
                                   f"the certificate being renewed names {row[0]!r}; want the "
                                   "same device id")
-        elif row[1] in ("revoked", "on_hold"):
+        elif row[1] in REFUSED_CERT_STATUSES:
             cand.result = _reject(cand, f"renew-{row[1].replace('_', '-')}: certificate "
                                   f"{cand.renews} is {row[1]}; it cannot be renewed")
         return cand.result is None
@@ -337,16 +333,11 @@ class Issuer:
 
     def _insert(self, tx: Transaction, cand: _Candidate, window: _Window) -> str:
         """Insert the row; a serial collision (2^-159 odds) is re-minted, never reused."""
-        while True:
-            try:
-                tx.execute(_INSERT_CERTIFICATE,
-                           (cand.serial, cand.device_id, cand.fingerprint, cand.key_sha256,
-                            window.not_before_iso, window.not_after_iso, window.stamp,
-                            cand.pem))
-            except sqlite3.IntegrityError:
-                self._mint(cand, window)
-                continue
-            return cand.serial
+        while not tx.store_certificate(
+                (cand.serial, cand.device_id, cand.fingerprint, cand.key_sha256,
+                 window.not_before_iso, window.not_after_iso, window.stamp, cand.pem)):
+            self._mint(cand, window)
+        return cand.serial
 
     def _write_files(self, writes: list[tuple[str, str]]) -> list[str]:
         """Write promised files (each complete before it has its name: :class:`_FileWriter`).
@@ -366,15 +357,11 @@ class Issuer:
         if not written:
             return
         with self.registry.write(actor=self.actor) as tx:
-            tx.executemany("DELETE FROM pending_outputs WHERE path = ?",
-                           [(p,) for p in written])
+            tx.clear_promises(written)
 
     def finish_pending_outputs(self) -> int:
         """Write the files an interrupted run committed but did not get to write."""
-        rows = self.registry.conn.execute(
-            "SELECT p.path, c.pem FROM pending_outputs p JOIN certificates c "
-            "ON c.serial = p.serial").fetchall()
-        writes: list[tuple[str, str]] = [(path, pem) for path, pem in rows]
+        writes = self.registry.pending_outputs()
         for folder in {Path(path).parent for path, _ in writes}:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_dead_temporaries(folder)
@@ -487,66 +474,22 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-class _ChunkView:
-    """The registry rows one chunk's decisions need, read in two queries under the lock.
+class _ChunkView(ChunkRows):
+    """A chunk's registry rows plus what its audit events and promised files share.
 
-    Decisions update the view as they go, so two CSRs of one chunk see each other; inserts
-    of devices, certificates (when *batched*) and promises are batched and flushed before
-    anything that reads or updates those rows (certificate rows may precede their device
-    row: foreign keys are checked at COMMIT).
+    Per chunk, not per certificate: the audit details that do not vary and the absolute
+    output folder (``pending_outputs`` holds absolute paths).
     """
 
     def __init__(self, tx: Transaction, device_ids: list[str], options: SignOptions,
                  window: _Window, *, batched: bool = True) -> None:
-        self.tx = tx
-        self.batched = batched  # certificate rows wait in certificate_rows for flush()
-        self.certificate_rows: list[tuple[str, ...]] = []
-        self.devices: dict[str, tuple[str, str | None]] = {}
-        # device -> [serial, status, public-key hash, pem], oldest first
-        self.certs: dict[str, list[list[str]]] = {}
-        self.new_devices: list[tuple[str, str | None, str, str]] = []
-        self.promises: list[tuple[str, str]] = []
-        # Per chunk, not per certificate: the audit details that do not vary and the
-        # absolute output folder (pending_outputs holds absolute paths).
+        super().__init__(tx, device_ids, batched=batched)
         self.create_detail = detail_json({"group": options.group})
         self.not_after_json = encode_basestring_ascii(window.not_after_iso)
         self._out_prefix: str | None = None
         if options.out_dir is not None:
             folder = str(options.out_dir.absolute())
             self._out_prefix = folder if folder.endswith(os.sep) else folder + os.sep
-        ids = sorted(set(device_ids))
-        for start in range(0, len(ids), IN_BATCH):
-            part = ids[start:start + IN_BATCH]
-            marks = ",".join("?" * len(part))
-            for row in tx.execute('SELECT device_id, status, "group" FROM devices '  # noqa: S608
-                                  f"WHERE device_id IN ({marks})", tuple(part)):
-                self.devices[row[0]] = (row[1], row[2])
-            for row in tx.execute(
-                    "SELECT device_id, serial, status, public_key_sha256, pem "  # noqa: S608
-                    f"FROM certificates WHERE device_id IN ({marks}) "
-                    "ORDER BY issued_at, rowid", tuple(part)):
-                self.certs.setdefault(row[0], []).append([row[1], row[2], row[3], row[4]])
-
-    def newest_with_key(self, device_id: str, key_sha256: str) -> tuple[str, str, str] | None:
-        for serial, status, key, pem in reversed(self.certs.get(device_id, [])):
-            if key == key_sha256:
-                return serial, status, pem
-        return None
-
-    def live_serials(self, device_id: str) -> list[str]:
-        return [c[0] for c in self.certs.get(device_id, []) if c[1] in ("active", "on_hold")]
-
-    def set_status(self, device_id: str, serial: str, status: str) -> None:
-        for cert in self.certs.get(device_id, []):
-            if cert[0] == serial:
-                cert[1] = status
-
-    def add_device(self, device_id: str, group: str | None, stamp: str) -> None:
-        self.devices[device_id] = ("active", group)
-        self.new_devices.append((device_id, group, stamp, stamp))
-
-    def add_certificate(self, device_id: str, serial: str, key_sha256: str, pem: str) -> None:
-        self.certs.setdefault(device_id, []).append([serial, "active", key_sha256, pem])
 
     def promise(self, device_id: str, serial: str, pem: str,
                 writes: list[tuple[str, str]]) -> None:
@@ -554,27 +497,8 @@ class _ChunkView:
         if self._out_prefix is None:
             return
         path = f"{self._out_prefix}{device_id}.pem"
-        self.promises.append((path, serial))
+        self.promise_output(path, serial)
         writes.append((path, pem))
-
-    def flush(self) -> None:
-        if self.certificate_rows:
-            try:
-                self.tx.executemany(_INSERT_CERTIFICATE, self.certificate_rows)
-            except sqlite3.IntegrityError as exc:
-                # The rows before the colliding one are in: the caller rolls back the whole
-                # transaction, never committing the chunk in part.
-                raise _SerialCollision(str(exc)) from exc
-            self.certificate_rows.clear()
-        if self.new_devices:
-            self.tx.executemany('INSERT INTO devices (device_id, status, "group", created_at, '
-                                "updated_at, metadata) VALUES (?, 'active', ?, ?, ?, '{}')",
-                                self.new_devices)
-            self.new_devices.clear()
-        if self.promises:
-            self.tx.executemany("INSERT OR REPLACE INTO pending_outputs (path, serial) "
-                                "VALUES (?, ?)", self.promises)
-            self.promises.clear()
 
 
 def _remove_dead_temporaries(folder: Path) -> None:

@@ -16,13 +16,13 @@ import hashlib
 import hmac
 import os
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from enum import Enum
 
 from provisioning.errors import ConflictError, NotFoundError, UsageError
 from provisioning.identity import DEVICE_ID_PATTERN, hash_password, is_valid_device_id
 from provisioning.registry.store import Registry
+from provisioning.registry.tokens import TOKEN_REVOKED
 from provisioning.timefmt import iso, utcnow
 
 SECRET_BYTES = 32
@@ -48,12 +48,11 @@ def create(registry: Registry, name: str, actor: str) -> str:
     stored = hash_password(secret)  # scrypt outside the write lock
     stamp = iso(utcnow())
     with registry.write(actor) as tx:
-        row = tx.execute("SELECT revoked_at FROM tokens WHERE name = ?", (name,)).fetchone()
-        if row is not None:
-            why = " (revoked; token names are never reused)" if row[0] else ""
+        status = tx.token_status(name)
+        if status is not None:
+            why = " (revoked; token names are never reused)" if status == TOKEN_REVOKED else ""
             raise ConflictError(f"token {name!r} already exists{why}", name)
-        tx.execute("INSERT INTO tokens (name, hash, created_at) VALUES (?, ?, ?)",
-                   (name, stored, stamp))
+        tx.add_token(name, stored, stamp)
         tx.audit(stamp, "token.create", None, None, {"name": name})
     return secret
 
@@ -62,12 +61,12 @@ def revoke(registry: Registry, name: str, actor: str) -> bool:
     """Mark the token revoked; False (and no event) when it already was."""
     stamp = iso(utcnow())
     with registry.write(actor) as tx:
-        row = tx.execute("SELECT revoked_at FROM tokens WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        status = tx.token_status(name)
+        if status is None:
             raise NotFoundError(f"no enrollment token {name!r} in the registry", name)
-        if row[0] is not None:
+        if status == TOKEN_REVOKED:
             return False
-        tx.execute("UPDATE tokens SET revoked_at = ? WHERE name = ?", (stamp, name))
+        tx.revoke_token(name, stamp)
         tx.audit(stamp, "token.revoke", None, None, {"name": name})
     return True
 
@@ -107,13 +106,13 @@ class TokenBook:
         message = name.encode() + b"\0" + secret.encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def refresh(self, conn: sqlite3.Connection) -> None:
+    def refresh(self, registry: Registry) -> None:
         """Re-read the rows when another connection committed anything since last time."""
-        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        version = registry.data_version()
         if version == self._version:
             return
         self._rows = {name: TokenRow(name, stored, revoked is not None) for name, stored, revoked
-                      in conn.execute("SELECT name, hash, revoked_at FROM tokens")}
+                      in registry.tokens()}
         self._version = version
 
     def check(self, name: str, mac: bytes) -> tuple[TokenCheck, str | None]:

@@ -24,23 +24,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from provisioning.registry._sql import IN_BATCH
+    from provisioning.registry.audit import detail_json
     from provisioning.registry.schema import SCHEMA_VERSION
     from provisioning.registry.store import (
         BUSY_TIMEOUT_S,
-        IN_BATCH,
         CertificateRow,
         DeviceRow,
         Registry,
-        Transaction,
         connect,
-        detail_json,
         operator,
     )
+    from provisioning.registry.transactions import Transaction
 
 __all__ = ["BUSY_TIMEOUT_S", "IN_BATCH", "SCHEMA_VERSION", "CertificateRow", "DeviceRow",
            "Registry", "Transaction", "connect", "detail_json", "operator"]
 
-_HOMES = {"SCHEMA_VERSION": "schema", "Transaction": "store"}
+_HOMES = {"SCHEMA_VERSION": "schema", "Transaction": "transactions", "detail_json": "audit",
+          "IN_BATCH": "_sql"}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,10 +7,19 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # the C string encoder json.dumps uses
+from typing import Any
 
 from provisioning.registry.schema import HEAD_KEY
 
 GENESIS = "0" * 64
+# An audit event's detail as stored: compact JSON with sorted keys (one encoder, not one per
+# event as json.dumps with options would build).
+_DETAIL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+def detail_json(detail: dict[str, Any] | None) -> str:
+    """The ``detail`` text of an audit event."""
+    return _DETAIL_ENCODER.encode(detail or {})
 
 
 @dataclass(frozen=True)

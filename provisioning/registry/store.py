@@ -15,24 +15,14 @@ from typing import Any
 import sqlite_utils
 
 from provisioning.errors import RegistryError
-from provisioning.registry.audit import GENESIS, ChainReport, seal, verify_chain
+from provisioning.registry._sql import in_batches
+from provisioning.registry.audit import ChainReport, verify_chain
 from provisioning.registry.migrations import upgrade
-from provisioning.registry.schema import HEAD_KEY, SCHEMA_VERSION
+from provisioning.registry.schema import SCHEMA_VERSION
+from provisioning.registry.transactions import Transaction
 
-# Ids per "IN (...)" query: far below SQLite's default limit of 32766 variables.
-IN_BATCH = 500
 # Long enough to ride out another process's batch; "database is locked" must never surface.
 BUSY_TIMEOUT_S = 60.0
-# An audit event's detail as stored: compact JSON with sorted keys (one encoder, not one per
-# event as json.dumps with options would build).
-_DETAIL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
-
-
-def detail_json(detail: dict[str, Any] | None) -> str:
-    """The ``detail`` text of an audit event."""
-    return _DETAIL_ENCODER.encode(detail or {})
-
-
 @dataclass(frozen=True)
 class CertificateRow:
     serial: str
@@ -46,6 +36,17 @@ class CertificateRow:
     reason: str | None
     issued_at: str
     pem: str
+
+
+@dataclass(frozen=True)
+class CertificateHolder:
+    """A certificate's status with its device's, as the enrollment service checks them."""
+
+    device_id: str
+    status: str
+    fingerprint: str
+    device_status: str
+    group: str | None
 
 
 @dataclass(frozen=True)
@@ -175,16 +176,42 @@ class Registry:
         """Which (device id, public-key hash) pairs already have a certificate."""
         wanted = set(pairs)
         found: set[tuple[str, str]] = set()
-        ids = sorted({device_id for device_id, _ in pairs})
-        for start in range(0, len(ids), IN_BATCH):
-            part = ids[start:start + IN_BATCH]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_batches(sorted({device_id for device_id, _ in pairs})):
             for row in self.conn.execute(
                     "SELECT device_id, public_key_sha256 FROM certificates "  # noqa: S608
                     f"WHERE device_id IN ({marks})", part):
                 if (row[0], row[1]) in wanted:
                     found.add((row[0], row[1]))
         return found
+
+    def certificate_holder(self, serial: str) -> CertificateHolder | None:
+        """A certificate with its device's state, for authenticating by certificate."""
+        row = self.conn.execute(
+            'SELECT c.device_id, c.status, c.fingerprint, d.status, d."group" FROM certificates '
+            "c JOIN devices d ON d.device_id = c.device_id WHERE c.serial = ?",
+            (serial,)).fetchone()
+        return CertificateHolder(*row) if row else None
+
+    def revocation_status(self, serial: str) -> tuple[str, str | None, str | None] | None:
+        """(status, revoked_at, reason) of a certificate, for OCSP; None when unknown."""
+        row = self.conn.execute("SELECT status, revoked_at, reason FROM certificates WHERE "
+                                "serial = ?", (serial,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def pending_outputs(self) -> list[tuple[str, str]]:
+        """(path, pem) of the files a committed ``sign`` promised and has not written."""
+        rows = self.conn.execute(
+            "SELECT p.path, c.pem FROM pending_outputs p JOIN certificates c "
+            "ON c.serial = p.serial").fetchall()
+        return [(path, pem) for path, pem in rows]
+
+    def tokens(self) -> list[tuple[str, str, str | None]]:
+        """Every enrollment token: (name, stored hash, revoked_at)."""
+        return self.conn.execute("SELECT name, hash, revoked_at FROM tokens").fetchall()
+
+    def data_version(self) -> int:
+        """Moves when another connection commits (``PRAGMA data_version``): re-read then."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     def verify_audit(self) -> ChainReport:
         return verify_chain(self.conn)
@@ -196,62 +223,6 @@ class Registry:
 
 def _device(row: tuple[Any, ...]) -> DeviceRow:
     return DeviceRow(row[0], row[1], row[2], row[3], row[4], json.loads(row[5] or "{}"))
-
-
-class Transaction:
-    """Writes inside one ``BEGIN IMMEDIATE``; the audit head is read under the same lock."""
-
-    def __init__(self, conn: sqlite3.Connection, actor: str) -> None:
-        self.conn = conn
-        self.actor = actor
-        head = conn.execute("SELECT value FROM meta WHERE key = ?", (HEAD_KEY,)).fetchone()
-        if head:
-            last_id, _, last_hash = head[0].partition(":")
-            self._last_id, self._last_hash = int(last_id), last_hash
-        else:
-            self._last_id, self._last_hash = 0, GENESIS
-        self._events: list[tuple[Any, ...]] = []
-
-    def audit(self, time: str, action: str, device_id: str | None = None,
-              serial: str | None = None, detail: dict[str, Any] | None = None,
-              actor: str | None = None) -> None:
-        """Queue one event; *actor* overrides the transaction's (a batch serves many callers)."""
-        self.audit_text(time, action, device_id, serial, detail_json(detail), actor)
-
-    def audit_text(self, time: str, action: str, device_id: str | None, serial: str | None,
-                   text: str, actor: str | None = None) -> None:
-        """:meth:`audit` with the detail already encoded as :func:`detail_json` does."""
-        who = actor or self.actor
-        event_id = self._last_id + 1
-        digest = seal(event_id, time, who, action, device_id, serial, text, self._last_hash)
-        self._events.append((event_id, time, who, action, device_id, serial, text,
-                             self._last_hash, digest))
-        self._last_id, self._last_hash = event_id, digest
-
-    def flush(self) -> None:
-        """Write queued events and the new head, just before the commit."""
-        if not self._events:
-            return
-        self.conn.executemany(
-            "INSERT INTO events (id, time, actor, action, device_id, serial, detail, "
-            "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self._events)
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (HEAD_KEY, f"{self._last_id}:{self._last_hash}"),
-        )
-        self._events.clear()
-
-    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, args)
-
-    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        self.conn.executemany(sql, rows)
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
 
 def operator() -> str:

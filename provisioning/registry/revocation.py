@@ -1,0 +1,85 @@
+"""The writes of revocation: revoke, hold, release, and the CRL's entries and number.
+
+:class:`RevocationWrites` is part of :class:`provisioning.registry.transactions.Transaction`;
+``provisioning.authority`` decides what to revoke and ``provisioning.crl`` signs the list.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from provisioning.registry.schema import CRL_NUMBER_KEY
+
+# (serial, status, revoked_at, reason) of a CRL entry
+CRLEntry = tuple[str, str, str, str | None]
+
+
+class RevocationWrites:
+    """Revocation's named reads and writes under the write lock."""
+
+    conn: sqlite3.Connection
+
+    def certificate_status(self, serial: str, device_id: str) -> str | None:
+        """The status of the device's certificate *serial*; None when it has none such."""
+        row = self.conn.execute("SELECT status FROM certificates WHERE serial = ? AND "
+                                "device_id = ?", (serial, device_id)).fetchone()
+        return None if row is None else str(row[0])
+
+    def unrevoked_serials(self, device_id: str) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT serial FROM certificates WHERE device_id = ? AND status != 'revoked'",
+            (device_id,))]
+
+    def revoke_device(self, device_id: str, stamp: str) -> None:
+        """The device may never enroll again under its id (its certificates: :meth:`revoke`)."""
+        self.conn.execute("UPDATE devices SET status = 'revoked', updated_at = ? WHERE "
+                          "device_id = ? AND status != 'revoked'", (stamp, device_id))
+
+    def revoke(self, serial: str, stamp: str, reason: str) -> None:
+        """Revoke one certificate with an RFC 5280 reason name; a hold it had is forgotten."""
+        self.conn.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, "
+                          "reason = ?, hold_prior_status = NULL WHERE serial = ?",
+                          (stamp, reason, serial))
+
+    def hold(self, device_id: str, stamp: str) -> list[str]:
+        """certificateHold on the device's active and superseded certificates; their serials.
+
+        Each remembers its status for :meth:`release`.
+        """
+        serials = [r[0] for r in self.conn.execute(
+            "SELECT serial FROM certificates WHERE device_id = ? AND status IN "
+            "('active', 'superseded')", (device_id,))]
+        for s in serials:
+            self.conn.execute("UPDATE certificates SET hold_prior_status = status, "
+                              "status = 'on_hold', revoked_at = ?, reason = "
+                              "'certificateHold' WHERE serial = ?", (stamp, s))
+        return serials
+
+    def release(self, device_id: str) -> list[str]:
+        """Lift the device's holds: each certificate returns to its status before; serials."""
+        serials = [r[0] for r in self.conn.execute(
+            "SELECT serial FROM certificates WHERE device_id = ? AND status = 'on_hold'",
+            (device_id,))]
+        for s in serials:
+            self.conn.execute("UPDATE certificates SET status = COALESCE(hold_prior_status, "
+                              "'active'), hold_prior_status = NULL, revoked_at = NULL, "
+                              "reason = NULL WHERE serial = ?", (s,))
+        return serials
+
+    def crl_entries(self, now_iso: str) -> list[CRLEntry]:
+        """Revoked and held certificates not yet expired at *now_iso*, oldest first."""
+        return self.conn.execute(
+            "SELECT serial, status, revoked_at, reason FROM certificates "
+            "WHERE status IN ('revoked', 'on_hold') AND not_after > ? "
+            "ORDER BY revoked_at, serial", (now_iso,)).fetchall()
+
+    def crl_number(self) -> int:
+        """The number of the last CRL published (0 before the first)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?",
+                                (CRL_NUMBER_KEY,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_crl_number(self, number: int) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (CRL_NUMBER_KEY, str(number)))
