@@ -1,0 +1,213 @@
+"""The read-only view of the fleet's state: what a gateway decides with.
+
+One reader for the hub's same-host registry source (``hub/revocation.py``), its trust-domain
+lookup (``hub/trust.py``) and the fleet-state feed (DESIGN section 9). Stdlib-only: importing
+it loads :mod:`sqlite3`, :mod:`provisioning.registry.schema`, :mod:`provisioning.serial`,
+:mod:`provisioning.identity` and :mod:`provisioning.errors`, never sqlite-utils,
+cryptography or the rest of the CA, so a gateway may import it (the import rule in
+docs/provisioning.md). The connection is opened ``mode=ro`` with ``PRAGMA query_only``: the
+view never writes the CA's registry, whatever a bug might try.
+
+Polling, as the hub's registry source does every refresh::
+
+    view = FleetView(path)
+    seen = None                                   # a Position once something was read
+    seen, state = view.read(seen)                 # state: a FleetState, or None
+    if state is not None:                         # a CA action since *seen*
+        revoked = {serial: r.status for serial, r in state.revoked.items()}
+        ...                                       # state.device_status, .password_hashes, .groups
+
+:meth:`FleetView.read` costs one ``PRAGMA data_version`` when no other connection has
+committed since *seen*; otherwise it opens one read transaction, reads the audit head
+(``meta.audit_head``, moved by every CA action) and, when that moved too, every refused
+serial and every device that is not active, has a password hash or a group: all of one
+commit. A commit that was no CA action (a promised file cleared) moves the position only.
+``certificates=True`` adds each device's valid (active or superseded) serials, which the feed
+serves and ``[auth] registered_only`` needs. Serials are integers, as a certificate or CRL
+entry carries them (:func:`provisioning.serial.parse_serial`).
+
+:meth:`FleetView.trust_domain` is the ``trust_domain`` of the registry's first ``pki.init``
+event: written once by ``fleet-provision init`` and sealed in the hash chain.
+
+The view does not watch the file itself: a registry replaced or overwritten under an open
+connection (another inode, size or mtime) must be reopened by the caller, as
+``hub/revocation.py`` does. Every failure to read is a :class:`FleetViewError`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final, NamedTuple, TypeVar
+
+from provisioning.errors import RegistryError
+from provisioning.identity import is_valid_trust_domain
+from provisioning.registry.schema import (
+    CERT_ACTIVE,
+    CERT_SUPERSEDED,
+    DEVICE_ACTIVE,
+    HEAD_KEY,
+    PKI_INIT_ACTION,
+    REFUSED_CERT_STATUSES,
+)
+from provisioning.serial import parse_serial
+
+__all__ = ["FleetState", "FleetView", "FleetViewError", "Position", "Revocation"]
+
+TIMEOUT_S: Final = 5.0  # waiting for a writer's lock; a reader in WAL mode rarely waits
+_REFUSED: Final = "', '".join(REFUSED_CERT_STATUSES)  # constants: the f-string SQL is safe
+_VALID: Final = f"{CERT_ACTIVE}', '{CERT_SUPERSEDED}"
+_T = TypeVar("_T")
+
+
+class FleetViewError(RegistryError):
+    """The registry cannot be opened or read, or holds what no CA wrote (a bad serial)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """How far a reader has read: the connection's data version and the audit head."""
+
+    data_version: int  # PRAGMA data_version: moves when another connection commits
+    audit_head: str | None  # "<event id>:<hash>"; None before the first CA action
+
+
+class Revocation(NamedTuple):
+    """A refused certificate: ``status`` is ``revoked`` or ``on_hold``."""
+
+    status: str
+    reason: str | None  # RFC 5280 name (certificateHold for a hold); None: unspecified
+    revoked_at: str | None  # ISO 8601 UTC
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FleetState:
+    """The fleet as of one commit; immutable, replaced whole by the next read."""
+
+    position: Position
+    revoked: MappingProxyType[int, Revocation]  # every revoked or held serial
+    device_status: MappingProxyType[str, str]  # device -> "suspended" | "revoked"; active absent
+    password_hashes: MappingProxyType[str, str]  # device -> scrypt$... (the second factor)
+    groups: MappingProxyType[str, str]  # device -> group; devices in no group absent
+    # device -> {serial: "active" | "superseded"}: with read(certificates=True), else None
+    certificates: MappingProxyType[str, MappingProxyType[int, str]] | None = None
+
+
+class FleetView:
+    """A read-only connection to ``registry.db``; one thread at a time uses it."""
+
+    def __init__(self, path: Path, *, timeout: float = TIMEOUT_S) -> None:
+        self.path = path
+        try:
+            self._conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                                         timeout=timeout, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            raise FleetViewError(f"registry cannot be opened read-only: {exc}",
+                                 str(path)) from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> FleetView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def position(self) -> Position:
+        """Where the registry is now (what :meth:`read` would compare against)."""
+        return self._guarded(lambda: Position(self._data_version(), self._head()))
+
+    def read(self, since: Position | None = None, *,
+             certificates: bool = False) -> tuple[Position, FleetState | None]:
+        """The position now and the fleet's state, or None when no CA action moved the
+        audit head since *since* (None: read in any case)."""
+        return self._guarded(lambda: self._read(since, certificates=certificates))
+
+    def trust_domain(self) -> str | None:
+        """``trust_domain`` of the first ``pki.init`` event; None when it names none."""
+        row = self._guarded(lambda: self._conn.execute(
+            "SELECT detail FROM events WHERE action = ? ORDER BY id LIMIT 1",
+            (PKI_INIT_ACTION,)).fetchone())
+        if row is None:
+            return None
+        try:
+            value = json.loads(row[0]).get("trust_domain")
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) and is_valid_trust_domain(value) else None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _guarded(self, read: Callable[[], _T]) -> _T:
+        try:
+            return read()
+        except sqlite3.Error as exc:
+            raise FleetViewError(f"registry cannot be read: {exc}", str(self.path)) from exc
+        except ValueError as exc:  # a serial that is not hex
+            raise FleetViewError(f"the registry holds a malformed serial: {exc}",
+                                 str(self.path)) from exc
+
+    def _data_version(self) -> int:
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def _head(self) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (HEAD_KEY,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _read(self, since: Position | None, *,
+              certificates: bool) -> tuple[Position, FleetState | None]:
+        version = self._data_version()
+        if since is not None and since.data_version == version:
+            return since, None  # no other connection has committed since
+        conn = self._conn
+        conn.execute("BEGIN")  # one read transaction: the head and the rows of one commit
+        try:
+            position = Position(version, self._head())
+            if since is not None and since.audit_head == position.audit_head:
+                return position, None  # a write that was no CA action
+            return position, self._state(position, certificates=certificates)
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    def _state(self, position: Position, *, certificates: bool) -> FleetState:
+        conn = self._conn
+        revoked = {
+            parse_serial(serial): Revocation(status, reason, revoked_at, device_id)
+            for serial, status, reason, revoked_at, device_id in conn.execute(
+                "SELECT serial, status, reason, revoked_at, device_id FROM certificates "  # noqa: S608
+                f"WHERE status IN ('{_REFUSED}')")
+        }
+        statuses: dict[str, str] = {}
+        hashes: dict[str, str] = {}
+        groups: dict[str, str] = {}
+        for device_id, status, password_hash, group in conn.execute(
+                'SELECT device_id, status, password_hash, "group" FROM devices '
+                "WHERE status != ? OR password_hash IS NOT NULL OR \"group\" IS NOT NULL",
+                (DEVICE_ACTIVE,)):
+            if status != DEVICE_ACTIVE:
+                statuses[device_id] = status
+            if password_hash is not None:
+                hashes[device_id] = password_hash
+            if group is not None:
+                groups[device_id] = group
+        return FleetState(position, MappingProxyType(revoked), MappingProxyType(statuses),
+                          MappingProxyType(hashes), MappingProxyType(groups),
+                          self._certificates() if certificates else None)
+
+    def _certificates(self) -> MappingProxyType[str, MappingProxyType[int, str]]:
+        valid: dict[str, dict[int, str]] = {}
+        for device_id, serial, status in self._conn.execute(
+                "SELECT device_id, serial, status FROM certificates "  # noqa: S608
+                f"WHERE status IN ('{_VALID}') ORDER BY issued_at, rowid"):
+            valid.setdefault(device_id, {})[parse_serial(serial)] = status
+        return MappingProxyType({device_id: MappingProxyType(serials)
+                                 for device_id, serials in valid.items()})
