@@ -1,6 +1,7 @@
 """fleet-provision: a certificate authority for a device fleet.
 
-Kept import-free on purpose: the hub imports :mod:`provisioning.identity` alone and must not
-load the CA (cryptography builders, the registry) with it. Import from the modules:
+Kept import-free on purpose: the hub imports the pure modules (:mod:`provisioning.identity`,
+:mod:`provisioning.serial`, the read-only :mod:`provisioning.registry.view`) alone and must
+not load the CA (cryptography builders, sqlite-utils) with them. Import from the modules:
 ``provisioning.authority.Authority``, ``provisioning.issuer.SignOptions``, ...
 """
