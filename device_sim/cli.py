@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,14 +24,11 @@ from device_sim.errors import SimError, UsageError
 from device_sim.fleet import RunSettings, run_fleet
 from device_sim.lab import HubProcess, make_pki, write_hub_config
 from device_sim.report import render
+from fleetcli import new_app, run_cli
 from provisioning.errors import ProvisioningError
 from provisioning.pki import PKI
 
-# rich_markup_mode=None: rich markup took "[default: ...]" for a style tag and dropped it.
-app = typer.Typer(
-    help="Virtual device fleets: per-device certificates, mutual TLS, attacks, revocation.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-    rich_markup_mode=None)
+app = new_app("Virtual device fleets: per-device certificates, mutual TLS, attacks, revocation.")
 
 DEFAULT_PKI = Path("fleet-pki")
 TOKEN_ENV = "FLEET_SIM_TOKEN"  # noqa: S105  (the name of a variable, not a secret)
@@ -171,44 +168,11 @@ def quickstart(
     _finish(result, report)
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-
-
-def run_cli(argv: list[str] | None = None) -> int:
-    """The exit code of one invocation; one line per failure (DESIGN section 8)."""
-    command = typer.main.get_command(app)
-    try:
-        result = command.main(args=argv, prog_name="fleet-sim", standalone_mode=False)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except typer.Abort:
-        _fail("aborted")
-        return 2
-    except typer.TyperException as exc:  # click's UsageError family, vendored by typer
-        if type(exc).__name__ == "NoArgsIsHelpError":  # its message is the help text
-            out.print(exc.format_message(), markup=False, highlight=False)
-            return 2
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "fleet-sim"
-        _fail(f"{exc.format_message()} ({where})")
-        return 2
-    except SimError as exc:
-        _fail(str(exc))
-        return exc.exit_code
-    except ProvisioningError as exc:
-        _fail(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _fail("interrupted")
-        return 130
-    return int(result) if isinstance(result, int) else 0  # typer.Exit(n) comes back as n
-
-
-def main(argv: list[str] | None = None) -> NoReturn:
-    """Console-script entry point: exits with :func:`run_cli`'s code."""
-    sys.exit(run_cli(argv))
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line per failure, exit codes 0/1/2 (fleetcli.run_cli)."""
+    return run_cli(app, argv, prog_name="fleet-sim",
+                   errors=((SimError, None), (ProvisioningError, None)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

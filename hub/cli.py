@@ -12,12 +12,12 @@ from typing import Annotated
 
 import typer
 
+from fleetcli import new_app, run_cli
 from hub.config import HubConfig, load_config
 from hub.errors import ConfigError, HubError
 
-app = typer.Typer(help="The edge-gateway MQTT broker that admits only valid, unrevoked device "
-                       "certificates.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
+app = new_app("The edge-gateway MQTT broker that admits only valid, unrevoked device "
+              "certificates.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", envvar="FLEET_HUB_CONFIG",
                                                 help="hub.toml")]
@@ -41,9 +41,8 @@ def serve(
     config: ConfigOpt = None,
     pki: Annotated[Path | None, typer.Option("--pki", help="Serve on defaults drawn from a PKI "
                                              "folder holding server.pem/server.key.")] = None,
-    # "\\[": rich markup would take "[default: ...]" for a style tag and drop it.
     bind: Annotated[str | None, typer.Option("--bind", metavar="HOST:PORT",
-                                             help="With --pki \\[default: 0.0.0.0:8883]")]
+                                             help="With --pki [default: 0.0.0.0:8883]")]
     = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
@@ -129,39 +128,10 @@ def events(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one line per failure, exit codes 0/1/2."""
-    command = typer.main.get_command(app)
-    try:
-        result = command.main(args=argv, prog_name="fleet-hub", standalone_mode=False)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except typer.Abort:
-        return _fail("aborted", 2)
-    except typer.TyperException as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            return 2
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "fleet-hub"
-        return _fail(f"{exc.format_message()} ({where})", 2)
-    except ConfigError as exc:
-        return _fail(str(exc), 2)
-    except HubError as exc:
-        return _fail(str(exc), 1)
-    except OSError as exc:
-        return _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or 'fleet-hub'})", 1)
-    except KeyboardInterrupt:
-        return 130
-    return int(result) if isinstance(result, int) else 0
-
-
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"error: {message}\n")
-    return code
-
-
-def run() -> None:
-    sys.exit(main())
+    """Entry point: one line per failure, exit codes 0/1/2 (fleetcli.run_cli)."""
+    return run_cli(app, argv, prog_name="fleet-hub",
+                   errors=((ConfigError, 2), (HubError, 1)))
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -18,6 +18,7 @@ import typer
 from cryptography import x509
 from rich.console import Console
 
+from fleetcli import new_app, run_cli
 from provisioning.authority import Authority, check_group, initialize, server_names
 from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig
 from provisioning.csr import read_inputs
@@ -26,26 +27,14 @@ from provisioning.issuer import SignOptions, SignResult
 from provisioning.pki import ENV_PKI, PKIPaths
 from provisioning.policy import load_manifest
 
-# rich_markup_mode=None: help is plain click text. Rich markup reads "[default: ...]" in a
-# help string as a style tag and drops it (issue 11 defect 11), and it cut long lines.
-app = typer.Typer(
-    help="Fleet CA: mint per-device certificates from factory CSRs, revoke, publish CRLs.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,
-)
-audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True,
-                        rich_markup_mode=None)
+app = new_app("Fleet CA: mint per-device certificates from factory CSRs, revoke, publish CRLs.")
+audit_app = new_app("The hash-chained audit log.")
 app.add_typer(audit_app, name="audit")
-token_app = typer.Typer(help="Enrollment tokens for the EST service (HTTP Basic).",
-                        no_args_is_help=True, rich_markup_mode=None)
+token_app = new_app("Enrollment tokens for the EST service (HTTP Basic).")
 app.add_typer(token_app, name="token")
-password_app = typer.Typer(help="A device's MQTT password: the hub's optional second factor.",
-                           no_args_is_help=True, rich_markup_mode=None)
+password_app = new_app("A device's MQTT password: the hub's optional second factor.")
 app.add_typer(password_app, name="password")
-group_app = typer.Typer(help="Device groups: the {group} of the hub's ACLs.",
-                        no_args_is_help=True, rich_markup_mode=None)
+group_app = new_app("Device groups: the {group} of the hub's ACLs.")
 app.add_typer(group_app, name="group")
 
 PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
@@ -541,39 +530,9 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one line per failure, DESIGN section 8 exit codes."""
-    command = typer.main.get_command(app)
-    try:
-        result = command.main(args=argv, prog_name="fleet-provision", standalone_mode=False)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except typer.Abort:
-        _fail("aborted")
-        return 2
-    except typer.TyperException as exc:  # click's UsageError family, vendored by typer
-        ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError":  # its message is the help text
-            sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
-            return 2
-        where = ctx.command_path if ctx is not None else "fleet-provision"
-        _fail(f"{exc.format_message()} ({where})")
-        return 2
-    except ProvisioningError as exc:
-        _fail(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _fail("interrupted")
-        return 130
-    return int(result) if isinstance(result, int) else 0
-
-
-def _fail(message: str) -> None:
-    sys.stderr.write(f"error: {message}\n")
-
-
-def run() -> None:
-    sys.exit(main())
+    """Entry point: one line per failure, DESIGN section 8 exit codes (fleetcli.run_cli)."""
+    return run_cli(app, argv, prog_name="fleet-provision", errors=((ProvisioningError, None),))
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from device_sim.cli import run_cli
+from device_sim.cli import main
 from tests.device_sim.brokers import free_port
 from tests.device_sim.conftest import Lab, fleet_sim
 
@@ -31,7 +31,7 @@ def _one_line_error(stderr: str) -> str:
 def test_bad_options(args: list[str], fragment: str, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     """Bad or missing options name the option, in one line, exit 2."""
-    assert run_cli(["run", "--pki", str(tmp_path), *args]) == 2
+    assert main(["run", "--pki", str(tmp_path), *args]) == 2
     assert fragment in _one_line_error(capsys.readouterr().err)
 
 
@@ -45,7 +45,7 @@ def test_missing_pki(tmp_path: Path) -> None:
 
 def test_unreachable_broker(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     """Nothing listening at --broker: said before any device is enrolled."""
-    assert run_cli(["run", "--pki", str(lab.pki), "--broker", f"127.0.0.1:{free_port()}",
+    assert main(["run", "--pki", str(lab.pki), "--broker", f"127.0.0.1:{free_port()}",
                     "--devices", "1", "--quiet"]) == 2
     line = _one_line_error(capsys.readouterr().err)
     assert "cannot reach the broker" in line
@@ -56,12 +56,12 @@ def test_enroll_needs_a_token(lab: Lab, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     """--enroll without $FLEET_SIM_TOKEN says how to get one."""
     monkeypatch.delenv("FLEET_SIM_TOKEN", raising=False)
-    assert run_cli(["run", "--pki", str(lab.pki), "--broker", lab.broker, "--devices", "1",
+    assert main(["run", "--pki", str(lab.pki), "--broker", lab.broker, "--devices", "1",
                     "--enroll", "https://127.0.0.1:1"]) == 2
     assert "NAME:SECRET" in _one_line_error(capsys.readouterr().err)
 
 
 def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     """Bare ``fleet-sim`` shows the commands and exits 2."""
-    assert run_cli([]) == 2
+    assert main([]) == 2
     assert "quickstart" in capsys.readouterr().out
