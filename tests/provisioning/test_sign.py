@@ -154,16 +154,16 @@ def test_unwritable_output_is_one_error_and_the_next_sign_finishes_it(
 def test_output_files_are_written_whole_and_replace_older_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
     """New, existing and stale-temporary cases, with O_TMPFILE and with a named temporary."""
-    from provisioning.issuer import _FileWriter
+    from provisioning.certfiles import FileWriter
 
     if not unnamed:
-        monkeypatch.setattr(_FileWriter, "_UNNAMED", 0)
+        monkeypatch.setattr(FileWriter, "_UNNAMED", 0)
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.pem").write_text("old contents")
     (out / f".stale.pem.{os.getpid()}.tmp").write_text("left by a killed run")
     (out / "stale.pem").write_text("older contents")
-    writer = _FileWriter(b"CHAIN\n")
+    writer = FileWriter(b"CHAIN\n")
     try:
         for name in ("new", "old", "stale"):
             writer.write(str(out / f"{name}.pem"), f"PEM of {name}\n")
