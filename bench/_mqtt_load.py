@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import resource
 import socket
 import ssl
 import time
@@ -36,6 +35,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from device_sim.report import percentile as nearest_rank
+from device_sim.worker import raise_nofile
 
 KEEPALIVE_S = 60
 PING_EVERY_S = 30.0
@@ -496,13 +498,6 @@ class LoadGenerator:
 # -- the load in its own process --------------------------------------------------------------
 
 
-def raise_nofile() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def _worker(conn: Any, ca: str, server_hostname: str, verify_server: bool) -> None:
     raise_nofile()
     import uvloop  # noqa: PLC0415
@@ -656,12 +651,8 @@ class LoadProcess:
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * pct // 100))
-    return ordered[int(rank) - 1]
+    """Nearest-rank percentile, *pct* in 0..100; None for no values (the simulator's)."""
+    return nearest_rank(values, pct / 100)
 
 
 def _ms(value: float | None) -> float | None:

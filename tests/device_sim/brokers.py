@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import collections
 import getpass
+import re
 import shutil
-import signal
 import socket
-import subprocess
-import threading
 from pathlib import Path
 
-from device_sim.lab import stop_process
+from device_sim.lab import ReadyProcess
 
 MOSQUITTO = shutil.which("mosquitto") or next(
     (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()),
@@ -53,25 +50,9 @@ class Mosquitto:
             "require_certificate true\n"
             "use_identity_as_username true\n"
             f"acl_file {acl}\n")
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
-        self.log: collections.deque[str] = collections.deque(maxlen=500)
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.process.stderr is not None
-            for line in self.process.stderr:
-                self.log.append(line)
-                if " running" in line:
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(20) or self.process.poll() is not None:
-            self.stop()
-            raise RuntimeError("mosquitto did not start:\n" + "".join(self.log))
+        self.server = ReadyProcess("mosquitto", [MOSQUITTO, "-c", str(config)],
+                                   re.compile(" running"), timeout=20, stop_timeout=10)
+        self.log = self.server.log
 
     def stop(self) -> None:
-        stop_process(self.process, self._pump, signal.SIGTERM, 10)
+        self.server.stop()

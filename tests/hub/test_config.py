@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from device_sim.lab import hub_toml
 from hub.acl import AclPolicy, AclRules
 from hub.config import (
     AuditConfig,
@@ -32,46 +33,7 @@ server_key = "pki/server.key"
 client_ca = "pki/ca-chain.pem"
 """
 
-DESIGN_EXAMPLE = """\
-[listener]
-bind = "0.0.0.0:8883"
-server_cert = "pki/server.pem"
-server_key = "pki/server.key"
-client_ca = "pki/ca-chain.pem"
-
-[revocation]
-registry = "pki/registry.db"   # watched: same-host registry
-crl = "pki/crl.pem"
-refresh_seconds = 1
-
-[auth]
-client_id = "must-match"
-password = false
-
-[acl]
-publish = ["devices/{device_id}/#"]
-subscribe = ["devices/{device_id}/#", "fleet/broadcast/#"]
-
-[acl.groups.operators]
-subscribe = ["#"]
-
-[audit]
-path = "hub-audit.db"
-
-[metrics]
-bind = "127.0.0.1:9883"
-
-[limits]
-max_packet_bytes = 262144
-max_topic_bytes = 1024
-max_subscriptions = 64
-publish_rate = 100
-publish_bytes_rate = 524288
-on_rate_limit = "drop"
-max_retained_per_device = 100
-max_retained_bytes = 1048576
-max_pending_tls = 16
-"""
+DESIGN_EXAMPLE = hub_toml()  # DESIGN section 5's example, files under pki/ (device_sim.lab)
 
 
 @pytest.fixture

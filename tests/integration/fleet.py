@@ -3,37 +3,37 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import re
-import signal
+import json
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from provisioning.authority import Authority, initialize
-from provisioning.config import PKIConfig
-from provisioning.csr import CSRInput
-from provisioning.issuer import SignOptions, serial_hex
+from device_sim.factory import DevicePrivateKey, new_key, write_key
+from device_sim.lab import LOOPBACK, Enrolled, HubProcess, enroll, hub_toml, make_pki
+from provisioning.authority import Authority
+from provisioning.issuer import serial_hex
 from provisioning.profile import device_certificate, random_serial
 
 TRUST_DOMAIN = "fleet.test"
-READY = re.compile(r"fleet-hub ready: listening on [^:]+:(\d+)(?:, metrics on [^:]+:(\d+))?")
 
+# The tests' hub: DESIGN's example on loopback ports, a short handshake timeout and refresh,
+# operators who may also broadcast, no [limits] unless a test sets some (the hub's defaults).
+TEST_HUB: Mapping[str, Any] = {
+    "listener": {"handshake_timeout": 5},
+    "acl": {"groups": {"operators": {"publish": ["fleet/broadcast/#"]}}},
+    "limits": None,
+}
 
-@dataclass(frozen=True)
-class Device:
-    device_id: str
-    cert: Path
-    key: Path
-    serial: str
+Device = Enrolled  # device_id, cert, key, serial
 
 
 @dataclass
@@ -52,35 +52,21 @@ class Fleet:
 
     @classmethod
     def create(cls, root: Path) -> Fleet:
-        fleet = cls(root)
-        initialize(fleet.pki, PKIConfig(trust_domain=TRUST_DOMAIN, organisation="Test Org"), None)
-        with Authority(fleet.pki) as authority:
-            authority.server_cert("localhost", ["127.0.0.1"], fleet.pki)
+        make_pki(root, trust_domain=TRUST_DOMAIN, organisation="Test Org", actor=None)
         (root / "devices").mkdir()
-        return fleet
+        return cls(root)
 
-    def _key(self, device_id: str) -> tuple[ec.EllipticCurvePrivateKey, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
+    def _key(self, device_id: str) -> tuple[DevicePrivateKey, Path]:
+        key = new_key()
         path = self.root / "devices" / f"{device_id}.key"
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        write_key(path, key)
         return key, path
 
     def device(self, device_id: str, group: str | None = None) -> Device:
         """Enroll a device the way the factory does: its own key, a CSR, `sign`."""
-        key, key_path = self._key(device_id)
-        csr = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-               .sign(key, hashes.SHA256()))
-        with Authority(self.pki) as authority:
-            [result] = authority.issuer().sign(
-                [CSRInput(device_id, csr.public_bytes(serialization.Encoding.PEM))],
-                SignOptions(out_dir=self.root / "devices", group=group, renew=True))
-        assert result.status in ("issued", "existing"), result.reason
-        assert result.serial is not None
-        return Device(device_id, self.root / "devices" / f"{device_id}.pem", key_path,
-                      result.serial)
+        [device] = enroll(self.pki, self.root / "devices", [device_id], group=group,
+                          renew=True)
+        return device
 
     def device_with_validity(self, device_id: str, not_before: dt.datetime,
                              not_after: dt.datetime) -> Device:
@@ -132,111 +118,39 @@ class Fleet:
     def write_config(self, name: str = "hub.toml", *, extra: str = "",
                      revocation: str | None = None, refresh: float = 0.5,
                      password: bool = False) -> Path:
-        rev = revocation if revocation is not None else (
-            f'registry = "pki/registry.db"\ncrl = "pki/crl.pem"\nrefresh_seconds = {refresh}')
-        text = f"""
-[listener]
-bind = "127.0.0.1:0"
-server_cert = "pki/server.pem"
-server_key = "pki/server.key"
-client_ca = "pki/ca-chain.pem"
-handshake_timeout = 5
-
-[revocation]
-{rev}
-
-[auth]
-client_id = "must-match"
-password = {"true" if password else "false"}
-
-[acl]
-publish = ["devices/{{device_id}}/#"]
-subscribe = ["devices/{{device_id}}/#", "fleet/broadcast/#"]
-
-[acl.groups.operators]
-subscribe = ["#"]
-publish = ["fleet/broadcast/#"]
-
-[audit]
-path = "hub-audit.db"
-
-[metrics]
-bind = "127.0.0.1:0"
-{extra}
-"""
+        """The tests' hub.toml; *revocation* replaces [revocation]'s keys, *extra* (TOML)
+        is merged over the rest."""
+        rev: dict[str, Any] = {"refresh_seconds": refresh}
+        if revocation is not None:
+            rev = {"registry": None, "crl": None, "refresh_seconds": None,
+                   **tomllib.loads(revocation)}
         path = self.root / name
-        path.write_text(text)
+        path.write_text(hub_toml("pki", LOOPBACK, TEST_HUB,
+                                 {"revocation": rev, "auth": {"password": password}},
+                                 tomllib.loads(extra)))
         return path
 
 
-@dataclass
-class RunningHub:
-    """``fleet-hub serve`` as a real process on a free loopback port."""
-
-    process: subprocess.Popen[str]
-    port: int
-    metrics_port: int | None
-    config: Path
-    log: list[str] = field(default_factory=list)
-    pump: threading.Thread | None = None
+class RunningHub(HubProcess):
+    """``fleet-hub serve`` as a real process on a free loopback port (every log line kept)."""
 
     @classmethod
     def start(cls, config: Path, *, timeout: float = 30.0) -> RunningHub:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=config.parent,
-            env=env)
-        lines: list[str] = []
-        ready = threading.Event()
-        found: list[tuple[int, int | None]] = []
+        return cls(config, timeout=timeout, stop_timeout=15, max_lines=None)
 
-        def pump() -> None:
-            assert process.stderr is not None
-            for line in process.stderr:
-                lines.append(line)
-                match = READY.search(line)
-                if match and not found:
-                    found.append((int(match[1]), int(match[2]) if match[2] else None))
-                    ready.set()
-            ready.set()
+    @contextmanager
+    def revocation_change(self, timeout: float = 10.0) -> Iterator[None]:
+        """Around one CA action that changes what the hub enforces (revoke, suspend, resume,
+        a group, a password): on leaving, wait until the hub's revocation snapshot has taken
+        it (its version in /healthz grows by one on every change), instead of sleeping."""
+        from tests.integration.healthz import revocation_version, wait_version_above
 
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        if not ready.wait(timeout) or not found:
-            process.kill()
-            process.wait()
-            thread.join(5)
-            assert process.stderr is not None
-            process.stderr.close()
-            raise RuntimeError("hub did not become ready:\n" + "".join(lines))
-        port, metrics = found[0]
-        hub = cls(process, port, metrics, config, lines)
-        hub.pump = thread
-        return hub
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.pump is not None:
-            self.pump.join(5)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return self.process.returncode
-
-    def settle(self, refresh: float = 0.5) -> None:
-        """Let the hub's registry watcher see the latest CA action (it polls every refresh)."""
-        time.sleep(2 * refresh + 0.2)
+        before = revocation_version(self)
+        yield
+        wait_version_above(self, before, timeout)
 
     def events(self, device: str | None = None) -> list[dict[str, object]]:
         """What `fleet-hub events --json` prints (the audit store is flushed in batches)."""
-        import json
-
         args = [sys.executable, "-m", "hub.cli", "events", "--config", str(self.config),
                 "--json"]
         if device:

@@ -16,8 +16,8 @@ ACCEPTED, REFUSED = 0, 0x80
 @pytest.fixture(scope="module")
 def devices(fleet: Fleet, hub: RunningHub) -> dict[str, object]:
     made = {name: fleet.device(name) for name in ("acl-1", "acl-2")}
-    made["acl-op"] = fleet.device("acl-op", group="operators")
-    hub.settle()
+    with hub.revocation_change():  # the operator's group reaches the hub
+        made["acl-op"] = fleet.device("acl-op", group="operators")
     return made
 
 

@@ -44,9 +44,8 @@ def hub(fleet: Fleet) -> Iterator[RunningHub]:
 @pytest.fixture(scope="module")
 def operator(fleet: Fleet, hub: RunningHub) -> Device:
     """May subscribe to everything (``#``) but $SYS: the limits, not the ACL, refuse."""
-    made = fleet.device("lim-op", group="operators")
-    hub.settle()
-    return made
+    with hub.revocation_change():  # returns once the hub has the operators group
+        return fleet.device("lim-op", group="operators")
 
 
 def _rows(hub: RunningHub, device: str, done: Callable[[list[dict[str, object]]], bool],
@@ -148,8 +147,8 @@ def test_subscriptions_past_max_subscriptions_are_refused(
         fleet: Fleet, hub: RunningHub, connect: Callable[..., Client]) -> None:
     """Four filters are granted, the excess of a SUBSCRIBE gets 0x80; renewing one that is
     held still works. Audited once per connection."""
-    device = fleet.device("lim-subs", group="operators")
-    hub.settle()
+    with hub.revocation_change():
+        device = fleet.device("lim-subs", group="operators")
     client = connect(device)
     assert client.connect() == ACCEPTED
     assert client.subscribe("a/1", "a/2", "a/3", qos=0) == [0, 0, 0]

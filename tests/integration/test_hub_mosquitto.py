@@ -44,8 +44,8 @@ def _pub(hub: RunningHub, fleet: Fleet, device: Device | None, client_id: str, t
 def test_valid_device_publishes_and_receives(fleet: Fleet, hub: RunningHub) -> None:
     """mosquitto_sub gets what an operator broadcasts; mosquitto_pub to its own topic works."""
     device = fleet.device("mq-dev")
-    operator = fleet.device("mq-op", group="operators")
-    hub.settle()
+    with hub.revocation_change():
+        operator = fleet.device("mq-op", group="operators")
     sub = subprocess.Popen([*_sub_command(hub, fleet, device, "mq-dev", "fleet/broadcast/#",
                                           "devices/mq-dev/#"), "-C", "1", "-v"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -72,11 +72,11 @@ def test_refusals(fleet: Fleet, hub: RunningHub, tmp_path: Path) -> None:
     now = dt.datetime.now(dt.UTC)
     good = fleet.device("mq-good")
     revoked = fleet.device("mq-revoked")
-    fleet.revoke("mq-revoked")
+    with hub.revocation_change():
+        fleet.revoke("mq-revoked")
     expired = fleet.device_with_validity("mq-old", now - dt.timedelta(days=9),
                                          now - dt.timedelta(days=1))
     rogue = Fleet.create(tmp_path / "rogue").device("mq-good")
-    hub.settle()
     cases = {
         "no certificate": (None, "mq-good"),
         "foreign CA": (rogue, "mq-good"),

@@ -40,8 +40,8 @@ def test_password_is_required_and_checked(fleet: Fleet, password_hub: RunningHub
     device = fleet.device("pw-dev")
     unset = connect(device, port=password_hub.port, username="pw-dev", password="x")
     assert unset.connect() == NOT_AUTHORIZED
-    _set_password(fleet, "pw-dev", "correct horse")
-    password_hub.settle()
+    with password_hub.revocation_change():
+        _set_password(fleet, "pw-dev", "correct horse")
     assert connect(device, port=password_hub.port).connect() == NOT_AUTHORIZED
     wrong = connect(device, port=password_hub.port, username="pw-dev", password="wrong")
     assert wrong.connect() == NOT_AUTHORIZED
@@ -61,9 +61,9 @@ def test_password_does_not_replace_the_certificate(fleet: Fleet, password_hub: R
                                                    connect: Callable[..., Client]) -> None:
     """The right password with another device's certificate is still a client-id mismatch."""
     fleet.device("pw-owner")
-    _set_password(fleet, "pw-owner", "s3cret")
+    with password_hub.revocation_change():
+        _set_password(fleet, "pw-owner", "s3cret")
     other = fleet.device("pw-other")
-    password_hub.settle()
     client = connect(other, "pw-owner", port=password_hub.port, username="pw-owner",
                      password="s3cret")
     assert client.connect() == NOT_AUTHORIZED

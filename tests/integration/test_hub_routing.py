@@ -31,8 +31,8 @@ def hub(fleet: Fleet) -> Iterator[RunningHub]:
 @pytest.fixture(scope="module")
 def people(fleet: Fleet, hub: RunningHub) -> dict[str, Device]:
     made = {name: fleet.device(name) for name in ("rt-a", "rt-b", "rt-c")}
-    made["rt-op"] = fleet.device("rt-op", group="operators")
-    hub.settle()
+    with hub.revocation_change():
+        made["rt-op"] = fleet.device("rt-op", group="operators")
     return made
 
 

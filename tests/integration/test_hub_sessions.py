@@ -18,8 +18,8 @@ def _victim(fleet: Fleet, hub: RunningHub, connect: Callable[..., Client], name:
             clean: bool = True) -> tuple[Client, Client]:
     """Device *name* connected and subscribed, plus an operator that can publish to it."""
     device = fleet.device(name)
-    op = fleet.device(f"op-{name}", group="operators")
-    hub.settle()  # the operator's group reaches the hub with the next registry refresh
+    with hub.revocation_change():  # the operator's group reaches the hub (registry refresh)
+        op = fleet.device(f"op-{name}", group="operators")
     victim = connect(device, clean=clean)
     assert victim.connect() == ACCEPTED
     assert victim.subscribe(f"devices/{name}/cmd", "fleet/broadcast/#") == [1, 1]
@@ -61,8 +61,8 @@ def test_c_resuming_someone_elses_persistent_session_is_refused(
     """(c) D leaves a persistent session; another valid certificate resuming as D: refused,
     and D itself can still resume it with its queued message."""
     device = fleet.device("victim-c")
-    op = fleet.device("op-c", group="operators")
-    hub.settle()
+    with hub.revocation_change():
+        op = fleet.device("op-c", group="operators")
     victim = connect(device, clean=False)
     assert victim.connect() == ACCEPTED
     assert victim.subscribe("fleet/broadcast/#", qos=1) == [1]
@@ -103,8 +103,8 @@ def test_the_same_device_may_take_over_its_own_session(
     """A device reconnecting with its own certificate replaces its old connection
     [MQTT-3.1.4-2], and the new connection receives messages."""
     device = fleet.device("self-take")
-    op = fleet.device("op-take", group="operators")
-    hub.settle()
+    with hub.revocation_change():
+        op = fleet.device("op-take", group="operators")
     first = connect(device, clean=False)
     assert first.connect() == ACCEPTED
     assert first.subscribe("fleet/broadcast/#") == [1]
