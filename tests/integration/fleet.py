@@ -140,14 +140,12 @@ class RunningHub(HubProcess):
 
     @contextmanager
     def revocation_change(self, timeout: float = 10.0) -> Iterator[None]:
-        """Around one CA action that changes what the hub enforces (revoke, suspend, resume,
-        a group, a password): on leaving, wait until the hub's revocation snapshot has taken
-        it (its version in /healthz grows by one on every change), instead of sleeping."""
-        from tests.integration.healthz import revocation_version, wait_version_above
+        """Around one CA action that changes what the hub enforces: on leaving, wait until
+        the hub has taken it (healthz.revocation_change)."""
+        from tests.integration.healthz import revocation_change
 
-        before = revocation_version(self)
-        yield
-        wait_version_above(self, before, timeout)
+        with revocation_change(self, timeout):
+            yield
 
     def events(self, device: str | None = None) -> list[dict[str, object]]:
         """What `fleet-hub events --json` prints (the audit store is flushed in batches)."""

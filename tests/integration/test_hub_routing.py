@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.fleet import Device, Fleet, RunningHub
+from tests.integration.healthz import metric, wait_metric
 from tests.integration.mqtt import Client
 
 ACCEPTED = 0
@@ -119,35 +120,38 @@ def test_unsubscribe_stops_delivery(people: dict[str, Device],
     assert sender.connect() == ACCEPTED
     sender.publish("devices/rt-b/u", b"before")
     assert _drain(watcher) == [("devices/rt-b/u", b"before", 1)]
+    unsubacked = threading.Event()
+    watcher.client.on_unsubscribe = lambda *_args: unsubacked.set()
     result, _mid = watcher.client.unsubscribe("devices/rt-b/u")
     assert result == 0
-    time.sleep(0.3)  # UNSUBACK
+    assert unsubacked.wait(5), "no UNSUBACK"
     sender.publish("devices/rt-b/u", b"after")
     assert _drain(watcher) == []
 
 
 def test_persistent_session_gets_qos1_messages_sent_while_it_was_away(
-        people: dict[str, Device], connect: Callable[..., Client]) -> None:
+        hub: RunningHub, people: dict[str, Device], connect: Callable[..., Client]) -> None:
     """[MQTT-3.1.2-5]: QoS 1/2 messages are kept for a persistent session; QoS 0 are not."""
     device = people["rt-c"]
     away = connect(device, clean=False)
     assert away.connect() == ACCEPTED
     assert away.subscribe("fleet/broadcast/news", qos=1) == [1]
+    open_now = metric(hub, "fleet_hub_connections")
     away.close()
-    time.sleep(0.3)
+    wait_metric(hub, "fleet_hub_connections", lambda n: n < open_now)  # the hub let it go
     operator = connect(people["rt-op"])
     assert operator.connect() == ACCEPTED
     operator.publish("fleet/broadcast/news", b"kept", qos=1)
     operator.publish("fleet/broadcast/news", b"dropped", qos=0)
-    operator.publish("fleet/broadcast/news", b"kept too", qos=2)
-    time.sleep(0.3)
+    operator.publish("fleet/broadcast/news", b"kept too", qos=2)  # returns on PUBCOMP
     back = connect(device, clean=False)
     assert back.connect() == ACCEPTED
     assert back.session_present is True
     assert sorted(_drain(back, 1.0)) == [("fleet/broadcast/news", b"kept", 1),
                                         ("fleet/broadcast/news", b"kept too", 1)]
+    open_now = metric(hub, "fleet_hub_connections")
     back.close()
-    time.sleep(0.3)
+    wait_metric(hub, "fleet_hub_connections", lambda n: n < open_now)
     fresh = connect(device)  # clean session: the subscription is gone with the session
     assert fresh.connect() == ACCEPTED
     assert fresh.session_present is False
