@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from amqtt.adapters import StreamReaderAdapter
 
-from hub import handler as handler_module
+from hub.broker import handler as handler_module
+from hub.broker.handler import HubHandler
+from hub.broker.session import HubSession
 from hub.errors import MalformedPacketError
-from hub.handler import HubHandler
-from hub.session import HubSession
 from hub.wire import PacketTooLargeError
 
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from transitions.core import MachineError
 
-from hub.session import HubSession, Outbox, SlimQueue, outbox_of
+from hub.broker.session import HubSession, Outbox, SlimQueue, outbox_of
 from hub.wire import next_packet, parse_publish
 
 

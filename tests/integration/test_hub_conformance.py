@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from hub.session import INFLIGHT_WINDOW
+from hub.broker.session import INFLIGHT_WINDOW
 from tests.integration.fleet import Device, Fleet, RunningHub
 from tests.integration.mqtt import Client
 

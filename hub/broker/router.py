@@ -4,7 +4,7 @@ Stock amqtt queues every message for a broadcast loop that matches it against ev
 and starts a task per subscriber. Here routing is a call: the topic tree names the
 subscribers, a QoS 0 copy is encoded once and written straight into each subscriber's TLS
 transport (whole packets per write, so copies never interleave with amqtt's own writes).
-QoS 1/2 copies go into the subscriber session's :class:`hub.session.Outbox`: a bounded
+QoS 1/2 copies go into the subscriber session's :class:`hub.broker.session.Outbox`: a bounded
 window in flight, then a bounded queue, redelivered with DUP when a persistent session
 comes back [MQTT-4.4.0-1]; no task and no timer per copy.
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from hub.broker.session import outbox_of
 from hub.metrics import Metrics
-from hub.session import outbox_of
 from hub.tlssocket import transport_of
 from hub.topictree import TopicTree
 from hub.wire import publish_packet

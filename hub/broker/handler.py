@@ -5,7 +5,7 @@ event and starts a task per packet, then passes PUBLISH through two queues and a
 loop. Here the reader takes what TLS hands over (up to 64 KiB), cuts it into packets
 (:mod:`hub.wire`) and, for QoS 0 and 1 PUBLISH, checks the topic (valid, allowed: cached per
 connection until the registry or the ACL changes), acknowledges QoS 1 and routes the message
-(:mod:`hub.router`) before reading on. Everything else (SUBSCRIBE, QoS 2, acknowledgements of
+(:mod:`hub.broker.router`) before reading on. Everything else (SUBSCRIBE, QoS 2, acknowledgements of
 the hub's own deliveries, DISCONNECT) is decoded with amqtt's classes and handled by amqtt's
 code as before; PINGREQ is answered inline.
 
@@ -42,7 +42,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage
 from amqtt.utils import gen_client_id
 
-from hub import session as hub_session
+from hub.broker import session as hub_session
 from hub.errors import MalformedPacketError
 from hub.limits import PublishBudget
 from hub.wire import (

@@ -21,14 +21,14 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
-from hub import session
+from hub.broker import session
+from hub.broker.handler import ConnectRefusedError, HubHandler, audit_session, audit_violation
+from hub.broker.router import Router
 from hub.errors import MalformedPacketError
 from hub.gatekeeper import Decision, LiveSession
-from hub.handler import ConnectRefusedError, HubHandler, audit_session, audit_violation
 from hub.identity import DeviceIdentity, identity_from_der
 from hub.limits import PublishBudgets, RetainedQuota
 from hub.listener import TLSListener
-from hub.router import Router
 from hub.runtime import HubRuntime
 from hub.tls import server_context
 from hub.tlssocket import transport_of
