@@ -3,7 +3,11 @@
     HubError                 every expected failure; ``str()`` is the user-facing line
     ├── ConfigError          the hub's configuration is unusable: names the key path and the file
     ├── InvalidValueError    a topic, filter, ACL pattern or address is malformed (a ValueError)
-    └── MalformedPacketError a client's bytes are not MQTT: its connection is closed
+    ├── MalformedPacketError a client's bytes are not MQTT: its connection is closed
+    ├── RevocationError      the revocation watcher cannot start (no source loads, no CA bundle)
+    │   └── SourceError      one source cannot be used now; never escapes the source's poll:
+    │                        the source is reported down and its last good list kept
+    └── MetricsError         the metrics endpoint cannot be served (its address cannot be bound)
 
 Authentication and ACL refusals are not exceptions: they are decisions (data) that the broker
 applies, logs and audits.
@@ -43,3 +47,15 @@ class InvalidValueError(HubError, ValueError):
 
 class MalformedPacketError(HubError):
     """A client sent bytes that are not MQTT 3.1.1 [MQTT-4.8.0-1]; the message says how."""
+
+
+class RevocationError(HubError):
+    """The revocation watcher cannot start: no configured source could be loaded (one line)."""
+
+
+class SourceError(RevocationError):
+    """A revocation source cannot be used now; the message says why, in one line."""
+
+
+class MetricsError(HubError):
+    """The metrics endpoint cannot be served (the address cannot be bound)."""

@@ -6,9 +6,10 @@ issued under another domain, must not let those devices in. The domain is, first
 
 1. ``[auth] trust_domain`` (with ``--pki``: ``trust_domain`` from the folder's ``pki.toml``);
 2. the registry: the ``trust_domain`` in the detail of its first ``pki.init`` audit event,
-   read over a read-only connection. That event is written once by ``fleet-provision init``
-   and sealed in the hash chain, and it is in the one file the hub is told to read; the
-   ``pki.toml`` next to ``registry.db`` is an editable file the hub may not even have;
+   read through the registry's read-only view (:mod:`provisioning.registry.view`). That event
+   is written once by ``fleet-provision init`` and sealed in the hash chain, and it is in the
+   one file the hub is told to read; the ``pki.toml`` next to ``registry.db`` is an editable
+   file the hub may not even have;
 3. the hub's own certificate (``listener.server_cert``): a SAN URI
    ``spiffe://<domain>/gateway/<name>``, which ``fleet-provision server-cert`` adds.
 
@@ -19,9 +20,7 @@ from a worker thread.
 
 from __future__ import annotations
 
-import json
 import logging
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -31,6 +30,7 @@ from cryptography import x509
 from hub.config import HubConfig
 from hub.errors import ConfigError
 from provisioning.identity import is_valid_trust_domain
+from provisioning.registry.view import FleetView, FleetViewError
 
 __all__ = ["TrustDomain", "certificate_trust_domain", "registry_trust_domain",
            "resolve_trust_domain"]
@@ -39,8 +39,6 @@ log = logging.getLogger("hub.trust")
 
 _SPIFFE: Final = "spiffe://"
 _GATEWAY_PATH: Final = "/gateway/"
-_INIT_ACTION: Final = "pki.init"  # provisioning.authority.initialize's first audit event
-_SQLITE_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,27 +75,19 @@ def resolve_trust_domain(config: HubConfig) -> TrustDomain:
 def registry_trust_domain(path: Path) -> str | None:
     """``trust_domain`` of the registry's first ``pki.init`` event; None if it cannot say."""
     try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
-                               timeout=_SQLITE_TIMEOUT_S, isolation_level=None)
-    except sqlite3.Error as exc:
-        log.warning("cannot open the registry %s for its trust domain: %s", path, exc)
+        view = FleetView(path)
+    except FleetViewError as exc:
+        log.warning("cannot open the registry %s for its trust domain: %s", path,
+                    exc.__cause__ or exc)
         return None
     try:
-        conn.execute("PRAGMA query_only = ON")
-        row = conn.execute("SELECT detail FROM events WHERE action = ? ORDER BY id LIMIT 1",
-                           (_INIT_ACTION,)).fetchone()
-    except sqlite3.Error as exc:
-        log.warning("cannot read the trust domain from the registry %s: %s", path, exc)
+        return view.trust_domain()
+    except FleetViewError as exc:
+        log.warning("cannot read the trust domain from the registry %s: %s", path,
+                    exc.__cause__ or exc)
         return None
     finally:
-        conn.close()
-    if row is None:
-        return None
-    try:
-        value = json.loads(row[0]).get("trust_domain")
-    except (TypeError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) and is_valid_trust_domain(value) else None
+        view.close()
 
 
 def certificate_trust_domain(path: Path) -> str | None:

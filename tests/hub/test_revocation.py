@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime as dt
 import hashlib
@@ -20,9 +21,13 @@ from cryptography.x509.oid import NameOID
 from hub.config import RevocationConfig
 from hub.errors import HubError
 from hub.revocation import (
+    MemorySource,
     RevocationError,
+    RevocationSource,
     RevocationWatcher,
     Snapshot,
+    SourceCallback,
+    SourceData,
     SourceHealth,
     SourceState,
     load_ca_bundle,
@@ -756,3 +761,148 @@ def test_a_damaged_registry_is_down_and_its_last_good_list_kept(
     assert why is not None
     assert why.startswith("the registry is truncated" if damage == "truncated"
                           else "the registry is not an SQLite database")
+
+
+# -- the RevocationSource seam (issue 12): in-memory sources, no I/O, no sleeping ---------------
+
+
+def test_a_memory_source_drives_the_watcher_like_a_real_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """MemorySource: what set() gives is what the next refresh() publishes (on_change gets old
+    and new); a failure keeps the last list and is told once as down, set() brings it up; a
+    next_update gone by is used and told as stale. All without a file, a thread or a sleep."""
+    caplog.set_level(logging.INFO, LOGGER)
+    source = MemorySource("registry", local=False)  # the loop's ticks: refresh_seconds
+    changes: list[tuple[Snapshot, Snapshot]] = []
+    states: list[tuple[str, SourceState, str | None]] = []
+
+    async def scenario() -> None:
+        watcher = RevocationWatcher.over(
+            [source], refresh_seconds=3600, on_change=lambda old, new: changes.append((old, new)),
+            on_source=lambda name, state, why: states.append((name, state, why)))
+        await watcher.start()
+        try:
+            assert (watcher.snapshot.version, watcher.healthy) == (0, True)  # loaded, empty
+            source.set(revoked={7: "revoked"}, devices={"d2": "suspended"},
+                       groups={"op": "operators"})
+            assert await watcher.refresh() is True
+            [(old, new)] = changes
+            assert (old.version, new.version) == (0, 1)
+            assert refusal(new, 7, "d1") == "revoked"
+            assert refusal(new, 8, "d2") == "device-suspended"
+            assert dict(new.groups) == {"op": "operators"}
+            source.fail("the registry is gone")
+            assert await watcher.refresh() is False
+            assert await watcher.refresh() is False
+            health = only(watcher)
+            assert (health.ok, health.last_error, health.entries) == (
+                False, "the registry is gone", 1)
+            assert refusal(watcher.snapshot, 7, "d1") == "revoked"
+            source.set(revoked={7: "on-hold"}, next_update=time.time() - 60)
+            assert await watcher.refresh() is True
+            health = only(watcher)
+            assert (health.ok, health.stale) == (True, True)
+            assert health.warning is not None
+            assert health.warning.startswith("past its nextUpdate ")
+            assert refusal(watcher.snapshot, 7, "d1") == "on-hold"
+            assert source.polls == 5  # start and four refresh() calls: the loop never ran
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    assert [(name, state) for name, state, _ in states] == [
+        ("registry", SourceState.DOWN), ("registry", SourceState.STALE)]
+    assert states[0][2] == "the registry is gone"
+    assert warnings_of(caplog)[0] == ("revocation source registry (memory:registry) cannot be "
+                                      "used: the registry is gone; keeping its last good list "
+                                      "of 1 entries")
+
+
+def test_memory_sources_are_united_and_the_fast_loop_polls_only_local_ones() -> None:
+    """Two sources unite as the real ones do (revoked outranks on-hold); with start()'s loop,
+    a local source is looked at every FAST_POLL_SECONDS, one that is not only every
+    refresh_seconds."""
+    local, remote = MemorySource("registry"), MemorySource("crl-url", local=False)
+
+    async def scenario() -> None:
+        changed = asyncio.Event()
+        watcher = RevocationWatcher.over([local, remote], refresh_seconds=30,
+                                         on_change=lambda _old, _new: changed.set())
+        await watcher.start()
+        try:
+            local.set(revoked={1: "on-hold", 2: "on-hold"})
+            await asyncio.wait_for(changed.wait(), timeout=5)
+            assert dict(watcher.snapshot.revoked) == {1: "on-hold", 2: "on-hold"}
+            remote.set(revoked={2: "revoked"})
+            assert await watcher.refresh() is True
+            assert dict(watcher.snapshot.revoked) == {1: "on-hold", 2: "revoked"}
+        finally:
+            await watcher.stop()
+        assert local.polls > remote.polls == 2  # start, refresh: the loop never reached it
+
+    asyncio.run(scenario())
+
+
+class _Minimal:
+    """A source written against the RevocationSource protocol alone, not PolledSource."""
+
+    name, where, local = "feed", "test:feed", True
+    last_error: str | None = None
+
+    def __init__(self) -> None:
+        self.on_state: SourceCallback | None = None
+        self.data: SourceData | None = None
+        self.closed = False
+
+    async def poll(self, budget: float | None) -> bool:
+        if self.data is None:
+            self.data = SourceData({5: "revoked"}, {"d9": "revoked"})
+            return True
+        return False
+
+    def health(self, now: float) -> SourceHealth:
+        return SourceHealth(self.name, self.data is not None, False, now, None,
+                            len(self.data.revoked) if self.data else 0, None)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_the_watcher_needs_only_the_revocation_source_protocol() -> None:
+    """Any object with the protocol's members is a source: the watcher loads it, publishes
+    its data, reports its health and closes it."""
+    source = _Minimal()
+    typed: RevocationSource = source  # mypy checks the protocol here
+
+    async def scenario() -> RevocationWatcher:
+        watcher = RevocationWatcher.over([typed])
+        await watcher.start()
+        await watcher.stop()
+        return watcher
+
+    watcher = asyncio.run(scenario())
+    assert refusal(watcher.snapshot, 5, "x") == "revoked"
+    assert refusal(watcher.snapshot, 6, "d9") == "device-revoked"
+    assert [h.name for h in watcher.health()] == ["feed"]
+    assert source.closed
+
+
+def test_the_hub_imports_from_provisioning_only_identity_serial_and_the_view() -> None:
+    """The import rule (STYLE.md): hub/ reads the registry through provisioning.registry.view
+    and takes only the pure identity and serial conventions besides; no SQL of its own on the
+    CA's tables (its audit store is its own database)."""
+    allowed = {"provisioning.identity", "provisioning.serial", "provisioning.registry.view"}
+    hub = Path(__file__).resolve().parents[2] / "hub"
+    found: dict[str, set[str]] = {}
+    for file in hub.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.split(".")[0] == "provisioning":
+                    found.setdefault(name, set()).add(file.relative_to(hub).as_posix())
+    assert set(found) <= allowed, {name: found[name] for name in set(found) - allowed}
+    registry_readers = [file.relative_to(hub).as_posix() for file in hub.rglob("*.py")
+                        if "FROM certificates" in file.read_text(encoding="utf-8")
+                        or "FROM devices" in file.read_text(encoding="utf-8")]
+    assert registry_readers == []

@@ -1,0 +1,59 @@
+"""Which certificates and devices the hub refuses, kept fresh from the registry and CRLs.
+
+Sources, from ``[revocation]`` (DESIGN section 5):
+
+- ``registry``: the CA's SQLite registry on the same host, read through
+  :mod:`provisioning.registry.view` (read-only; an unchanged registry costs one ``stat`` and
+  one PRAGMA per look; a file replaced or overwritten is reopened and its header checked);
+- ``crl-file``: a CRL file, re-read when its inode, mtime or size changes;
+- ``crl-url``: a CRL over http(s), fetched every refresh with a conditional GET.
+
+A source that cannot be read keeps its last good data and reports ``ok=False``; a CRL past its
+nextUpdate is still used and reports ``stale=True``; each change of state is logged once on
+``hub.revocation`` and handed to ``on_source`` (the hub audits it). Nothing fails open (drops
+entries) or closed (refuses everyone) without saying so. Blocking work (SQLite, file reads,
+CRL parsing and signature checks) runs in worker threads, never on the event loop.
+
+Modules:
+
+- :mod:`~hub.revocation.model`: Snapshot, refusal(), SourceData, SourceHealth, SourceState;
+- :mod:`~hub.revocation.sources`: the RevocationSource protocol and PolledSource, the
+  behaviour every source shares (last good data, health, once-per-change logging);
+- :mod:`~hub.revocation.registry`, :mod:`~hub.revocation.crl_sources`: the real sources;
+  :mod:`~hub.revocation.crl`: CRL verification and the rollback / stale-on-arrival rules;
+- :mod:`~hub.revocation.memory`: MemorySource, an in-memory source for tests;
+- :mod:`~hub.revocation.watcher`: RevocationWatcher, which polls them and publishes the union.
+"""
+
+from __future__ import annotations
+
+from hub.errors import RevocationError, SourceError
+from hub.revocation.crl import load_ca_bundle
+from hub.revocation.memory import MemorySource
+from hub.revocation.model import (
+    Snapshot,
+    SourceCallback,
+    SourceData,
+    SourceHealth,
+    SourceState,
+    refusal,
+)
+from hub.revocation.sources import PolledSource, RevocationSource
+from hub.revocation.watcher import FAST_POLL_SECONDS, RevocationWatcher
+
+__all__ = [
+    "FAST_POLL_SECONDS",
+    "MemorySource",
+    "PolledSource",
+    "RevocationError",
+    "RevocationSource",
+    "RevocationWatcher",
+    "Snapshot",
+    "SourceCallback",
+    "SourceData",
+    "SourceError",
+    "SourceHealth",
+    "SourceState",
+    "load_ca_bundle",
+    "refusal",
+]
