@@ -7,7 +7,9 @@
     ├── NotFoundError            a device, certificate or token the command names does not exist
     ├── ConflictError            a name the command would create is already taken
     ├── OutputError              a certificate file cannot be written (disk full, permissions)
-    └── RegistryError            the registry cannot be read or written
+    ├── RegistryError            the registry cannot be read or written
+    ├── WorkerGone               the enrollment service's CA worker process is gone: 503
+    └── WorkerError              a job failed inside the CA worker process (a bug): 500
 
 CSR refusals are not exceptions: they are data (:class:`provisioning.policy.Rejection`),
 reported per CSR while the rest of the batch goes on.
@@ -58,3 +60,12 @@ class OutputError(ProvisioningError):
 
 class RegistryError(ProvisioningError):
     """The registry database failed in a way the user must see."""
+
+
+class WorkerGone(ProvisioningError):  # noqa: N818  (a state, not a failed call)
+    """The enrollment service's CA worker process is gone: requests get 503 until ``serve``
+    is restarted (:mod:`provisioning.est.channel`)."""
+
+
+class WorkerError(ProvisioningError):
+    """A job failed inside the CA worker process (a bug there): that request gets 500."""

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from provisioning import der
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
-from provisioning.est_messages import b64_body, certs_only, certs_only_der, pem_der
+from provisioning.est.messages import b64_body, certs_only, certs_only_der, pem_der
 from provisioning.issuer import SignOptions
 from provisioning.profile import device_certificate, random_serial
 from provisioning.serial import format_serial
@@ -426,7 +426,7 @@ def _ca_worker(pid: int) -> int:
     children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
                 for c in (task / "children").read_text().split()]
     workers = [c for c in children
-               if b"est_engine" in Path(f"/proc/{c}/cmdline").read_bytes()]
+               if b"provisioning.est.engine" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(workers) == 1, children
     return workers[0]
 

@@ -14,7 +14,7 @@ signed, and relying parties fetch them without trusting a TLS server first (RFC 
 and RFC 6960 appendix A use http URLs for that reason).
 
 Handlers never block: everything that touches SQLite or the CA key runs in the worker process
-(:mod:`provisioning.est_worker`), so HTTP and signing use two cores; scrypt for a new token
+(:mod:`provisioning.est.channel`), so HTTP and signing use two cores; scrypt for a new token
 secret runs in a thread. Every request is audited in the registry's hash chain by the
 middleware, who/what/result. If the worker process dies, requests get 503, not a hang.
 """
@@ -42,8 +42,9 @@ from cryptography import x509
 
 from provisioning import der, ocsp
 from provisioning.authority import Authority
-from provisioning.errors import UsageError
-from provisioning.est_messages import (
+from provisioning.errors import UsageError, WorkerGone
+from provisioning.est.channel import EngineChannel
+from provisioning.est.messages import (
     ANONYMOUS,
     CERTS_ONLY,
     LOG_FORMAT,
@@ -58,13 +59,11 @@ from provisioning.est_messages import (
     Reply,
     Statistics,
     TokenAuth,
-    WorkerGone,
     b64_body,
     certs_only,
     decode_base64,
     unauthorized,
 )
-from provisioning.est_worker import Worker
 from provisioning.identity import host_name_problem, normalise_host_name, verify_password
 from provisioning.timefmt import iso, utcnow
 
@@ -129,14 +128,14 @@ class EnrollmentService:
         chain = x509.load_pem_x509_certificates(authority.paths.chain.read_bytes())
         self._cacerts = certs_only(chain)
         self._csrattrs = b64_body(der.csr_attributes())
-        self._worker: Worker | None = None
+        self._worker: EngineChannel | None = None
         self._runner: web.AppRunner | None = None
         self._plain_runner: web.AppRunner | None = None
         self._scrypt_slots: asyncio.Semaphore | None = None
         self._verifying: dict[tuple[bytes, str], asyncio.Future[bool]] = {}
 
     @property
-    def worker(self) -> Worker:
+    def worker(self) -> EngineChannel:
         if self._worker is None:
             raise RuntimeError("the service is not started")
         return self._worker
@@ -151,7 +150,7 @@ class EnrollmentService:
         """Listen; returns the base URLs actually bound (port 0 picks a free one)."""
         loop = asyncio.get_running_loop()
         self._scrypt_slots = asyncio.Semaphore(SCRYPT_SLOTS)
-        self._worker = Worker(self.authority, self.manifest, loop)
+        self._worker = EngineChannel(self.authority, self.manifest, loop)
         await self._worker.start()
         urls: list[str] = []
         try:

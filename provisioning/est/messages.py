@@ -2,8 +2,8 @@
 
 The jobs a handler submits, the replies and snapshots that come back, the audit events, and
 the few reply builders both sides use. Everything here is a plain, picklable value: it
-crosses a pipe between two interpreters (:mod:`provisioning.est_worker` on the HTTP side,
-:mod:`provisioning.est_engine` in the worker).
+crosses a pipe between two interpreters (:mod:`provisioning.est.channel` on the HTTP side,
+:mod:`provisioning.est.engine` in the CA worker process).
 """
 
 from __future__ import annotations
@@ -151,14 +151,6 @@ def text_reply(status: int, message: str, *, actor: str = ANONYMOUS, result: str
           serial: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
     return Reply(status, message.encode() + b"\n", "text/plain", headers, actor, device_id,
                  serial, result, reason or message)
-
-
-class WorkerGone(Exception):  # noqa: N818  (a state, not a failed call)
-    """The worker process is gone: requests get 503 until the service is restarted."""
-
-
-class WorkerError(Exception):
-    """A job failed in the worker process (a bug there): that request gets 500."""
 
 
 @dataclass(frozen=True)

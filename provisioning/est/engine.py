@@ -1,6 +1,6 @@
 """The enrollment service's worker process: the only code that touches SQLite or the CA key.
 
-Started by :class:`provisioning.est_worker.Worker` as its own interpreter, it opens the PKI
+Started by :class:`provisioning.est.channel.EngineChannel` as its own interpreter, it opens the PKI
 as the HTTP process did and takes whatever arrived on its pipe while it was busy as one
 batch: every enrollment of the batch goes through one ``Issuer.sign`` call (one transaction,
 the same policy, manifest and idempotency as ``fleet-provision sign``), and the audit events
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.errors import ProvisioningError
-from provisioning.est_messages import (
+from provisioning.est.messages import (
     LOG_FORMAT,
     SERVICE_ACTOR,
     AuditEvent,
@@ -83,7 +83,7 @@ class _ToSign:
 
 
 
-def worker_main(fd: int) -> None:
+def engine_main(fd: int) -> None:
     """The worker process: open the PKI as the HTTP process did, then serve its jobs."""
     conn = Connection(fd)
     # The HTTP process decides when to stop (Ctrl-C reaches the whole process group), and
@@ -99,7 +99,7 @@ def worker_main(fd: int) -> None:
         authority = Authority(setup.root, setup.passphrase, actor=setup.actor)
         try:
             _ = authority.ca
-            engine = _Engine(authority, setup.manifest, TokenBook(setup.token_key), conn)
+            engine = Engine(authority, setup.manifest, TokenBook(setup.token_key), conn)
         except BaseException:
             authority.close()
             raise
@@ -114,7 +114,7 @@ def worker_main(fd: int) -> None:
 _Item = tuple[Any, "int | None"]  # (job, its id) or (audit event, None)
 
 
-class _Engine:
+class Engine:
     """The worker process's batches: the registry connection and the CA key live here."""
 
     def __init__(self, authority: Authority, manifest: frozenset[str] | None,

@@ -1,12 +1,12 @@
-"""The HTTP process's handle on the enrollment service's worker process.
+"""HTTP side: the HTTP process's channel to the enrollment service's CA worker process.
 
-The event loop never blocks and never signs: a handler sends its job to the worker process
-(:mod:`provisioning.est_engine`, the only code that touches SQLite or the CA key) over a pipe
-and awaits a future. The worker runs in its own interpreter, so the HTTP loop and the
-signing use two cores instead of sharing one GIL. Everything queued in one loop iteration
-(jobs, audit events, verified token secrets) goes in one write; the answers of a batch come
-back as one message, settled on the loop with one wake-up, and the PKCS#7 reply is built
-here, off the busier worker.
+The event loop never blocks and never signs: a handler sends its job to the CA worker
+process (:mod:`provisioning.est.engine`, the only code that touches SQLite or the CA key)
+over a pipe and awaits a future. The worker runs in its own interpreter, so the HTTP loop
+and the signing use two cores instead of sharing one GIL. Everything queued in one loop
+iteration (jobs, audit events, verified token secrets) goes in one write; the answers of a
+batch come back as one message, settled on the loop with one wake-up, and the PKCS#7 reply
+is built here, off the busier worker.
 
 Token secrets are checked in the worker. A secret not seen before comes back as
 ``NeedsVerification``: the HTTP process runs scrypt in a thread, tells the worker the secret
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from provisioning.authority import Authority
-from provisioning.errors import ProvisioningError
-from provisioning.est_messages import (
+from provisioning.errors import ProvisioningError, WorkerError, WorkerGone
+from provisioning.est.messages import (
     SERVICE_ACTOR,
     AuditEvent,
     CRLJob,
@@ -45,8 +45,6 @@ from provisioning.est_messages import (
     OCSPJob,
     Setup,
     Statistics,
-    WorkerError,
-    WorkerGone,
     write_audit_events,
 )
 from provisioning.tokens import TokenBook
@@ -72,8 +70,9 @@ class RemoteTokens:
         self._post(("remember", name, stored_hash, mac))
 
 
-class Worker:
-    """The loop's handle on the worker process that owns the :class:`Authority`.
+class EngineChannel:
+    """The loop's handle on the CA worker process (:class:`provisioning.est.engine.Engine`)
+    that owns the :class:`Authority`.
 
     Every method runs on the event loop's thread.
     """
@@ -104,10 +103,10 @@ class Worker:
         """Start the worker process and wait (off the loop) until it has opened the PKI and
         the CA key."""
         # A new interpreter (never a fork of one running an event loop with a SQLite
-        # connection), importing only this module: not the caller's __main__ as
-        # multiprocessing's spawn would.
+        # connection), importing only the engine's modules: not the caller's __main__ as
+        # multiprocessing's spawn would, nor the HTTP side (provisioning.est loads it lazily).
         fd = self._child_end.fileno()
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])  # holds provisioning/
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, package_root, str(fd)], pass_fds=(fd,),
@@ -287,8 +286,6 @@ class Worker:
             self._stopped.set_result(None)
 
 
-
-
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from provisioning.est_engine import worker_main; worker_main(int(sys.argv[2]))")
+         "from provisioning.est.engine import engine_main; engine_main(int(sys.argv[2]))")
 
