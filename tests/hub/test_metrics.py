@@ -1,4 +1,5 @@
-"""Prometheus text and /healthz: exact exposition lines, and a real server on a loopback port."""
+"""Prometheus text (prometheus-client's) and /healthz: exact exposition lines, the families read
+back by prometheus-client's parser, and a real server on a loopback port."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from hub.config import BindAddress
 from hub.errors import HubError
-from hub.metrics import CONTENT_TYPE, Metrics, MetricsError, MetricsServer, SourceHealthLike
+from hub.metrics import (
+    CONTENT_TYPE,
+    HubCollector,
+    Metrics,
+    MetricsError,
+    MetricsServer,
+    SourceHealthLike,
+)
 
 NOW = 1_800_000_000.0
 LOOPBACK = BindAddress("127.0.0.1", 0)
@@ -77,20 +87,20 @@ def test_counters_render_as_exact_exposition_lines() -> None:
     for expected in [
         "# HELP fleet_hub_connections Client connections open now.",
         "# TYPE fleet_hub_connections gauge",
-        "fleet_hub_connections 2",
+        "fleet_hub_connections 2.0",
         "# TYPE fleet_hub_connects_accepted_total counter",
-        "fleet_hub_connects_accepted_total 2",
+        "fleet_hub_connects_accepted_total 2.0",
         "# TYPE fleet_hub_connects_refused_total counter",
-        'fleet_hub_connects_refused_total{reason="client-id-mismatch"} 1',
-        'fleet_hub_connects_refused_total{reason="expired"} 0',
-        'fleet_hub_connects_refused_total{reason="revoked"} 2',
-        'fleet_hub_acl_denials_total{action="publish"} 1',
-        'fleet_hub_acl_denials_total{action="subscribe"} 0',
-        'fleet_hub_kicks_total{reason="on-hold"} 1',
-        'fleet_hub_kicks_total{reason="revoked"} 0',
-        'fleet_hub_kicks_total{reason="expired"} 0',
-        "fleet_hub_messages_received_total 5",
-        "fleet_hub_messages_delivered_total 1",
+        'fleet_hub_connects_refused_total{reason="client-id-mismatch"} 1.0',
+        'fleet_hub_connects_refused_total{reason="expired"} 0.0',
+        'fleet_hub_connects_refused_total{reason="revoked"} 2.0',
+        'fleet_hub_acl_denials_total{action="publish"} 1.0',
+        'fleet_hub_acl_denials_total{action="subscribe"} 0.0',
+        'fleet_hub_kicks_total{reason="on-hold"} 1.0',
+        'fleet_hub_kicks_total{reason="revoked"} 0.0',
+        'fleet_hub_kicks_total{reason="expired"} 0.0',
+        "fleet_hub_messages_received_total 5.0",
+        "fleet_hub_messages_delivered_total 1.0",
         "# TYPE fleet_hub_process_cpu_seconds_total counter",
     ]:
         assert expected in lines
@@ -109,16 +119,16 @@ def test_revocation_sources_and_extra_gauges_render_per_source() -> None:
     lines = text.splitlines()
     for expected in [
         "# TYPE fleet_hub_revocation_entries gauge",
-        'fleet_hub_revocation_entries{source="registry"} 7',
-        'fleet_hub_revocation_entries{source="crl"} 0',
+        'fleet_hub_revocation_entries{source="registry"} 7.0',
+        'fleet_hub_revocation_entries{source="crl"} 0.0',
         'fleet_hub_revocation_age_seconds{source="registry"} 2.5',
         'fleet_hub_revocation_age_seconds{source="crl"} NaN',
-        'fleet_hub_revocation_source_up{source="registry"} 1',
-        'fleet_hub_revocation_source_up{source="crl"} 0',
-        'fleet_hub_revocation_stale{source="registry"} 0',
-        'fleet_hub_revocation_stale{source="crl"} 1',
+        'fleet_hub_revocation_source_up{source="registry"} 1.0',
+        'fleet_hub_revocation_source_up{source="crl"} 0.0',
+        'fleet_hub_revocation_stale{source="registry"} 0.0',
+        'fleet_hub_revocation_stale{source="crl"} 1.0',
         "# TYPE fleet_hub_audit_dropped_total counter",
-        "fleet_hub_audit_dropped_total 4",
+        "fleet_hub_audit_dropped_total 4.0",
     ]:
         assert expected in lines
     assert math.isnan(samples(text)['fleet_hub_revocation_age_seconds{source="crl"}'])
@@ -129,13 +139,64 @@ def test_label_values_are_escaped_per_the_exposition_format() -> None:
     metrics = Metrics()
     metrics.refused('bad "id"\\x\nnext é')
     lines = metrics.render([], now=NOW).splitlines()
-    assert 'fleet_hub_connects_refused_total{reason="bad \\"id\\"\\\\x\\nnext é"} 1' in lines
+    assert 'fleet_hub_connects_refused_total{reason="bad \\"id\\"\\\\x\\nnext é"} 1.0' in lines
 
 
 def test_an_invalid_extra_metric_name_is_refused() -> None:
     """An extra gauge whose name Prometheus would reject fails loudly, not as a broken scrape."""
     with pytest.raises(ValueError, match="not a Prometheus metric name"):
         Metrics().render([], {"audit dropped": 1.0})
+
+
+def test_the_families_are_fixed_and_read_back_by_prometheus_clients_parser() -> None:
+    """prometheus-client's own parser reads the text back: every family of docs/gateway.md's
+    list with its type, the counters named with _total, and no family of its default
+    collectors (python_gc, process_*) in the hub's registry."""
+    metrics = Metrics(refuse_reasons=["expired"])
+    metrics.refused("expired")
+    text = metrics.render([Health("registry")], {"fleet_hub_audit_queue_depth": 2},
+                          now=NOW, revocation_version=9)
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    kinds = {name: family.type for name, family in families.items()}
+    assert kinds == {
+        "fleet_hub_connections": "gauge",
+        "fleet_hub_connects_accepted": "counter",  # the parser's name drops _total
+        "fleet_hub_connects_refused": "counter",
+        "fleet_hub_acl_denials": "counter",
+        "fleet_hub_kicks": "counter",
+        "fleet_hub_limit_hits": "counter",
+        "fleet_hub_messages_received": "counter",
+        "fleet_hub_messages_delivered": "counter",
+        "fleet_hub_revocation_entries": "gauge",
+        "fleet_hub_revocation_age_seconds": "gauge",
+        "fleet_hub_revocation_source_up": "gauge",
+        "fleet_hub_revocation_stale": "gauge",
+        "fleet_hub_revocation_version": "gauge",
+        "fleet_hub_process_resident_bytes": "gauge",
+        "fleet_hub_process_cpu_seconds": "counter",
+        "fleet_hub_audit_queue_depth": "gauge",
+    }
+    [refused] = families["fleet_hub_connects_refused"].samples
+    assert (refused.name, refused.labels, refused.value) == (
+        "fleet_hub_connects_refused_total", {"reason": "expired"}, 1)
+    assert families["fleet_hub_revocation_version"].samples[0].value == 9
+
+
+def test_the_collector_reads_its_figures_at_each_collection() -> None:
+    """HubCollector in any prometheus-client registry: each collection reads the counters,
+    the sources' health and the version anew (nothing is copied when it is registered)."""
+    metrics = Metrics()
+    version = [1]
+    registry = CollectorRegistry()
+    registry.register(HubCollector(metrics.statistics, lambda: [Health("crl")],
+                                   clock=lambda: NOW, revocation_version=lambda: version[0]))
+    assert registry.get_sample_value("fleet_hub_connects_accepted_total") == 0
+    metrics.accepted()
+    version[0] = 2
+    assert registry.get_sample_value("fleet_hub_connects_accepted_total") == 1
+    assert registry.get_sample_value("fleet_hub_revocation_version") == 2
+    assert registry.get_sample_value("fleet_hub_revocation_age_seconds",
+                                     {"source": "crl"}) == 2.5
 
 
 # ---------------------------------------------------------------------------------------------
