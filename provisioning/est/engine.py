@@ -1,16 +1,19 @@
-"""The enrollment service's worker process: the only code that touches SQLite or the CA key.
+"""Engine side: the enrollment service's CA worker process, the only code that touches SQLite
+or the CA key.
 
-Started by :class:`provisioning.est.channel.EngineChannel` as its own interpreter, it opens the PKI
-as the HTTP process did and takes whatever arrived on its pipe while it was busy as one
-batch: every enrollment of the batch goes through one ``Issuer.sign`` call (one transaction,
-the same policy, manifest and idempotency as ``fleet-provision sign``), and the audit events
-sent meanwhile are written in that same transaction. Events with no enrollment to ride along
-with wait for the next one, at most ``EVENT_DELAY_SECONDS`` of idleness or ``CHUNK`` events,
-then get a commit of their own. The answers of a batch go back as one message.
+Started by :class:`provisioning.est.channel.EngineChannel` as its own interpreter (``python
+-c`` running :func:`engine_main`), it opens the PKI as the HTTP process did and takes whatever
+arrived on its pipe while it was busy as one batch: every enrollment of the batch goes
+through one ``Issuer.sign`` call (one transaction, the same policy, manifest and idempotency
+as ``fleet-provision sign``), and the audit events sent meanwhile are written in that same
+transaction. Events with no enrollment to ride along with wait for the next one, at most
+``EVENT_DELAY_SECONDS`` of idleness or ``CHUNK`` events, then get a commit of their own. The
+answers of a batch go back as one message.
 
 Token secrets are checked here against the registry's rows, re-read whenever another
 connection committed (``PRAGMA data_version``), so ``token revoke`` takes effect for every
-request picked up after it. A secret not seen before comes back as ``NeedsVerification``.
+request picked up after it. A secret not seen before comes back as ``NeedsVerification``
+(:mod:`provisioning.est.authorize` decides who is asking).
 """
 
 from __future__ import annotations
@@ -32,34 +35,26 @@ from cryptography.hazmat.primitives import serialization
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.errors import ProvisioningError
+from provisioning.est.authorize import Authorizer, Principal, csr_der, enrollment_reply
 from provisioning.est.messages import (
     LOG_FORMAT,
     SERVICE_ACTOR,
     AuditEvent,
-    CertAuth,
     CRLJob,
     CRLSnapshot,
     EnrollJob,
     Failed,
-    Issued,
-    NeedsVerification,
     OCSPJob,
-    Reply,
     Setup,
     Statistics,
-    decode_base64,
-    forbidden,
     text_reply,
-    unauthorized,
     write_audit_events,
 )
-from provisioning.issuer import CHUNK, SignOptions, SignResult
+from provisioning.issuer import CHUNK, SignOptions
 from provisioning.ocsp import Responder
-from provisioning.registry.schema import DEVICE_ACTIVE, REFUSED_CERT_STATUSES
 from provisioning.registry.transactions import Transaction
-from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
-from provisioning.tokens import TokenBook, TokenCheck
+from provisioning.tokens import TokenBook
 
 log = logging.getLogger("provisioning.est")
 
@@ -70,17 +65,10 @@ EVENT_DELAY_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
-class _Principal:
-    actor: str
-    renews: str | None = None
-
-
-@dataclass(frozen=True)
 class _ToSign:
     csr: bytes
     job: EnrollJob
-    who: _Principal
-
+    who: Principal
 
 
 def engine_main(fd: int) -> None:
@@ -115,17 +103,18 @@ _Item = tuple[Any, "int | None"]  # (job, its id) or (audit event, None)
 
 
 class Engine:
-    """The worker process's batches: the registry connection and the CA key live here."""
+    """The CA worker process's batches: the registry connection and the CA key live here."""
 
     def __init__(self, authority: Authority, manifest: frozenset[str] | None,
                  tokens: TokenBook, conn: Connection) -> None:
         self.authority = authority
         self.tokens = tokens
+        self._gate = Authorizer(tokens, authority.registry,
+                                frozenset(authority.config.station_groups))
         self._issuer = authority.issuer()
         self._registry = authority.registry
         self._pipe = conn
         self._manifest = manifest
-        self._stations = frozenset(authority.config.station_groups)
         self._responder = Responder(authority.ca, authority.registry.revocation_status)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._events: list[AuditEvent] = []
@@ -242,61 +231,13 @@ class Engine:
             return self._responder.respond(job.request_der, utcnow())
         if isinstance(job, CRLJob):
             return self._crl_snapshot()
-        decided = self._authorize(job)
-        if not isinstance(decided, _Principal):
+        decided = self._gate.authorize(job)
+        if not isinstance(decided, Principal):
             return decided
-        csr = _csr_der(job.body, decided)
+        csr = csr_der(job.body, decided)
         return _ToSign(csr, job, decided) if isinstance(csr, bytes) else csr
 
     # -- enrollment ------------------------------------------------------------------------
-
-    def _authorize(self, job: EnrollJob) -> _Principal | Reply | NeedsVerification:
-        auth = job.auth
-        if isinstance(auth, CertAuth):
-            return self._cert_principal(auth.der, renew=job.renew)
-        verdict, stored = self.tokens.check(auth.name, auth.mac)
-        if verdict is TokenCheck.OK:
-            return _Principal(f"est:token:{auth.name}")
-        if verdict is TokenCheck.VERIFY:
-            assert stored is not None  # noqa: S101
-            return NeedsVerification(stored)
-        return unauthorized(f"token {auth.name!r} is {verdict.value}")
-
-    def _cert_principal(self, der: bytes, *, renew: bool) -> _Principal | Reply:
-        try:
-            cert = x509.load_der_x509_certificate(der)
-        except ValueError:
-            return forbidden("the client certificate cannot be parsed")
-        serial = format_serial(cert.serial_number)
-        now = utcnow()
-        # TLS leaves validity times to us (est.py) so the client hears why, not a bare alert.
-        if now > cert.not_valid_after_utc:
-            return forbidden(f"client certificate {serial} expired at "
-                              f"{iso(cert.not_valid_after_utc)}", serial=serial)
-        if now < cert.not_valid_before_utc:
-            return forbidden(f"client certificate {serial} is not valid before "
-                              f"{iso(cert.not_valid_before_utc)}", serial=serial)
-        holder = self._registry.certificate_holder(serial)
-        if holder is None or holder.fingerprint != hashlib.sha256(der).hexdigest():
-            return forbidden(f"client certificate {serial} is not a device certificate of "
-                              "this CA's registry", serial=serial)
-        device_id, cert_status = holder.device_id, holder.status
-        device_status, group = holder.device_status, holder.group
-        actor = f"est:cert:{device_id}"
-        if cert_status in REFUSED_CERT_STATUSES:
-            return forbidden(f"client certificate {serial} is {cert_status.replace('_', ' ')}",
-                              actor=actor, device_id=device_id, serial=serial)
-        if device_status != DEVICE_ACTIVE:
-            return forbidden(f"device {device_id!r} is {device_status}", actor=actor,
-                              device_id=device_id, serial=serial)
-        if renew:
-            return _Principal(actor, renews=serial)
-        if group not in self._stations:
-            return forbidden(f"device {device_id!r} (group {group or 'none'}) is not a factory "
-                              "station: want a group listed in pki.toml station_groups (a "
-                              "device renews its own certificate with simplereenroll)",
-                              actor=actor, device_id=device_id, serial=serial)
-        return _Principal(actor)
 
     def _sign(self, renew: bool, group: list[tuple[int, _ToSign]],
               ) -> list[tuple[int, Any]]:
@@ -319,7 +260,7 @@ class Engine:
                                    actor=e.who.actor, result="error", reason=str(exc)))
                     for job_id, e in group]
         self._signed += sum(1 for r in results if r.status == "issued")
-        return [(job_id, _enrollment_reply(result, e.who))
+        return [(job_id, enrollment_reply(result, e.who))
                 for (job_id, e), result in zip(group, results, strict=True)]
 
     # -- revocation status ---------------------------------------------------------------
@@ -363,27 +304,3 @@ class Engine:
             log.warning("audit events not written yet (%d kept for the next try): %s",
                       len(events), exc)
             self._events[:0] = events
-
-
-
-
-def _csr_der(body: bytes, who: _Principal) -> bytes | Reply:
-    der = decode_base64(body)
-    if der is None:
-        return text_reply(400, "malformed base64: want the base64 of a DER PKCS#10 request",
-                     actor=who.actor, result="refused", reason="malformed base64")
-    if not der:
-        return text_reply(400, "empty body: want the base64 of a DER PKCS#10 request",
-                     actor=who.actor, result="refused", reason="empty body")
-    return der
-
-
-def _enrollment_reply(result: SignResult, who: _Principal) -> Issued | Reply:
-    if result.status != "rejected" and result.pem is not None:
-        return Issued(result.pem, who.actor, result.device_id, result.serial, result.status)
-    reason = result.reason or "rejected"
-    # A renewal refused because the presented certificate is revoked or held is a 403.
-    status = 403 if reason.startswith(("renew-revoked", "renew-on-hold")) else 400
-    return text_reply(status, reason, actor=who.actor, result="rejected",
-                 device_id=result.device_id)
-
