@@ -4,6 +4,10 @@ The checks run in DESIGN section 5's order once TLS has verified the chain: the 
 names a device of the fleet's trust domain, it is not revoked or on hold and its device is
 active, then the client id matches, then the optional password. Refusals are data (a reason
 code), audited and counted, never exceptions.
+
+Time comes from a :class:`Clock` (the wall clock, which certificates' not-after are in), and
+each live connection is a :class:`Tracked` the gatekeeper can kick: tests drive admission,
+eviction and expiry with in-memory fakes, without sleeping and without patching.
 """
 
 from __future__ import annotations
@@ -11,22 +15,75 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from hub.acl import AclPolicy
-from hub.audit import AuditStore
-from hub.config import HubConfig
+from hub.config import AuthConfig
 from hub.identity import DeviceIdentity, IdentityProblem, identity_from_der
-from hub.metrics import Metrics
-from hub.revocation import RevocationWatcher, Snapshot, refusal
+from hub.revocation import Snapshot, refusal
 from hub.tls import HandshakeRefusal
 from provisioning.identity import verify_password
 
 log = logging.getLogger("hub.gatekeeper")
 
-Kick = Callable[[str], Coroutine[Any, Any, None]]
+
+class Clock(Protocol):
+    """Wall-clock time in seconds since the epoch (what a certificate's not-after is in)."""
+
+    def time(self) -> float: ...
+
+
+class SystemClock:
+    """:func:`time.time`."""
+
+    __slots__ = ()
+
+    def time(self) -> float:
+        return time.time()
+
+
+SYSTEM_CLOCK = SystemClock()
+
+
+class Tracked(Protocol):
+    """A live connection the hub admitted (``hub.broker.connection.Connection``)."""
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def identity(self) -> DeviceIdentity: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    async def kick(self, reason: str) -> None:
+        """Close the connection; *reason* is the eviction's (revoked, expired...)."""
+
+
+class SnapshotSource(Protocol):
+    """The revocation watcher as the gatekeeper reads it: the current snapshot."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+
+class AuditSink(Protocol):
+    """``hub.audit.AuditStore`` as the gatekeeper writes to it."""
+
+    def record(self, event: str, *, device_id: str | None = None, serial: str | None = None,
+               peer: str | None = None, reason: str | None = None) -> None: ...
+
+
+class GateMetrics(Protocol):
+    """The counters of ``hub.metrics.Metrics`` the gatekeeper moves."""
+
+    def accepted(self) -> None: ...
+    def refused(self, reason: str) -> None: ...
+    def kicked(self, reason: str) -> None: ...
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,29 +97,22 @@ class Decision:
     group: str | None = None
 
 
-@dataclass(slots=True)
-class LiveSession:
-    """A connection the hub admitted; ``kick`` closes it with a reason."""
-
-    client_id: str
-    identity: DeviceIdentity
-    peer: str
-    kick: Kick
-
 
 class Gatekeeper:
     """Decides who gets in and throws out whoever stops qualifying."""
 
-    def __init__(self, config: HubConfig, watcher: RevocationWatcher, audit: AuditStore,
-                 metrics: Metrics, trust_domain: str | None = None) -> None:
-        self.config = config
+    def __init__(self, auth: AuthConfig, watcher: SnapshotSource, audit: AuditSink,
+                 metrics: GateMetrics, trust_domain: str | None = None, *,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self.auth = auth
+        self.clock = clock
         self.watcher = watcher
         self.audit = audit
         self.metrics = metrics
         # The fleet's SPIFFE trust domain (hub.trust), set when the runtime starts; while None
         # every certificate is refused: there is nothing to check its domain against.
         self.trust_domain = trust_domain
-        self.live: dict[str, LiveSession] = {}
+        self.live: dict[str, Tracked] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- refusals before MQTT ---------------------------------------------------------------
@@ -110,12 +160,12 @@ class Gatekeeper:
         if refused is not None:
             return Decision(False, refused, f"device {found.device_id} serial "
                             f"{found.serial_hex} is {refused}", found, group)
-        if time.time() >= found.not_after:
+        if self.clock.time() >= found.not_after:
             return Decision(False, "expired", "certificate expired", found, group)
         if client_id != found.device_id:
             return Decision(False, "client-id-mismatch", f"client id {client_id!r} is not the "
                             f"certificate's device {found.device_id!r}", found, group)
-        if self.config.auth.password:
+        if self.auth.password:
             problem = await self._password_problem(snapshot, found.device_id, password)
             if problem is not None:
                 return Decision(False, "bad-password", problem, found, group)
@@ -153,8 +203,10 @@ class Gatekeeper:
 
     # -- live sessions ----------------------------------------------------------------------
 
-    def attach(self, session: LiveSession) -> None:
-        """Track an admitted session; :meth:`sweep` closes it at its certificate's not-after."""
+    def attach(self, session: Tracked) -> None:
+        """Track an admitted connection; :meth:`sweep` closes it at its certificate's
+        not-after. A client id has one tracked connection: the broker detaches the old one
+        before a take-over."""
         self.live[session.client_id] = session
         self.metrics.connection_opened()
         # The decision was taken on an earlier snapshot: a revocation that landed between
@@ -164,16 +216,17 @@ class Gatekeeper:
         if reason is not None:
             self._evict(session, reason)
 
-    def detach(self, client_id: str, session: LiveSession | None = None) -> None:
+    def detach(self, client_id: str, session: Tracked | None = None) -> None:
         current = self.live.get(client_id)
         if current is None or (session is not None and current is not session):
             return
         del self.live[client_id]
         self.metrics.connection_closed()
 
-    def sweep(self, now: float) -> None:
+    def sweep(self) -> None:
         """Close every live session whose certificate has expired (called about twice a second:
         one pass over the sessions costs less than a timer object per session)."""
+        now = self.clock.time()
         expired = [s for s in self.live.values() if now >= s.identity.not_after]
         for session in expired:
             self._evict(session, "expired")
@@ -185,7 +238,7 @@ class Gatekeeper:
             if reason is not None:
                 self._evict(session, reason)
 
-    def _evict(self, session: LiveSession, reason: str) -> None:
+    def _evict(self, session: Tracked, reason: str) -> None:
         if self.live.get(session.client_id) is not session:
             return
         self.detach(session.client_id, session)

@@ -6,18 +6,16 @@ them from its own configuration (then the plugin builds it from ``hub.toml``).
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import contextlib
 import logging
-from typing import Any
 
 from hub.acl import AclPolicy
 from hub.audit import AuditStore
 from hub.config import HubConfig
-from hub.gatekeeper import Decision, Gatekeeper
+from hub.gatekeeper import Gatekeeper
+from hub.identity import DeviceIdentity
 from hub.metrics import Metrics, MetricsServer
-from hub.revocation import RevocationWatcher, SourceState, load_ca_bundle
+from hub.revocation import RevocationWatcher, Snapshot, SourceState, load_ca_bundle
 from hub.trust import resolve_trust_domain
 
 log = logging.getLogger("hub")
@@ -37,7 +35,7 @@ class HubRuntime:
                                          load_ca_bundle(config.listener.client_ca),
                                          on_change=self._revocation_changed,
                                          on_source=self._source_changed)
-        self.gatekeeper = Gatekeeper(config, self.watcher, self.audit, self.metrics)
+        self.gatekeeper = Gatekeeper(config.auth, self.watcher, self.audit, self.metrics)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None
         self.started = False
@@ -73,7 +71,7 @@ class HubRuntime:
         await self.watcher.stop()
         self.audit.close()
 
-    def _revocation_changed(self, old: Any, new: Any) -> None:
+    def _revocation_changed(self, old: Snapshot, new: Snapshot) -> None:
         self.gatekeeper.revocation_changed(old, new)
 
     def _source_changed(self, name: str, state: SourceState, why: str | None) -> None:
@@ -81,28 +79,17 @@ class HubRuntime:
         reason = f"{name} {state.value}" + (f": {why}" if why else "")
         self.audit.record("source", reason=reason)
 
-    # -- authorisation used by the plugins and the broker ---------------------------------------
+    # -- authorisation used by the broker and the plugins --------------------------------------
 
-    async def authenticate(self, session: Any) -> Decision:
-        """Decide on an amqtt Session carrying *this* connection's TLS object."""
-        ssl_object = getattr(session, "ssl_object", None)
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        peer = f"{session.remote_address}:{session.remote_port}"
-        decision = await self.gatekeeper.admit(der, session.client_id or "",
-                                               _wire_password(session.password), peer,
-                                               will_topic=_will_topic(session), acl=self.acl)
-        session.attributes["fleet_hub.decision"] = decision
-        return decision
-
-    def topic_allowed(self, session: Any, topic: str, action: str) -> bool:
-        """ACL for publish and subscribe; the username plays no part (DESIGN section 5)."""
+    def topic_allowed(self, identity: DeviceIdentity | None, peer: str, topic: str,
+                      action: str) -> bool:
+        """ACL for publish and subscribe of an admitted device (*identity*; None: refused);
+        the username plays no part (DESIGN section 5)."""
         if action == "receive":
             return True  # delivery is bounded by the subscription, checked when it was made
-        decision: Decision | None = session.attributes.get("fleet_hub.decision") \
-            if session is not None else None
-        if decision is None or not decision.accepted or decision.identity is None:
+        if identity is None:
             return False
-        device_id = decision.identity.device_id
+        device_id = identity.device_id
         # The group as the registry says now: a device enrolled a moment ago, or moved to
         # another group, gets its group's rules without reconnecting.
         group = self.watcher.snapshot.groups.get(device_id)
@@ -112,34 +99,6 @@ class HubRuntime:
             allowed = self.acl.may_publish(device_id, group, topic)
         if not allowed:
             self.metrics.acl_denied(action)
-            self.audit.record("acl-deny", device_id=device_id,
-                              serial=decision.identity.serial_hex,
-                              peer=f"{session.remote_address}:{session.remote_port}",
-                              reason=f"{action} {topic}")
+            self.audit.record("acl-deny", device_id=device_id, serial=identity.serial_hex,
+                              peer=peer, reason=f"{action} {topic}")
         return allowed
-
-
-def _wire_password(value: str | bytes | None) -> str | bytes | None:
-    """The CONNECT password as the bytes the client sent, as far as amqtt lets us know them.
-
-    Bytes pass as they are. amqtt's own CONNECT decoder (a stock amqtt running our plugins)
-    decodes the password, binary data in MQTT 3.1.1 (§3.1.3.5), as UTF-8 and, when that fails,
-    hands over ``str(raw)``, i.e. the text ``b'\\xff...'``: a device whose secret were that
-    text would be admitted with bytes it never had. Such a string is turned back into
-    the raw bytes, which the gatekeeper then refuses as not UTF-8. A client that really sends
-    that text as its password is refused too: the two cannot be told apart here.
-    """
-    if not isinstance(value, str) or len(value) < 3 or value[:2] not in ("b'", 'b"'):
-        return value
-    with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
-        raw = ast.literal_eval(value)
-        if isinstance(raw, bytes):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return raw  # only amqtt's stand-in for bytes that are not UTF-8 looks like this
-    return value
-
-
-def _will_topic(session: Any) -> str | None:
-    return session.will_topic if getattr(session, "will_flag", False) else None

@@ -12,42 +12,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.errors import MQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from hub.broker import session
-from hub.broker.handler import ConnectRefusedError, HubHandler, audit_session, audit_violation
+from hub.broker.connect import first_connect, refuse
+from hub.broker.connection import HANG_UP_GRACE, STOP_TIMEOUT, Connection, abort
+from hub.broker.delivery import Delivery
+from hub.broker.handler import HubHandler
 from hub.broker.router import Router
-from hub.errors import MalformedPacketError
-from hub.gatekeeper import Decision, LiveSession
-from hub.identity import DeviceIdentity, identity_from_der
-from hub.limits import PublishBudgets, RetainedQuota
+from hub.gatekeeper import Decision
+from hub.limits import PublishBudgets
 from hub.listener import TLSListener
 from hub.runtime import HubRuntime
 from hub.tls import server_context
-from hub.tlssocket import transport_of
-from hub.topictree import valid_filter
-from hub.wire import PacketTooLargeError, publish_packet
+
+__all__ = ["HANG_UP_GRACE", "HubBroker"]
 
 log = logging.getLogger("hub.broker")
 
 TAKEOVER_TIMEOUT = 5.0
-STOP_TIMEOUT = 5.0
 HOUSEKEEPING_SECONDS = 0.5  # keep-alive and expiry are enforced within this much
-HANG_UP_GRACE = 1.0  # seconds a kicked device has to answer the TLS close_notify
 LISTENER = "default"
-_DECISION = "fleet_hub.decision"
-_AUTHENTICATED = "fleet_hub.authenticated"
-_LOCK = "fleet_hub.connect_lock"
-_WRITER = "fleet_hub.writer"
-# Kicks that mean the credential is gone: the session's queued state goes with the connection.
-_CREDENTIAL_GONE = {"revoked", "on-hold", "device-suspended", "device-revoked"}
 
 
 class HubBroker(Broker):  # type: ignore[misc]
@@ -57,6 +47,8 @@ class HubBroker(Broker):  # type: ignore[misc]
         self.hub_runtime = runtime  # before super(): the plugins look for it while loading
         session.install()
         self._connect_locks: dict[str, asyncio.Lock] = {}
+        # Admitted, not yet stored by amqtt: the record and the client id's connect lock.
+        self._admitting: dict[str, tuple[Connection, asyncio.Lock]] = {}
         source = str(runtime.config.source or "")
         plugin_config = {"config": source}
         super().__init__({
@@ -70,8 +62,8 @@ class HubBroker(Broker):  # type: ignore[misc]
         self.router = Router(self._sessions, runtime.metrics)
         limits = runtime.config.limits
         self.publish_budgets = PublishBudgets(limits.publish_rate, limits.publish_bytes_rate)
-        self.retained_quota = RetainedQuota(limits.max_retained_per_device,
-                                            limits.max_retained_bytes)
+        self.delivery = Delivery(runtime, self.router, self._sessions, self._retained_messages,
+                                 self._matches)
         listener = runtime.config.listener
         self.listener = TLSListener(server_context(listener), self._on_stream,
                                     runtime.gatekeeper.handshake_refused,
@@ -102,7 +94,7 @@ class HubBroker(Broker):  # type: ignore[misc]
         while True:
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
             try:
-                gatekeeper.sweep(time.time())
+                gatekeeper.sweep()
                 now = loop.time()
                 for _session, handler in list(self._sessions.values()):
                     if isinstance(handler, HubHandler):
@@ -121,83 +113,43 @@ class HubBroker(Broker):  # type: ignore[misc]
     # -- CONNECT: authenticate the new connection before anything else -----------------------
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
-                                         remote_port: int) -> tuple[Any, Any]:
-        runtime = self.hub_runtime
+                                         remote_port: int) -> tuple[HubHandler, Any]:
         peer = f"{remote_address}:{remote_port}"
-        # Taken before anything is read: a client that resets after its CONNECT takes its
-        # SSL socket with it, and the certificate must still be there to decide on.
-        der = _peer_der(writer)
-        if der is None:
-            await _close(writer)
-            raise AMQTTError(f"{peer} closed before its CONNECT was read")
-        try:
-            handler, incoming = await asyncio.wait_for(
-                HubHandler.init_from_connect(reader, writer, self.plugins_manager,
-                                             max_bytes=runtime.config.limits.max_packet_bytes,
-                                             peer_der=der),
-                # A client that completed TLS but sends no CONNECT loses its slot as fast as
-                # one that stalls the handshake.
-                runtime.config.listener.handshake_timeout)
-        except PacketTooLargeError as exc:
-            identity = _identity(der)
-            runtime.audit.record("limit", device_id=identity.device_id if identity else None,
-                                 serial=identity.serial_hex if identity else None, peer=peer,
-                                 reason="packet-too-large")
-            log.info("%s: %s; closing", peer, exc)
-            _abort(writer)  # its body is not read, nor waited for
-            raise AMQTTError(f"{peer}: {exc}") from None
-        except MalformedPacketError as exc:
-            audit_violation(runtime, str(exc), _identity(der), peer)  # [MQTT-4.8.0-1]
-            log.info("%s: protocol violation: %s; closing", peer, exc)
-            await _close(writer)
-            raise AMQTTError(f"{peer}: protocol violation: {exc}") from None
-        except ConnectRefusedError as exc:
-            identity = _identity(der)
-            runtime.audit.record("reject", device_id=identity.device_id if identity else None,
-                                 serial=identity.serial_hex if identity else None, peer=peer,
-                                 reason=exc.reason)
-            runtime.metrics.refused(exc.reason)
-            await _close(writer)
-            raise AMQTTError(f"{peer} refused: {exc}") from None
-        except (AMQTTError, MQTTError, NoDataError, TimeoutError, ConnectionError,
-                asyncio.IncompleteReadError) as exc:
-            await _close(writer)
-            raise AMQTTError(f"no valid CONNECT from {remote_address}:{remote_port}: "
-                             f"{type(exc).__name__}") from exc
+        incoming = await first_connect(self.hub_runtime, reader, writer, peer)
+        handler = HubHandler(self.plugins_manager)
         handler.hub = self
-        client_id = incoming.client_id or ""
+        client_id = incoming.client_id
         lock = self._connect_locks.setdefault(client_id, asyncio.Lock())
         await lock.acquire()  # two CONNECTs with one client id never interleave
         try:
-            decision = await self._admit(incoming)
-            session = await self._choose_session(incoming, client_id) \
+            decision = await self._admit(incoming, peer)
+            chosen = await self._choose_session(incoming, client_id) \
                 if decision.accepted else None
         except BaseException:
             self._release(client_id, lock)
             raise
-        if session is None:
+        if chosen is None or decision.identity is None:
             self._release(client_id, lock)
-            await _refuse(writer)
+            await refuse(writer)
             raise MQTTError(f"{client_id!r} refused: {decision.reason}")
-        if session.keep_alive:
+        if chosen.keep_alive:
             # [MQTT-3.1.2-24]: silence is tolerated for one and a half keep-alive periods.
-            session.keep_alive = -(-session.keep_alive * 3 // 2)
-        session.attributes[_LOCK] = lock
-        session.attributes[_AUTHENTICATED] = True
-        session.attributes[_WRITER] = writer
-        return handler, session
+            chosen.keep_alive = -(-chosen.keep_alive * 3 // 2)
+        chosen.connection = Connection(decision.identity, peer, chosen, writer, self)
+        self._admitting[client_id] = (chosen.connection, lock)
+        return handler, chosen
 
-    async def _admit(self, incoming: Any) -> Decision:
+    async def _admit(self, incoming: session.HubSession, peer: str) -> Decision:
+        """The gatekeeper's decision on this connection's certificate and CONNECT."""
+        runtime = self.hub_runtime
+        der = incoming.ssl_object.getpeercert(binary_form=True)
+        will_topic = incoming.will_topic if incoming.will_flag else None
         try:
-            ok = await Broker._authenticate(self, incoming, None)  # the plugins, as configured
+            return await runtime.gatekeeper.admit(der, incoming.client_id, incoming.password,
+                                                  peer, will_topic=will_topic, acl=runtime.acl)
         except Exception:
-            log.exception("auth plugin failed; refusing %s", incoming.client_id)
-            ok = False
-        decision = incoming.attributes.get(_DECISION)
-        if not isinstance(decision, Decision):
-            return Decision(False, "plugin-error")
-        return decision if ok else Decision(False, decision.reason or "refused",
-                                            decision.detail, decision.identity, decision.group)
+            log.exception("the gatekeeper failed; refusing %s", incoming.client_id)
+            return Decision(False, "gatekeeper-error")
 
     async def _choose_session(self, incoming: Any, client_id: str) -> Any:
         """Take over, clean or resume only now, for an authenticated client."""
@@ -217,7 +169,6 @@ class HubBroker(Broker):  # type: ignore[misc]
                          "keep_alive", "username", "password", "ssl_object", "remote_address",
                          "remote_port", "clean_session"):
                 setattr(session, name, getattr(incoming, name))
-            session.attributes[_DECISION] = incoming.attributes[_DECISION]
             session.parent = 1
             return session
         incoming.parent = 0
@@ -238,7 +189,7 @@ class HubBroker(Broker):  # type: ignore[misc]
             log.warning("a connection handler did not stop in %g s; aborting its socket",
                         STOP_TIMEOUT)
             if handler.writer is not None:
-                _abort(handler.writer)
+                abort(handler.writer)
 
     async def _take_over(self, client_id: str, old_handler: Any) -> None:
         """End the connection that holds *client_id* [MQTT-3.1.4-2] and wait until the broker
@@ -262,47 +213,18 @@ class HubBroker(Broker):  # type: ignore[misc]
             del self._connect_locks[client_id]
 
     async def _authenticate(self, session: Any, _listener: Any) -> bool:
-        """Called by stock ``_handle_client_session``: the answer was computed already."""
-        lock = session.attributes.pop(_LOCK, None)
-        authenticated = bool(session.attributes.pop(_AUTHENTICATED, False))
-        if authenticated:
-            self._track(session)
-        if lock is not None:
-            # From here to amqtt storing the session there is no await: still atomic.
-            self._release(session.client_id, lock)
-        return authenticated
-
-    def _track(self, session: Any) -> None:
-        decision: Decision = session.attributes[_DECISION]
-        assert decision.identity is not None  # noqa: S101
-        client_id = session.client_id
-        peer = f"{session.remote_address}:{session.remote_port}"
-        writer = session.attributes.get(_WRITER)
-
-        async def kick(reason: str) -> None:
-            session.will_flag = False  # a refused device's last will is not delivered
-            # Hang up first, whatever state amqtt is in: no dependence on amqtt's handler
-            # stopping (on Python 3.11 its reader can swallow the cancellation, see
-            # _stop_handler), nor on a kick landing before amqtt started the handler.
-            if writer is not None:
-                _hang_up(writer)
-            # The gatekeeper tracks only the current connection of a client id (a take-over
-            # detaches the old one first), so the stored entry is the one to clean up.
-            entry = self._sessions.get(client_id)
-            if entry is None:
-                return
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    if reason in _CREDENTIAL_GONE:
-                        await self._cleanup_session(client_id)
-                    else:
-                        await entry[1].handle_connection_closed()
-            except TimeoutError:
-                log.warning("clean-up after kicking %s took over %g s", client_id, STOP_TIMEOUT)
-
-        live = LiveSession(client_id, decision.identity, peer, kick)
-        session.attributes["fleet_hub.live"] = live
-        self.hub_runtime.gatekeeper.attach(live)
+        """Called by stock ``_handle_client_session``: the answer was computed already; the
+        connection is tracked from now on (a revocation or its not-after closes it)."""
+        pending = self._admitting.pop(session.client_id, None)
+        if pending is None:
+            return False
+        connection, lock = pending
+        admitted = connection.session is session
+        if admitted:
+            self.hub_runtime.gatekeeper.attach(connection)
+        # From here to amqtt storing the session there is no await: still atomic.
+        self._release(session.client_id, lock)
+        return admitted
 
     async def _handle_client_session(self, reader: Any, writer: Any, client_session: Any,
                                      handler: Any, server: Any, listener_name: str) -> None:
@@ -318,9 +240,9 @@ class HubBroker(Broker):  # type: ignore[misc]
         a take-over waiting for it is told."""
         client_id = session.client_id
         try:
-            live = session.attributes.get("fleet_hub.live")
-            if live is not None:
-                self.hub_runtime.gatekeeper.detach(client_id, live)
+            connection = getattr(session, "connection", None)
+            if connection is not None:
+                self.hub_runtime.gatekeeper.detach(client_id, connection)
             entry = self._sessions.get(client_id)
             ours = entry is not None and entry[1] is handler
             if ours and session.transitions.is_connected():
@@ -372,9 +294,12 @@ class HubBroker(Broker):  # type: ignore[misc]
 
     # -- after CONNECT --------------------------------------------------------------------------
 
+    def topic_allowed(self, session: Any, topic: str, action: str) -> bool:
+        return self.delivery.topic_allowed(session, topic, action)
+
     async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
-        # Same function the topic plugin calls, without a task per message (hot path).
-        return self.hub_runtime.topic_allowed(session, topic, str(action.value))
+        # Same check the topic plugin makes, without a task per message (hot path).
+        return self.delivery.topic_allowed(session, topic, str(action.value))
 
     async def _publish_session_retained_messages(self, session: Any) -> None:
         """Nothing to do: messages queued while away wait in the session's outbox, which the
@@ -382,90 +307,27 @@ class HubBroker(Broker):  # type: ignore[misc]
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Any) -> None:
-        """Retained messages for a filter this client holds (stock also sent them for
-        everybody's filters), with RETAIN 1 [MQTT-3.3.1-8]: QoS 0 written at once, QoS 1/2
-        through the outbox (stock awaited each acknowledgement in the message loop)."""
-        topic_filter = subscription[0]
-        granted = self.router.tree.filters_of(session.client_id).get(topic_filter)
-        entry = self._sessions.get(session.client_id)
-        if not self._retained_messages or granted is None or entry is None:
-            return
-        writer = entry[1].writer if entry[1] is not None else None
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter):
-                continue
-            qos = min(granted, retained.qos if retained.qos is not None else granted)
-            encoded, payload = topic.encode(), bytes(retained.data)
-            if qos:
-                self.router.acknowledged(session, encoded, payload, qos, retain=True,
-                                         writer=writer)
-            elif writer is not None:
-                writer.write(publish_packet(encoded, payload, retain=True))
+        self.delivery.send_retained(session, subscription[0])
 
     # -- routing: the topic tree instead of amqtt's filter table and broadcast loop -------------
 
     @property
     def subscriptions(self) -> dict[str, list[tuple[Any, int]]]:
-        """Stock's shape, {filter: [(session, qos)]}, built from the tree (for plugins)."""
-        table: dict[str, list[tuple[Any, int]]] = {}
-        for client_id, filters in self.router.tree.items():
-            entry = self._sessions.get(client_id)
-            if entry is None:
-                continue
-            for topic_filter, qos in filters.items():
-                table.setdefault(topic_filter, []).append((entry[0], qos))
-        return table
+        return self.delivery.table()
 
     async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
         topic_filter, qos = subscription
-        if not valid_filter(topic_filter):
-            return 0x80  # [MQTT-4.7.1-2/3]
-        limits = self.hub_runtime.config.limits
-        if len(topic_filter.encode()) > limits.max_topic_bytes:
-            self._note_limit(session, "topic-too-long")
-            return 0x80
-        if not self.hub_runtime.topic_allowed(session, topic_filter, "subscribe"):
-            return 0x80
-        held = self.router.tree.filters_of(session.client_id)
-        if topic_filter not in held and len(held) >= limits.max_subscriptions:
-            self._note_limit(session, "too-many-subscriptions")
-            return 0x80
         max_qos = self.config.get("max-qos", qos)
         granted = min(qos, max_qos) if isinstance(max_qos, int) else qos
-        self.router.tree.subscribe(session.client_id, topic_filter, granted)
-        return granted
-
-    def _note_limit(self, session: Any, reason: str) -> None:
-        """A [limits] hit by *session*'s device: through its connection's handler (audited
-        once per connection), or audited at once when it has none (a will)."""
-        entry = self._sessions.get(session.client_id) if session is not None else None
-        handler = entry[1] if entry is not None and entry[0] is session else None
-        if isinstance(handler, HubHandler):
-            handler.note_limit(reason)
-        elif session is not None:
-            self.hub_runtime.metrics.limit_hit(reason)
-            audit_session(self.hub_runtime, session, "limit", reason)
+        return self.delivery.subscribe(session, topic_filter, granted)
 
     async def retain_message(self, source_session: Any, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
-        """Stock's, within the publishing device's retained quota (hub/limits.py).
-
-        A message over the quota is not kept (it was routed live already) and the topic's
-        older retained message goes too: no later subscriber gets a value the device has
-        since replaced. An empty payload deletes and frees the quota [MQTT-3.3.1-10/11].
-        Messages of a device revoked later are kept: they were legitimate when published.
-        """
+        """Stock's, within the publishing device's retained quota (hub/limits.py)."""
         if topic_name is None:
             return
-        if data:
-            owner = _device_of(source_session)
-            size = len(topic_name.encode()) + len(data)
-            if not self.retained_quota.store(owner, topic_name, size):
-                self._note_limit(source_session, "retained-quota")
-                self.retained_quota.remove(topic_name)
-                data = b""
-        else:
-            self.retained_quota.remove(topic_name)
+        if not self.delivery.retained_within_quota(source_session, topic_name, data or b""):
+            data = b""  # over the quota: the topic's older retained message goes too
         await super().retain_message(source_session, topic_name, data, qos)
 
     async def _del_all_subscriptions(self, session: Any) -> None:
@@ -488,57 +350,16 @@ class HubBroker(Broker):  # type: ignore[misc]
         message = wait_deliver.result()
         if message is None:
             return True
-        topic = message.topic
-        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
-            if topic and topic[0] == "$" and isinstance(handler, HubHandler):
-                handler.deny_sys(topic)
-            # Stock stops reading but keeps the socket open: close it [MQTT-4.8.0-1].
+        verdict = self.delivery.checked_qos2(client_session, handler, message)
+        if verdict is None:
             await handler.handle_connection_closed()
             return False
-        self.hub_runtime.metrics.messages_in()
-        within = handler.limit_qos2(topic, len(message.data)) \
-            if isinstance(handler, HubHandler) else True
-        if within is None:
-            await handler.handle_connection_closed()
-            return False
-        if within and self.hub_runtime.topic_allowed(client_session, topic, "publish"):
-            self.router.route(client_session, topic, bytes(message.data), message.qos)
+        if verdict:
+            self.router.route(client_session, message.topic, bytes(message.data), message.qos)
             if message.publish_packet is not None and message.publish_packet.retain_flag:
-                await self.retain_message(client_session, topic, message.data, message.qos)
+                await self.retain_message(client_session, message.topic, message.data,
+                                          message.qos)
         return True
-
-
-def _device_of(session: Any) -> str | None:
-    """The device a session's connection was admitted as; None for the broker's own."""
-    if session is None:
-        return None
-    identity = getattr(session.attributes.get(_DECISION), "identity", None)
-    return str(identity.device_id) if identity is not None else str(session.client_id)
-
-
-def _peer_der(writer: Any) -> bytes | None:
-    """The client certificate of a live TLS connection (DER), None once it is gone."""
-    ssl_object = writer.get_ssl_info()
-    if ssl_object is None:
-        return None
-    try:
-        der: bytes | None = ssl_object.getpeercert(binary_form=True)
-    except (AttributeError, ValueError, OSError):  # closed under us
-        return None
-    return der
-
-
-def _identity(der: bytes | None) -> DeviceIdentity | None:
-    """Who a connection's certificate names, for the audit of a CONNECT that never got in."""
-    found = identity_from_der(der)
-    return found if isinstance(found, DeviceIdentity) else None
-
-
-async def _refuse(writer: Any) -> None:
-    """CONNACK 0x05 with session-present 0 [MQTT-3.2.2-4], then close; nothing else changed."""
-    with contextlib.suppress(Exception):
-        await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-    await _close(writer)
 
 
 class _Ready:
@@ -551,28 +372,3 @@ class _Ready:
 
     def result(self) -> Any:
         return self._value
-
-
-def _hang_up(writer: Any) -> None:
-    """Close an amqtt writer's connection now: TLS close_notify, TCP abort after a grace.
-
-    A device that reads sees a clean close at once (and mosquitto_sub, say, reconnects and is
-    told "not authorised"); one that never reads cannot hold the socket past the grace.
-    """
-    transport = transport_of(writer)
-    if transport is not None:
-        transport.close()
-        asyncio.get_running_loop().call_later(HANG_UP_GRACE, _abort, writer)
-
-
-def _abort(writer: Any) -> None:
-    """Close the TCP connection under an amqtt writer adapter now, without a TLS goodbye."""
-    transport = transport_of(writer)
-    if transport is not None:
-        with contextlib.suppress(Exception):  # already gone: nothing to do
-            transport.abort()
-
-
-async def _close(writer: Any) -> None:
-    with contextlib.suppress(Exception):
-        await writer.close()

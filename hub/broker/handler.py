@@ -16,14 +16,12 @@ Not fired on this path: amqtt's per-packet ``mqtt_packet_received`` and per-mess
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from amqtt.adapters import BufferReader
 from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
 from amqtt.mqtt import packet_class
-from amqtt.mqtt.connack import IDENTIFIER_REJECTED, UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
     CONNECT,
@@ -37,24 +35,20 @@ from amqtt.mqtt.packet import (
     UNSUBSCRIBE,
     MQTTFixedHeader,
 )
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage
-from amqtt.utils import gen_client_id
 
 from hub.broker import session as hub_session
+from hub.broker.checks import DENIED, CheckedHandler, Hub
 from hub.errors import MalformedPacketError
-from hub.limits import PublishBudget
 from hub.wire import (
-    MAX_REMAINING,
-    PROTOCOL_LEVEL,
     PUBLISH,
     PacketTooLargeError,
     ack,
     check_flags,
     next_packet,
     packet_name,
-    parse_connect,
     parse_packet_id,
     parse_publish,
     parse_subscribe,
@@ -68,163 +62,14 @@ _AMQTT_LOG = logging.getLogger("amqtt.mqtt.protocol.handler")
 
 READ_SIZE = 65536
 PINGRESP = b"\xd0\x00"
-ACL_CACHE_SIZE = 256  # distinct topics one connection publishes to, remembered
-_DENIED = ""  # cache value: the topic is valid but this device may not publish to it
 # First bytes of the PUBLISHes handled inline: QoS 0 without DUP [MQTT-3.3.1-2], QoS 1; the
 # rest (QoS 2, malformed ones) take _other, so the check costs the hot path nothing.
 _INLINE_PUBLISH = frozenset({0x30, 0x31, 0x32, 0x33, 0x3A, 0x3B})
-_DECISION = "fleet_hub.decision"
 
 
-class ConnectRefusedError(MQTTError):  # type: ignore[misc]
-    """A well-formed CONNECT answered with a CONNACK refusal (``reason`` for the audit)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class PeerCertificate:
-    """The verified client certificate of one connection, kept by value on its session.
-
-    Stands in for the ``ssl_object`` amqtt keeps there: the SSL socket is gone once the
-    client resets (stock's ``getpeercert`` then raised AttributeError inside the auth plugin,
-    a ``plugin-error`` refusal), and on resume stock kept the previous connection's.
-    """
-
-    __slots__ = ("_der",)
-
-    def __init__(self, der: bytes | None) -> None:
-        self._der = der
-
-    def getpeercert(self, binary_form: bool = False) -> bytes | None:
-        return self._der if binary_form else None
-
-
-def audit_session(runtime: Any, session: Any, event: str, reason: str) -> None:
-    """One audit row about a connected device (the identity its CONNECT was admitted with)."""
-    identity = getattr(session.attributes.get(_DECISION), "identity", None)
-    runtime.audit.record(event, device_id=identity.device_id if identity else session.client_id,
-                         serial=identity.serial_hex if identity else None,
-                         peer=f"{session.remote_address}:{session.remote_port}", reason=reason)
-
-
-def audit_violation(runtime: Any, what: str, identity: Any, peer: str | None) -> None:
-    """One ``violation`` audit row: ``protocol-violation: <what> [MQTT-x.y.z-n]``."""
-    runtime.audit.record("violation", device_id=(identity.device_id or None) if identity else None,
-                         serial=identity.serial_hex if identity else None, peer=peer,
-                         reason=f"protocol-violation: {what}")
-
-
-class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
-    """amqtt's broker handler with a buffer reader and an inline PUBLISH path.
-
-    ``hub`` (set by the broker before ``start``) provides ``router``, ``hub_runtime`` and
-    ``retain_message``; without it every PUBLISH takes amqtt's own path.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pending_subscriptions = hub_session.SlimQueue(self.poke)
-        self._pending_unsubscriptions = hub_session.SlimQueue(self.poke)
-        self._reader_stopped = hub_session.SlimEvent()
-        self.hub: Any = None
-        self._topics: dict[bytes, str] = {}
-        self._epoch_snapshot: object = None
-        self._epoch_acl: object = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._wake: asyncio.Future[None] | None = None
-        self.ended = False  # DISCONNECT received or connection lost: the message loop ends
-        self.finished = hub_session.SlimEvent()  # the broker is done with this connection
-        self.end_packet: Any = None
-        self._keepalive_s: float | None = None
-        self._last_read = 0.0
-        self._expired = False
-        # [limits], set when the reader starts (hub/limits.py); the budget on the first PUBLISH.
-        self._max_packet = MAX_REMAINING
-        self._max_topic = MAX_REMAINING
-        self._budget: PublishBudget | None = None
-        self._limits_noted: tuple[str, ...] = ()  # audited on this connection already
-
-    # -- CONNECT: the first packet, read within its remaining length ---------------------------
-
-    @classmethod
-    async def init_from_connect(cls, reader: Any, writer: Any, plugins_manager: Any,
-                                loop: asyncio.AbstractEventLoop | None = None, *,
-                                max_bytes: int = MAX_REMAINING,
-                                peer_der: bytes | None = None) -> tuple[HubHandler, Any]:
-        """The handler and a fresh session for the CONNECT that must come first [MQTT-3.1.0-1].
-
-        Unlike stock: the size is checked on the fixed header, before the body is read
-        (PacketTooLargeError past *max_bytes*); the body is read exactly and parsed within
-        it, every flag and field checked (MalformedPacketError); the session keeps the
-        certificate by value (*peer_der*). A level other than 4 or an empty client id with
-        clean session 0 get their CONNACK refusal (ConnectRefusedError).
-        """
-        stream: asyncio.StreamReader = reader._reader
-        first = (await stream.readexactly(1))[0]
-        if first >> 4 != CONNECT:
-            raise MalformedPacketError(f"first packet is {packet_name(first >> 4)}, not "
-                                       "CONNECT [MQTT-3.1.0-1]")
-        length = 0
-        for shift in (0, 7, 14, 21):
-            byte = (await stream.readexactly(1))[0]
-            length |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-        else:
-            raise MalformedPacketError("remaining length longer than four bytes "
-                                       "[MQTT-4.8.0-1]")
-        if length > max_bytes:
-            raise PacketTooLargeError(f"CONNECT of {length} bytes, limit {max_bytes}")
-        connect = parse_connect(first, await stream.readexactly(length))
-        refusal = None
-        if connect.level != PROTOCOL_LEVEL:
-            refusal = (UNACCEPTABLE_PROTOCOL_VERSION, "unacceptable-protocol-version",
-                       f"protocol level {connect.level}, want 4 [MQTT-3.1.2-2]")
-        elif not connect.client_id and not connect.clean_session:
-            refusal = (IDENTIFIER_REJECTED, "identifier-rejected",
-                       "empty client id with clean session 0 [MQTT-3.1.3-8]")
-        if refusal is not None:
-            code, reason, detail = refusal
-            with contextlib.suppress(Exception):
-                await ConnackPacket.build(0, code).to_stream(writer)  # [MQTT-3.2.2-4]
-            raise ConnectRefusedError(reason, detail)
-        peer = writer.get_peer_info() or ("?", 0)
-        session = hub_session.HubSession()
-        session.client_id = connect.client_id or gen_client_id()  # [MQTT-3.1.3-6]
-        session.clean_session = connect.clean_session
-        session.will_flag = connect.will_topic is not None
-        session.will_retain = connect.will_retain
-        session.will_qos = connect.will_qos
-        session.will_topic = connect.will_topic
-        session.will_message = connect.will_message
-        session.username = connect.username
-        session.password = connect.password  # bytes, as sent: binary data [MQTT-3.1.3.5]
-        session.remote_address, session.remote_port = peer
-        session.ssl_object = PeerCertificate(peer_der)
-        session.keep_alive = connect.keep_alive
-        return cls(plugins_manager, loop=loop), session
-
-    # -- the broker's message loop sleeps on one future, woken by any news ---------------------
-
-    def poke(self) -> None:
-        """Something arrived for the broker's message loop (a SUBSCRIBE, a delivery, the end)."""
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    def sleep(self) -> asyncio.Future[None]:
-        self._wake = self._loop.create_future()
-        return self._wake
-
-    async def handle_disconnect(self, disconnect: Any) -> None:
-        # Stock only resolves a waiter it then forgets: an end that comes before the broker's
-        # message loop starts would leave the session "connected" for ever.
-        if not self.ended:
-            self.ended, self.end_packet = True, disconnect
-        await super().handle_disconnect(disconnect)
-        self.poke()
+class HubHandler(CheckedHandler):
+    """amqtt's broker handler with a buffer reader and an inline PUBLISH path (the checks
+    and per-connection state: :class:`hub.broker.checks.CheckedHandler`)."""
 
     # -- keep-alive: one timer per connection, moved only when it fires ------------------------
 
@@ -318,10 +163,6 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._reader_stopped.set()
         await self.stop()
 
-    @property
-    def _client_id(self) -> str:
-        return str(self.session.client_id) if self.session is not None else "?"
-
     async def _consume(self, buf: bytearray) -> int:
         """Handle every complete packet in *buf*; bytes used, or -1 to close the connection."""
         pos = 0
@@ -350,7 +191,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
             if received and hub is not None:
                 hub.hub_runtime.metrics.messages_in(received)
 
-    def _publish(self, hub: Any, first: int, buf: bytearray, start: int, end: int) -> bool:
+    def _publish(self, hub: Hub, first: int, buf: bytearray, start: int, end: int) -> bool:
         message = parse_publish(first, buf, start, end)
         topic = self._allowed_topic(hub, message.topic)
         if topic is None:
@@ -360,7 +201,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
             return self._rate_limited(message.packet_id)
         if message.packet_id is not None:
             self.writer.write(puback(message.packet_id))  # QoS 1: acknowledged either way
-        if topic is _DENIED:
+        if topic is DENIED:
             return True  # audited when first seen; MQTT 3.1.1 has no negative PUBACK
         hub.router.route(self.session, topic, message.payload, message.qos, message.topic)
         if message.retain:
@@ -368,35 +209,6 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
                 hub.retain_message(self.session, topic, message.payload, message.qos))
             self._track(task)
         return True
-
-    def _allowed_topic(self, hub: Any, raw: bytes) -> str | None:
-        """The topic as text if it may be published, ``_DENIED``, or None if invalid."""
-        runtime = hub.hub_runtime
-        # A new registry snapshot (a device changed group) or a reloaded ACL: decide afresh.
-        snapshot, acl = runtime.watcher.snapshot, runtime.acl
-        if snapshot is not self._epoch_snapshot or acl is not self._epoch_acl:
-            self._topics.clear()
-            self._epoch_snapshot, self._epoch_acl = snapshot, acl
-        cached = self._topics.get(raw)
-        if cached is not None:
-            return cached
-        if len(raw) > self._max_topic:
-            self.note_limit("topic-too-long")
-            return None
-        try:
-            topic = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None  # [MQTT-1.5.3-1]
-        if topic[:1] == "$":
-            self.deny_sys(topic)
-            return None
-        if not topic or "+" in topic or "#" in topic or "\x00" in topic or topic[0] == "$":
-            return None
-        result = topic if runtime.topic_allowed(self.session, topic, "publish") else _DENIED
-        if len(self._topics) >= ACL_CACHE_SIZE:
-            self._topics.clear()
-        self._topics[raw] = result
-        return result
 
     async def _other(self, data: bytes) -> bool:
         """A packet other than a QoS 0/1 PUBLISH; False when the connection must close.
@@ -477,7 +289,7 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
                 topic = self._allowed_topic(hub, message.topic) if hub is not None else None
             if topic is None:
                 return self._bad_topic(message.topic)
-            if topic is _DENIED:  # acknowledged all the same, never delivered
+            if topic is DENIED:  # acknowledged all the same, never delivered
                 inflight[packet_id] = None
                 self.writer.write(ack(PUBREC, packet_id))
                 return True
@@ -511,81 +323,3 @@ class HubHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if not done:
             log.debug("%s: %s for packet id %d, which is not in flight", self._client_id,
                       packet_name(kind), packet_id)
-
-    def _violation(self, what: str) -> None:
-        """A protocol violation: logged (no traceback) and audited; the reader then closes."""
-        log.info("%s: protocol violation: %s; closing", self._client_id, what)
-        session = self.session
-        if self.hub is None or session is None:
-            return
-        decision = session.attributes.get(_DECISION)
-        audit_violation(self.hub.hub_runtime, what, getattr(decision, "identity", None),
-                        f"{session.remote_address}:{session.remote_port}")
-
-    # -- [limits] ------------------------------------------------------------------------------
-
-    def _load_limits(self) -> None:
-        if self.hub is not None:
-            limits = self.hub.hub_runtime.config.limits
-            self._max_packet, self._max_topic = limits.max_packet_bytes, limits.max_topic_bytes
-
-    def note_limit(self, reason: str) -> None:
-        """A [limits] value was hit: counted every time, audited once per connection."""
-        if self.hub is None or self.session is None:
-            return
-        runtime = self.hub.hub_runtime
-        runtime.metrics.limit_hit(reason)
-        if reason not in self._limits_noted:
-            self._limits_noted += (reason,)
-            audit_session(runtime, self.session, "limit", reason)
-
-    def deny_sys(self, topic: str) -> None:
-        """A PUBLISH to a ``$`` topic, closed to devices: on the record like any ACL refusal
-        (it used to close the connection without one). The caller closes."""
-        log.info("%s published to %s; closing", self._client_id, topic)
-        if self.hub is not None and self.session is not None:
-            self.hub.hub_runtime.metrics.acl_denied("publish")
-            audit_session(self.hub.hub_runtime, self.session, "acl-deny", f"publish {topic}")
-
-    def _new_budget(self, hub: Any) -> PublishBudget:
-        """The device's publish budget (per device: a reconnect does not refill it)."""
-        identity = getattr(self.session.attributes.get(_DECISION), "identity", None)
-        device = identity.device_id if identity is not None else self._client_id
-        self._budget = hub.publish_budgets.get(device, self._loop.time())
-        return self._budget
-
-    def _rate_limited(self, packet_id: int | None) -> bool:
-        """Over publish_rate or publish_bytes_rate: False to close ("disconnect"), else the
-        message is dropped, a QoS 1 one still acknowledged (MQTT 3.1.1 has no negative
-        PUBACK; without it a well-behaved device would resend it for ever)."""
-        self.note_limit("rate-limited")
-        if self.hub.hub_runtime.config.limits.on_rate_limit == "disconnect":
-            log.info("%s: over its publish rate; closing", self._client_id)
-            return False
-        if packet_id is not None:
-            self.writer.write(puback(packet_id))
-        return True
-
-    def limit_qos2(self, topic: str, payload_size: int) -> bool | None:
-        """[limits] for a QoS 2 message at delivery (after PUBREL): True to route it, False
-        to drop it, None to close the connection."""
-        if self.hub is None:
-            return True
-        topic_size = len(topic.encode())
-        if topic_size > self._max_topic:
-            self.note_limit("topic-too-long")
-            return None
-        budget = self._budget or self._new_budget(self.hub)
-        budget.refill(self._loop.time())
-        if budget.take(topic_size + 4 + payload_size):  # its remaining length
-            return True
-        return False if self._rate_limited(None) else None
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a reference while it runs (and cancel it with the connection), not after."""
-        self._tasks.append(task)
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        with contextlib.suppress(ValueError):
-            self._tasks.remove(task)

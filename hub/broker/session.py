@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from amqtt.session import Session
 from transitions.core import MachineError
 
 from hub.wire import ack, publish_packet
+
+if TYPE_CHECKING:
+    from hub.broker.connection import Connection
 
 INFLIGHT_WINDOW = 32  # QoS 1/2 PUBLISHes out to one subscriber and not yet acknowledged
 QUEUE_LIMIT = 1000  # QoS 1/2 messages waiting for room in the window; past it new ones drop
@@ -290,13 +293,15 @@ def outbox_of(session: Any, writer: _Writer | None = None) -> Outbox:
 
 
 class HubSession(Session):  # type: ignore[misc]
-    """amqtt's Session with :class:`SessionStates`, slim queues and an :class:`Outbox`."""
+    """amqtt's Session with :class:`SessionStates`, slim queues, an :class:`Outbox` and the
+    record of the connection it was last admitted on (``attributes`` stays empty)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.retained_messages = SlimQueue()
         self.delivered_message_queue = SlimQueue()
         self.outbox: Outbox | None = None
+        self.connection: Connection | None = None
 
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)

@@ -7,8 +7,8 @@ from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
 
-from hub.gatekeeper import LiveSession
-from hub.plugins.shared import ensure_started, release, runtime_for
+from hub.broker.connection import Connection
+from hub.plugins.shared import admit, decision_of, ensure_started, peer_of, release, runtime_for
 
 
 class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
@@ -33,24 +33,22 @@ class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
     async def authenticate(self, *, session: Any) -> bool | None:
         if not self.runtime.started:
             await ensure_started(self.runtime)
-        decision = await self.runtime.authenticate(session)
+        decision = await admit(self.runtime, session)
         return decision.accepted
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Any) -> None:
         """Stock amqtt only: track the session so a revocation can close it."""
         if not self.owned:
             return
-        decision = client_session.attributes.get("fleet_hub.decision")
+        decision = decision_of(client_session)
         if decision is None or not decision.accepted or decision.identity is None:
             return
         broker = self.context._broker_instance
-        peer = f"{client_session.remote_address}:{client_session.remote_port}"
-
-        async def kick(_reason: str) -> None:
-            client_session.will_flag = False  # a revoked device's will is not trusted
-            await broker._cleanup_session(client_id)
-
-        self.runtime.gatekeeper.attach(LiveSession(client_id, decision.identity, peer, kick))
+        entry = broker._sessions.get(client_id)
+        writer = entry[1].writer if entry is not None and entry[1] is not None else None
+        # The one kick path (hub/broker/connection.py), as under fleet-hub.
+        self.runtime.gatekeeper.attach(Connection(decision.identity, peer_of(client_session),
+                                                  client_session, writer, broker))
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Any) -> None:
         if self.owned:

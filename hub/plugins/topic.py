@@ -7,7 +7,7 @@ from typing import Any
 
 from amqtt.plugins.base import BaseTopicPlugin
 
-from hub.plugins.shared import runtime_for
+from hub.plugins.shared import decision_of, peer_of, runtime_for
 
 
 class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
@@ -25,4 +25,7 @@ class FleetTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
                               action: Any = None) -> bool | None:
         if topic is None or action is None:
             return False
-        return self.runtime.topic_allowed(session, topic, str(getattr(action, "value", action)))
+        decision = decision_of(session)
+        identity = decision.identity if decision is not None and decision.accepted else None
+        return self.runtime.topic_allowed(identity, peer_of(session) if identity else "", topic,
+                                          str(getattr(action, "value", action)))

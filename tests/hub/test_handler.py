@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from amqtt.adapters import StreamReaderAdapter
 
-from hub.broker import handler as handler_module
+from hub.broker.connect import read_connect
 from hub.broker.handler import HubHandler
 from hub.broker.session import HubSession
 from hub.errors import MalformedPacketError
@@ -39,26 +38,27 @@ def _handler(keep_alive: int) -> tuple[HubHandler, asyncio.StreamReader]:
     return handler, stream
 
 
-def test_a_housekeeping_pass_right_after_start_does_not_expire_the_connection(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_housekeeping_pass_right_after_start_does_not_expire_the_connection() -> None:
     """The pass may run between creating the reader task and its first step (a storm of
-    connects): the deadline must already count from now, not from zero."""
+    connects): the deadline must already count from now, not from zero.
+
+    The pass is queued before ``start``; the reader task's first step is queued after it,
+    so the pass runs in between, as in a storm."""
     async def main() -> None:
         handler, stream = _handler(keep_alive=60)
-        real = asyncio.create_task
+        loop = asyncio.get_running_loop()
+        passed: list[bool] = []
 
-        def create_task_then_sweep(coro: Any) -> asyncio.Task[Any]:
-            async def late() -> Any:  # the reader's first step comes after the pass
-                await asyncio.sleep(0.05)
-                return await coro
+        def housekeeping() -> None:
+            assert handler._reader_task is not None
+            assert not handler._reader_ready.is_set()  # the reader has not run yet
+            handler.check_idle(loop.time())
+            passed.append(True)
 
-            loop = asyncio.get_running_loop()
-            loop.call_later(0.01, lambda: handler.check_idle(loop.time()))
-            return real(late())
-
-        monkeypatch.setattr(handler_module.asyncio, "create_task", create_task_then_sweep)
-        await asyncio.wait_for(handler.start(), 5)
-        monkeypatch.setattr(handler_module.asyncio, "create_task", real)
+        loop.call_soon(housekeeping)
+        async with asyncio.timeout(5):  # not wait_for: a task of its own starts after the pass
+            await handler.start()
+        assert passed == [True]
         assert handler._reader_task is not None
         assert not handler._reader_task.done()
         stream.feed_eof()
@@ -100,9 +100,7 @@ def test_connect_is_read_within_its_length_and_the_next_packet_stays_unread() ->
     async def main() -> None:
         stream = asyncio.StreamReader()
         stream.feed_data(_connect_bytes(b"dev-1") + b"\xc0\x00")
-        handler, session = await HubHandler.init_from_connect(
-            StreamReaderAdapter(stream), _Peer(), None, peer_der=b"DER")
-        assert isinstance(handler, HubHandler)
+        session = await read_connect(StreamReaderAdapter(stream), _Peer(), peer_der=b"DER")
         assert (session.client_id, session.clean_session, session.keep_alive) == ("dev-1", True,
                                                                                    60)
         assert session.ssl_object.getpeercert(binary_form=True) == b"DER"
@@ -118,8 +116,8 @@ def test_an_oversized_connect_is_refused_on_its_header() -> None:
         stream = asyncio.StreamReader()
         stream.feed_data(b"\x10\xff\xff\x03")
         with pytest.raises(PacketTooLargeError, match="CONNECT of 65535 bytes, limit 1024"):
-            await asyncio.wait_for(HubHandler.init_from_connect(
-                StreamReaderAdapter(stream), _Peer(), None, max_bytes=1024), 1)
+            await asyncio.wait_for(read_connect(
+                StreamReaderAdapter(stream), _Peer(), max_bytes=1024), 1)
 
     asyncio.run(main())
 
@@ -133,7 +131,7 @@ def test_anything_but_a_connect_first_is_a_violation(data: bytes, why: str) -> N
         stream = asyncio.StreamReader()
         stream.feed_data(data)
         with pytest.raises(MalformedPacketError, match=why):
-            await HubHandler.init_from_connect(StreamReaderAdapter(stream), _Peer(), None)
+            await read_connect(StreamReaderAdapter(stream), _Peer())
 
     asyncio.run(main())
 
