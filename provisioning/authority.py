@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import tokens
 from provisioning.config import PKIConfig
 from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
 from provisioning.errors import NotFoundError, UsageError
 from provisioning.fsutil import atomic_write
-from provisioning.identity import (
-    device_id_problem,
-    gateway_spiffe_id,
-    hash_password,
-    host_name_problem,
-    normalise_host_name,
-)
+from provisioning.identity import device_id_problem, hash_password
 from provisioning.issuer import Issuer
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
-from provisioning.profile import server_certificate
 from provisioning.registry.schema import (
     CERT_REVOKED,
     DEVICE_ACTIVE,
@@ -38,6 +28,7 @@ from provisioning.registry.schema import (
 from provisioning.registry.store import Registry, operator
 from provisioning.registry.transactions import Transaction
 from provisioning.serial import format_serial, parse_serial
+from provisioning.servercert import IPAddress, issue_server_cert, server_names
 from provisioning.timefmt import iso, utcnow
 
 
@@ -236,26 +227,8 @@ class Authority:
         (:func:`server_names`) before anything is signed or written.
         """
         host, addresses = server_names(name, ips)
-        ca = self.ca
-        now = utcnow()
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = server_certificate(ca, self.config, host, addresses, key.public_key(),
-                                  days or self.config.default_days, now)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cert_path, key_path = out_dir / f"{basename}.pem", out_dir / f"{basename}.key"
-        key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-        with self.registry.write(self.actor) as tx:
-            atomic_write(key_path, key_pem, 0o600)
-            atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca.chain_pem)
-            tx.audit(iso(now), "server.issue", None, format_serial(cert.serial_number),
-                     {"name": host, "ips": [str(a) for a in addresses],
-                      "uri": gateway_spiffe_id(self.config.trust_domain, host),
-                      "not_after": iso(cert.not_valid_after_utc),
-                      "out": str(out_dir.absolute())})
-        return cert_path, key_path
-
+        return issue_server_cert(self.registry, self.ca, self.config, self.actor, host,
+                                 addresses, out_dir, days, basename)
 
     # -- enrollment tokens and device passwords (no CA key needed) ------------------------
 
@@ -279,43 +252,6 @@ class Authority:
             tx.set_password_hash(device_id, stored, stamp)
             tx.audit(stamp, "device.password.set" if stored else "device.password.clear",
                      device_id)
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def server_names(name: str, ips: Sequence[str]) -> tuple[str, list[IPAddress]]:
-    """The host name (normalised) and addresses a server certificate may carry.
-
-    Raises UsageError naming ``--name`` or ``--ip``: a host name that is not one would go
-    into the SAN and the gateway's SPIFFE ID as typed (``../../evil`` did, issue 11).
-    """
-    host = normalise_host_name(name)
-    problem = host_name_problem(host)
-    if problem is not None:
-        raise UsageError(problem, "--name")
-    addresses: list[IPAddress] = []
-    for text in ips:
-        address = _server_address(text)
-        if address not in addresses:
-            addresses.append(address)
-    return host, addresses
-
-
-def _server_address(text: str) -> IPAddress:
-    shown = text if len(text) <= 80 else text[:77] + "..."
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise UsageError(f"{shown!r} is not an IP address", "--ip") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-        # The zone (%eth0) is local to one host; an IP SAN has no place for it (RFC 5280).
-        raise UsageError(f"{shown!r} has a zone index; want the address without %zone",
-                         "--ip")
-    if address.is_unspecified or address.is_multicast:
-        raise UsageError(f"{shown!r} is not an address a client connects to; want the "
-                         "hub's unicast address", "--ip")
-    return address
 
 
 def _reason(reason: str) -> str:
@@ -357,3 +293,7 @@ def initialize(root: Path, config: PKIConfig, passphrase: bytes | None) -> PKIPa
 def _rmdir_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.rmdir()
+
+
+__all__ = ["Authority", "Change", "GroupMove", "IPAddress", "check_group", "initialize",
+           "server_names"]
