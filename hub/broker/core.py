@@ -135,6 +135,8 @@ class HubBroker(Broker):  # type: ignore[misc]
         if chosen.keep_alive:
             # [MQTT-3.1.2-24]: silence is tolerated for one and a half keep-alive periods.
             chosen.keep_alive = -(-chosen.keep_alive * 3 // 2)
+        # The certificate's bytes were needed for the decision only: not kept per session.
+        chosen.ssl_object = None
         chosen.connection = Connection(decision.identity, peer, chosen, writer, self)
         self._admitting[client_id] = (chosen.connection, lock)
         return handler, chosen

@@ -305,7 +305,7 @@ class HubHandler(CheckedHandler):
         """A PUBLISH topic was refused: a violation is audited (a ``$`` topic or one past
         max_topic_bytes is not one, and was audited as such); False: close the connection."""
         problem = topic_problem(raw)
-        if problem is not None and raw[:1] != b"$" and len(raw) <= self._max_topic:
+        if problem is not None and not _sys_topic(raw) and len(raw) <= self._max_topic:
             self._violation(problem)
         return False
 
@@ -323,3 +323,15 @@ class HubHandler(CheckedHandler):
         if not done:
             log.debug("%s: %s for packet id %d, which is not in flight", self._client_id,
                       packet_name(kind), packet_id)
+
+
+def _sys_topic(raw: bytes) -> bool:
+    """A ``$`` topic that decodes: audited as an ACL denial already (a ``$`` topic that is not
+    UTF-8 never got that far and is a violation)."""
+    if raw[:1] != b"$":
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

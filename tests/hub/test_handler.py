@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from amqtt.adapters import StreamReaderAdapter
@@ -171,3 +172,18 @@ def test_a_qos2_publish_is_held_until_pubrel_and_delivered_once() -> None:
         assert bytes(writer.data) == (b"\x50\x02\x00\x09" * 2) + (b"\x70\x02\x00\x09" * 2)
 
     asyncio.run(main())
+
+
+def test_a_handler_dict_stays_key_shared() -> None:
+    """Memory per device: the hub's own handler fields are slots, so the instance dict holds
+    amqtt's attributes only and keeps CPython's shared keys (at most 30), not a full table."""
+
+    async def make() -> HubHandler:
+        handler = HubHandler(None)
+        handler.keepalive_timeout = None  # what start() sets
+        handler._disconnect_waiter = None
+        return handler
+
+    handler = asyncio.run(make())
+    assert len(vars(handler)) <= 30
+    assert sys.getsizeof(vars(handler)) < 512

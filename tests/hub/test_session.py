@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 from transitions.core import MachineError
@@ -147,3 +148,13 @@ def test_outbox_of_makes_one_lazily_attached_to_the_live_connection() -> None:
     assert outbox_of(session) is box
     box.offer(b"t", b"now", 1)
     assert wire.take() == [(0x32, 1, b"now")]
+
+
+def test_a_session_dict_stays_key_shared() -> None:
+    """Memory per device: the hub's own session fields are slots, so the instance dict keeps
+    CPython's shared keys (at most 30) instead of becoming a full table per session."""
+    session = HubSession()
+    session.client_id, session.parent, session.ssl_object = "d1", 0, None
+    session.connection = None
+    assert len(vars(session)) <= 30
+    assert sys.getsizeof(vars(session)) < 512

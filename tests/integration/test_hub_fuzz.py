@@ -396,6 +396,9 @@ DIRECTED: dict[str, tuple[list[bytes], g.Kind]] = {
                                     "violation"),
     "QoS 2 PUBLISH to $SYS, no PUBREL": ([g.connect(b"fz-0"), g.publish(b"$SYS/x", b"x", 2, 9)],
                                          "refused"),
+    # Found by seed 1 (case 2:212): a "$" topic that is not UTF-8 was closed unaudited.
+    "PUBLISH to a $ topic that is not UTF-8": ([g.connect(b"fz-0"), g.publish(b"$\xff", b"x")],
+                                               "violation"),
     "topic over max_topic_bytes": ([g.connect(b"fz-0"), g.publish(b"devices/fz-0/" + b"t" * 80,
                                                                   b"x")], "limit"),
 }
