@@ -1,0 +1,96 @@
+"""What every ``fleet-provision`` command module shares: the typer apps, options, consoles.
+
+The commands live in ca.py, issue.py, devices.py, service.py and audit.py; the package's
+``__init__`` registers them on these apps in the order of ``--help``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fleetcli import new_app
+from provisioning.authority import Authority
+from provisioning.errors import PassphraseError, UsageError
+from provisioning.pki import ENV_PKI, PKIPaths
+
+app = new_app("Fleet CA: mint per-device certificates from factory CSRs, revoke, publish CRLs.")
+audit_app = new_app("The hash-chained audit log.")
+app.add_typer(audit_app, name="audit")
+token_app = new_app("Enrollment tokens for the EST service (HTTP Basic).")
+app.add_typer(token_app, name="token")
+password_app = new_app("A device's MQTT password: the hub's optional second factor.")
+app.add_typer(password_app, name="password")
+group_app = new_app("Device groups: the {group} of the hub's ACLs.")
+app.add_typer(group_app, name="group")
+
+PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
+                                      show_default=True)]
+PassEnvOpt = Annotated[str | None, typer.Option(
+    "--passphrase-env", metavar="VAR",
+    help="Environment variable holding the CA key passphrase (prompted for when absent "
+         "and the key is encrypted).")]
+DEFAULT_PKI = Path("fleet-pki")
+MAX_DAYS = 36500
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def read_passphrase(env_var: str | None, key_path: Path | None = None) -> bytes | None:
+    """From the named environment variable, else a prompt when the key needs one."""
+    if env_var is not None:
+        value = os.environ.get(env_var)
+        if value is None:
+            raise UsageError(f"environment variable {env_var} is not set", "--passphrase-env")
+        return value.encode()
+    if key_path is not None and encrypted(key_path):
+        if not sys.stdin.isatty():
+            raise PassphraseError(
+                "CA key is encrypted: give its passphrase with --passphrase-env VAR",
+                str(key_path))
+        return getpass.getpass(f"Passphrase for {key_path}: ").encode()
+    return None
+
+
+def encrypted(key_path: Path) -> bool:
+    try:
+        with key_path.open("rb") as fh:
+            return b"ENCRYPTED" in fh.readline()
+    except OSError:
+        return False
+
+
+def open_authority(pki: Path, passphrase_env: str | None) -> Authority:
+    return Authority(pki, read_passphrase(passphrase_env, PKIPaths(pki).issuing_key))
+
+
+def check_days(days: int | None) -> None:
+    if days is not None and not 1 <= days <= MAX_DAYS:
+        raise UsageError(f"{days} days is out of range (want 1-{MAX_DAYS})", "--days")
+
+
+def emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def print_columns(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Aligned plain columns, never wrapped or cut at the terminal's width.
+
+    A rich table fitted to the terminal cut 40-digit serials (issue 11 defect 14), and
+    ``revoke --serial`` needs them whole; a long line is the terminal's to wrap.
+    """
+    widths = [max([len(header), *(len(row[i]) for row in rows)])
+              for i, header in enumerate(headers)]
+    for line in (headers, *rows):
+        sys.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths,
+                                                                             strict=True))
+                         .rstrip() + "\n")
