@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hub.errors import HubError, InvalidValueError
+from hub.errors import AuditError, InvalidValueError
 
 __all__ = [
     "EVENTS",
@@ -72,10 +72,6 @@ _INSERT = (
 # flush() deadlines are honoured even while another connection holds the write lock.
 _BUSY_TIMEOUT = 0.05
 _RETRY_MIN, _RETRY_MAX = 0.01, 0.5
-
-
-class AuditError(HubError):
-    """The audit store cannot be opened, read or written in time; names the file."""
 
 
 @dataclass(frozen=True, slots=True)

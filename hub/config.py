@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from hub.acl import AclPolicy, AclRules, AclTemplate
 from hub.errors import ConfigError, InvalidValueError
+from provisioning.identity import DEVICE_ID_PATTERN, is_valid_device_id, is_valid_trust_domain
 
 __all__ = [
     "AuditConfig",
@@ -45,12 +46,6 @@ _HOSTNAME_RE = re.compile(
 )
 _PORT_RE = re.compile(r"^[0-9]{1,5}$")
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-# `fleet-provision sign --group` accepts device-id rules (DESIGN section 1). Kept here rather than
-# imported: importing provisioning.identity runs provisioning/__init__, i.e. the whole CA.
-_GROUP_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_GROUP_RE = re.compile(rf"^{_GROUP_PATTERN}$")
-# provisioning.identity.is_valid_trust_domain's rule (a DNS-like name, lowercase).
-_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?$")
 _T = TypeVar("_T")
 
 
@@ -224,7 +219,7 @@ def _pki_trust_domain(path: Path) -> str | None:
         value = tomllib.loads(path.read_text("utf-8")).get("trust_domain")
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
-    if not isinstance(value, str) or not _TRUST_DOMAIN_RE.match(value):
+    if not isinstance(value, str) or not is_valid_trust_domain(value):
         return None
     return value
 
@@ -423,7 +418,7 @@ def _auth(root: _Table) -> AuthConfig:
         raise table.error("client_id", f'want "must-match" (the only mode), got "{client_id}"')
     password = table.get("password", bool, "true or false", False)
     trust_domain = table.get("trust_domain", str, "a trust domain such as fleet.acme.com")
-    if trust_domain is not None and not _TRUST_DOMAIN_RE.match(trust_domain):
+    if trust_domain is not None and not is_valid_trust_domain(trust_domain):
         raise table.error("trust_domain", f'"{trust_domain}" is not a trust domain (want a '
                           "lowercase DNS-like name such as fleet.acme.com)")
     return AuthConfig(client_id="must-match", password=bool(password),
@@ -490,7 +485,8 @@ def _acl(root: _Table) -> AclPolicy:
     groups_table = _Table(table.source, table.path_of("groups"), listed, tuple(listed))
     groups = {}
     for name in listed:
-        if not _GROUP_RE.match(name):
-            raise groups_table.error(name, f"not a group name (want {_GROUP_PATTERN})")
+        # `fleet-provision sign --group` takes a group by the device-id rule (DESIGN section 1).
+        if not is_valid_device_id(name):
+            raise groups_table.error(name, f"not a group name (want {DEVICE_ID_PATTERN})")
         groups[name] = _rules(groups_table.table(name, ("publish", "subscribe")))
     return AclPolicy(defaults, groups)

@@ -7,7 +7,9 @@
     ├── RevocationError      the revocation watcher cannot start (no source loads, no CA bundle)
     │   └── SourceError      one source cannot be used now; never escapes the source's poll:
     │                        the source is reported down and its last good list kept
-    └── MetricsError         the metrics endpoint cannot be served (its address cannot be bound)
+    ├── MetricsError         the metrics endpoint cannot be served (its address cannot be bound)
+    └── AuditError           the audit store cannot be opened, read or written in time (names
+                             the file); hub.audit re-exports it
 
 Authentication and ACL refusals are not exceptions: they are decisions (data) that the broker
 applies, logs and audits.
@@ -59,3 +61,7 @@ class SourceError(RevocationError):
 
 class MetricsError(HubError):
     """The metrics endpoint cannot be served (the address cannot be bound)."""
+
+
+class AuditError(HubError):
+    """The audit store cannot be opened, read or written in time; names the file."""
