@@ -4,7 +4,8 @@ Stock amqtt 0.12.1 (see docs/amqtt-internals.md) cleans or takes over a session 
 authenticates, stores refused sessions, keeps the old connection's TLS object on resume,
 never enforces keep-alive, hands every client the retained messages of everybody's
 subscriptions, and leaves a connection that published to a ``$`` topic half-dead. Each
-override below closes one of those; they rely on amqtt internals, hence the exact pin.
+override here and in routing.py closes one of those; they rely on amqtt internals, hence the
+exact pin.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
 from amqtt.errors import MQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
@@ -25,6 +25,7 @@ from hub.broker.connection import HANG_UP_GRACE, STOP_TIMEOUT, Connection, abort
 from hub.broker.delivery import Delivery
 from hub.broker.handler import HubHandler
 from hub.broker.router import Router
+from hub.broker.routing import Ready, RoutingBroker
 from hub.gatekeeper import Decision
 from hub.limits import PublishBudgets
 from hub.listener import TLSListener
@@ -40,7 +41,7 @@ HOUSEKEEPING_SECONDS = 0.5  # keep-alive and expiry are enforced within this muc
 LISTENER = "default"
 
 
-class HubBroker(Broker):  # type: ignore[misc]
+class HubBroker(RoutingBroker):
     """The broker ``fleet-hub serve`` runs: our listener, our plugins, authenticate-first."""
 
     def __init__(self, runtime: HubRuntime) -> None:
@@ -276,101 +277,20 @@ class HubBroker(Broker):  # type: ignore[misc]
         try:
             while True:
                 if handler.ended:
-                    await self._handle_disconnect(session, handler, _Ready(handler.end_packet))
+                    await self._handle_disconnect(session, handler, Ready(handler.end_packet))
                     return
                 if not subscriptions.empty():
                     await self._handle_subscription(session, handler,
-                                                    _Ready(subscriptions.get_nowait()))
+                                                    Ready(subscriptions.get_nowait()))
                 elif not unsubscriptions.empty():
                     await self._handle_unsubscription(session, handler,
-                                                      _Ready(unsubscriptions.get_nowait()))
+                                                      Ready(unsubscriptions.get_nowait()))
                 elif not deliveries.empty():
                     if not await self._handle_message_delivery(
-                            session, handler, _Ready(deliveries.get_nowait())):
+                            session, handler, Ready(deliveries.get_nowait())):
                         return
                 else:
                     await handler.sleep()
         finally:
             if deliveries.notify == handler.poke:
                 deliveries.notify = None
-
-    # -- after CONNECT --------------------------------------------------------------------------
-
-    def topic_allowed(self, session: Any, topic: str, action: str) -> bool:
-        return self.delivery.topic_allowed(session, topic, action)
-
-    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
-        # Same check the topic plugin makes, without a task per message (hot path).
-        return self.delivery.topic_allowed(session, topic, str(action.value))
-
-    async def _publish_session_retained_messages(self, session: Any) -> None:
-        """Nothing to do: messages queued while away wait in the session's outbox, which the
-        handler's start resends and moves (stock awaited each acknowledgement here)."""
-
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
-                                                          session: Any) -> None:
-        self.delivery.send_retained(session, subscription[0])
-
-    # -- routing: the topic tree instead of amqtt's filter table and broadcast loop -------------
-
-    @property
-    def subscriptions(self) -> dict[str, list[tuple[Any, int]]]:
-        return self.delivery.table()
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
-        topic_filter, qos = subscription
-        max_qos = self.config.get("max-qos", qos)
-        granted = min(qos, max_qos) if isinstance(max_qos, int) else qos
-        return self.delivery.subscribe(session, topic_filter, granted)
-
-    async def retain_message(self, source_session: Any, topic_name: str | None,
-                             data: bytes | bytearray | None, qos: int | None = None) -> None:
-        """Stock's, within the publishing device's retained quota (hub/limits.py)."""
-        if topic_name is None:
-            return
-        if not self.delivery.retained_within_quota(source_session, topic_name, data or b""):
-            data = b""  # over the quota: the topic's older retained message goes too
-        await super().retain_message(source_session, topic_name, data, qos)
-
-    async def _del_all_subscriptions(self, session: Any) -> None:
-        self.router.tree.unsubscribe_all(session.client_id)
-
-    def _del_subscription(self, a_filter: str, session: Any) -> int:
-        return int(self.router.tree.unsubscribe(session.client_id, a_filter))
-
-    async def _broadcast_message(self, session: Any, topic: str | None,
-                                 data: bytes | bytearray | None,
-                                 force_qos: int | None = None) -> None:
-        """Will messages and plugins' broadcasts: routed at once, like every PUBLISH."""
-        if topic and data is not None:
-            # Stock delivers these at the subscription's QoS when none is given.
-            self.router.route(session, topic, bytes(data), 2 if force_qos is None else force_qos)
-
-    async def _handle_message_delivery(self, client_session: Any, handler: Any,
-                                       wait_deliver: Any) -> bool:
-        """A PUBLISH that took amqtt's flow (QoS 2): checked and routed like the rest."""
-        message = wait_deliver.result()
-        if message is None:
-            return True
-        verdict = self.delivery.checked_qos2(client_session, handler, message)
-        if verdict is None:
-            await handler.handle_connection_closed()
-            return False
-        if verdict:
-            self.router.route(client_session, message.topic, bytes(message.data), message.qos)
-            if message.publish_packet is not None and message.publish_packet.retain_flag:
-                await self.retain_message(client_session, message.topic, message.data,
-                                          message.qos)
-        return True
-
-
-class _Ready:
-    """A finished 'future' for stock handlers that take one and call ``result()``."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: Any) -> None:
-        self._value = value
-
-    def result(self) -> Any:
-        return self._value
