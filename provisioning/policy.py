@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,9 +14,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from provisioning import der
+from provisioning.csrder import UNCOMPRESSED_EC_SPKI, plain_common_names, subject_common_names
 from provisioning.errors import UsageError
 from provisioning.identity import device_id_problem, is_valid_device_id, spiffe_id
 
@@ -78,10 +78,10 @@ class CSRContext:
         """Every CN value of the subject, in order, as ``subject.get_attributes_for_oid``."""
         fields = self._fields
         if fields is not None:
-            names = _plain_common_names(self.request_info, fields[1])
+            names = plain_common_names(self.request_info, fields[1])
             if names is not None:
                 return names
-        return _common_names(self.csr)
+        return subject_common_names(self.csr)
 
     @cached_property
     def spki_der(self) -> bytes:
@@ -93,7 +93,7 @@ class CSRContext:
         fields = self._fields
         if fields is not None:
             _, start, _, end = fields[2]
-            prefix = _UNCOMPRESSED_EC_SPKI.get(end - start)
+            prefix = UNCOMPRESSED_EC_SPKI.get(end - start)
             if prefix is not None and self.request_info.startswith(prefix, start):
                 return self.request_info[start:end]
         key = cast("ec.EllipticCurvePublicKey", self.public_key)  # any key type, in fact
@@ -206,61 +206,6 @@ def not_a_ca(ctx: CSRContext) -> Rejection | None:
     return None
 
 
-_CN = der.oid("2.5.4.3")
-# The string types whose value cryptography reads as UTF-8 text (BMPString, UniversalString,
-# BIT STRING and the rest are left to it).
-_PLAIN_STRINGS = frozenset((der.UTF8_STRING, der.PRINTABLE_STRING, der.IA5_STRING))
-
-
-def _plain_common_names(data: bytes, subject: tuple[int, int, int, int]) -> list[str] | None:
-    """The CN values of the subject Name at *subject* in *data*, or None unless every RDN
-    holds exactly one attribute whose value is a UTF-8, printable or IA5 string of valid
-    UTF-8: for such a subject cryptography gives the same list (and raises nothing); any
-    other is left to it."""
-    rdns = der.children(data, subject[2], subject[3])
-    if rdns is None:
-        return None
-    names: list[str] = []
-    for tag, _, start, end in rdns:
-        # RDN SET OF exactly one AttributeTypeAndValue SEQUENCE { type OID, value ANY }
-        atv = der.header(data, start, der.SEQUENCE) if tag == der.SET else None
-        if atv is None or atv[2] != end:
-            return None
-        kind = der.header(data, atv[1], der.OBJECT_IDENTIFIER)
-        value = der.header(data, kind[2]) if kind is not None else None
-        if value is None or value[2] != end or value[0] not in _PLAIN_STRINGS:
-            return None
-        try:
-            text = data[value[1]:value[2]].decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if data.startswith(_CN, atv[1]):
-            names.append(text)
-    return names
-
-
-def _uncompressed_ec_spki(curve: str, coordinate_octets: int) -> tuple[int, bytes]:
-    """(length, fixed prefix) of the SubjectPublicKeyInfo of a named-curve EC key whose
-    point is uncompressed: 0x04, then X and Y."""
-    point = bytes(1 + 2 * coordinate_octets)
-    whole = der.sequence(der.sequence(der.oid(der.ID_EC_PUBLIC_KEY), der.oid(curve)),
-                         der.bit_string(b"\x04" + point[1:]))
-    return len(whole), whole[:len(whole) - len(point) + 1]
-
-
-_UNCOMPRESSED_EC_SPKI = dict((_uncompressed_ec_spki(der.SECP256R1, 32),
-                              _uncompressed_ec_spki("1.3.132.0.34", 48)))  # P-384
-
-
-def _common_names(csr: x509.CertificateSigningRequest) -> list[str]:
-    # cryptography warns on an over-long CN; the rule below reports it as a rejection.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        attrs = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return [a.value if isinstance(a.value, str) else a.value.decode("utf-8", "replace")
-            for a in attrs]
-
-
 def cn_is_device_id(ctx: CSRContext) -> Rejection | None:
     """The subject carries exactly one CN, and it is a valid device id."""
     try:
@@ -327,7 +272,7 @@ def check(ctx: CSRContext, rules: Sequence[Rule] = RULES) -> Rejection | None:
 
 def device_id_of(csr: x509.CertificateSigningRequest) -> str:
     """The CN; only meaningful after :func:`cn_is_device_id` accepted it."""
-    return _common_names(csr)[0]
+    return subject_common_names(csr)[0]
 
 
 def load_manifest(path: Path) -> frozenset[str]:
