@@ -11,12 +11,9 @@ its listener line) as a child process whose PID the benchmarks read /proc for.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +21,19 @@ from typing import Any
 
 from _mqtt_load import DeviceCreds
 
-from device_sim.lab import LOOPBACK, HubProcess, ReadyProcess, hub_toml, make_pki
+from device_sim.lab import (
+    AMQTT_READY,
+    LOOPBACK,
+    HubProcess,
+    ReadyProcess,
+    amqtt_argv,
+    amqtt_yaml,
+    hub_toml,
+    make_pki,
+)
 from device_sim.lab import enroll as lab_enroll
 
 TRUST_DOMAIN = "bench.fleet.test"
-STOCK_READY = re.compile(r"Listener 'default' bind to [^:]+:(?P<port>\d+)")
 
 
 def build_fleet(root: Path, count: int, prefix: str = "dev") -> tuple[Path, list[DeviceCreds]]:
@@ -67,28 +72,11 @@ def hub_config(root: Path, *, refresh_seconds: float = 1.0,
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def stock_config(root: Path, pki: Path, port: int) -> Path:
     """Stock amqtt as shipped: its own TLS listener (CERT_OPTIONAL), anonymous auth."""
-    text = f"""listeners:
-  default:
-    type: tcp
-    bind: 127.0.0.1:{port}
-    ssl: true
-    certfile: {pki / "server.pem"}
-    keyfile: {pki / "server.key"}
-    cafile: {pki / "ca-chain.pem"}
-plugins:
-  amqtt.plugins.authentication.AnonymousAuthPlugin:
-    allow_anonymous: true
-"""
     path = root / "stock.yaml"
-    path.write_text(text)
+    path.write_text(amqtt_yaml(pki, port, {
+        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}))
     return path
 
 
@@ -102,8 +90,7 @@ class BrokerProcess(ReadyProcess):
 
     @classmethod
     def stock(cls, config: Path) -> BrokerProcess:
-        amqtt = Path(sys.executable).parent / "amqtt"
-        return cls("stock-amqtt", [str(amqtt), "-c", str(config)], STOCK_READY,
+        return cls("stock-amqtt", amqtt_argv(config), AMQTT_READY,
                    cwd=config.parent, stop_signal=signal.SIGINT, stop_timeout=15)
 
     @property

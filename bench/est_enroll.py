@@ -17,6 +17,10 @@ the JSON line), and the clients' (this process) is printed too.
 
 Prints enrollments/s, latency p50/p99/max, the batch rates and the ratio (target: the
 service reaches at least 40% of the batch rate), and last one JSON line of the figures.
+
+Latency percentiles are the simulator's (``device_sim.report.percentile``, nearest rank)
+since issue 12; before, this script rounded ``q x (n - 1)`` to an index. Figures from before
+are on that rule: for 2,000 enrollments p99 is the same sample and p50 one rank lower now.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
+from device_sim.factory import new_csr, new_key
+from device_sim.report import percentile
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
@@ -56,13 +60,8 @@ READY = re.compile(r"listening on (https://\S+)")
 
 def make_csrs(count: int) -> list[bytes]:
     """DER P-256 CSRs with distinct CNs, the way a device makes them."""
-    out = []
-    for i in range(1, count + 1):
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"est-bench-{i:06d}")])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        out.append(csr.public_bytes(serialization.Encoding.DER))
-    return out
+    return [new_csr(f"est-bench-{i:06d}", new_key()).public_bytes(serialization.Encoding.DER)
+            for i in range(1, count + 1)]
 
 
 def new_pki(root: Path) -> Path:
@@ -217,9 +216,43 @@ def batch_run(tmp: Path, csrs: list[bytes], *, files: bool) -> Batch:
     return Batch(len(csrs) / elapsed, cpu / len(csrs) * 1000)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+@dataclass(frozen=True)
+class Service:
+    wall: float  # seconds for all enrollments
+    latencies: list[float]  # seconds, one per request
+    client_cpu: float  # CPU seconds of this process's clients
+    http_cpu: float  # CPU seconds of the serve process
+    worker_cpu: float  # CPU seconds of its CA worker process
+    summary: str  # the server's closing line
+
+
+def service_run(root: Path, bodies: list[bytes], clients: int) -> Service:
+    """Every body enrolled through ``fleet-provision serve`` in a fresh PKI under *root*."""
+    root.mkdir()
+    pki = new_pki(root)
+    with Authority(pki) as authority:
+        secret = authority.create_token("bench")
+    server = Server(pki)
+    idle_cpu = server.cpu_seconds()
+    try:
+        loop_factory = None
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: PLC0415
+
+            loop_factory = uvloop.new_event_loop
+        client_cpu = time.process_time()
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            wall, latencies = runner.run(
+                enroll_all(server.url, pki / "ca-chain.pem", ("bench", secret), bodies, clients))
+        client_cpu = time.process_time() - client_cpu
+        busy_cpu = server.cpu_seconds()
+    finally:
+        summary = server.stop()
+    with Authority(pki) as authority:
+        if not authority.registry.verify_audit().ok:
+            raise SystemExit("the audit chain does not verify after the run")
+    return Service(wall, latencies, client_cpu, busy_cpu[0] - idle_cpu[0],
+                   busy_cpu[1] - idle_cpu[1], summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,45 +274,20 @@ def main(argv: list[str] | None = None) -> int:
         # faster figure of each kind is the one compared against (the conservative choice).
         runs = [batch_run(root / "before-files", csrs, files=True),
                 batch_run(root / "before-plain", csrs, files=False)]
-        (root / "est").mkdir()
-        pki = new_pki(root / "est")
-        with Authority(pki) as authority:
-            secret = authority.create_token("bench")
-        server = Server(pki)
-        idle_cpu = server.cpu_seconds()
-        try:
-            loop_factory = None
-            with contextlib.suppress(ImportError):
-                import uvloop  # noqa: PLC0415
-
-                loop_factory = uvloop.new_event_loop
-            client_cpu = time.process_time()
-            with asyncio.Runner(loop_factory=loop_factory) as runner:
-                wall, latencies = runner.run(
-                    enroll_all(server.url, pki / "ca-chain.pem", ("bench", secret), bodies,
-                               args.clients))
-            client_cpu = time.process_time() - client_cpu
-            busy_cpu = server.cpu_seconds()
-            http_cpu, worker_cpu = (busy_cpu[0] - idle_cpu[0]), (busy_cpu[1] - idle_cpu[1])
-            server_cpu = http_cpu + worker_cpu
-        finally:
-            summary = server.stop()
-        with Authority(pki) as authority:
-            if not authority.registry.verify_audit().ok:
-                raise SystemExit("the audit chain does not verify after the run")
+        service = service_run(root / "est", bodies, args.clients)
         runs += [batch_run(root / "after-files", csrs, files=True),
                  batch_run(root / "after-plain", csrs, files=False)]
 
+    wall, latencies, summary = service.wall, service.latencies, service.summary
     rate = args.count / wall
-    rate_files = max(runs[0].rate, runs[2].rate)
-    rate_plain = max(runs[1].rate, runs[3].rate)
+    rate_files, rate_plain = max(runs[0].rate, runs[2].rate), max(runs[1].rate, runs[3].rate)
     batch = max(rate_files, rate_plain)
     ratio = rate / batch
-    server_ms = server_cpu / args.count * 1000
-    http_ms, worker_ms = http_cpu / args.count * 1000, worker_cpu / args.count * 1000
-    client_ms = client_cpu / args.count * 1000
+    http_ms, worker_ms, client_ms = (cpu / args.count * 1000 for cpu in (
+        service.http_cpu, service.worker_cpu, service.client_cpu))
+    server_ms = (service.http_cpu + service.worker_cpu) / args.count * 1000
     batch_ms = min(runs[1].cpu_ms, runs[3].cpu_ms)
-    p50, p99 = percentile(latencies, 0.50) * 1000, percentile(latencies, 0.99) * 1000
+    p50, p99 = (1000 * (percentile(latencies, q) or 0.0) for q in (0.50, 0.99))
     worst = max(latencies) * 1000
     met = ratio >= TARGET_RATIO
     print(f"EST simpleenroll, {args.clients} clients over HTTPS: {rate:8.0f} enrollments/s "

@@ -35,7 +35,6 @@ from _brokers import (
     BrokerProcess,
     Profiler,
     build_fleet,
-    free_port,
     hub_config,
     stock_config,
 )
@@ -47,6 +46,8 @@ from _mqtt_load import (
     settled_rss_kib,
     summarize,
 )
+
+from device_sim.lab import free_port
 
 TARGET_RATIO = 1.2
 TARGET_RSS_KIB = 64.0

@@ -67,7 +67,6 @@ from _brokers import (
     BrokerProcess,
     build_fleet,
     enroll,
-    free_port,
     hub_config,
     stock_config,
 )
@@ -83,6 +82,7 @@ from _mqtt_load import (
     summarize,
 )
 
+from device_sim.lab import free_port
 from provisioning.authority import Authority
 
 HOST = "127.0.0.1"

@@ -47,10 +47,10 @@ import time
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from device_sim.factory import csr_pem, new_key
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
@@ -62,13 +62,7 @@ TARGET_RATIO = 0.6
 
 def make_csrs(count: int) -> list[bytes]:
     """P-256 CSRs with distinct CNs, the way a device makes them (key never leaves it)."""
-    csrs = []
-    for i in range(1, count + 1):
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"bench-{i:06d}")])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-        csrs.append(csr.public_bytes(serialization.Encoding.PEM))
-    return csrs
+    return [csr_pem(f"bench-{i:06d}", new_key()) for i in range(1, count + 1)]
 
 
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS = 0x80086601, 0x40086602  # linux/fs.h, 64-bit

@@ -25,7 +25,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_sim.transport import ClientTLS, HandshakeError, TLSStream, open_tls, wait_ready
+from device_sim.errors import HandshakeError
+from device_sim.transport import ClientTLS, TLSStream, open_tls, wait_ready
 
 # paho 2 reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code.
 _CONNACK_311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}

@@ -2,10 +2,12 @@
 
     SimError                 every expected failure; ``str()`` is the user-facing line
     ├── UsageError           bad options, no PKI, an unreachable broker: exit code 2
-    └── EnrollError          the CA or the enrollment service refused the fleet: exit code 1
+    ├── EnrollError          the CA or the enrollment service refused the fleet: exit code 1
+    └── HandshakeError       one device's TCP connect or TLS handshake failed (transport.py)
 
-Connection refusals are not exceptions: they are data (:class:`device_sim.device.Outcome`),
-compared with what a scenario expects and reported.
+Connection refusals are not exceptions to a run: :class:`HandshakeError` is raised by the
+transport and turned into data at once (:class:`device_sim.device.Outcome`), compared with
+what a scenario expects and reported.
 """
 
 from __future__ import annotations
@@ -33,3 +35,12 @@ class UsageError(SimError):
 
 class EnrollError(SimError):
     """Devices could not get certificates (exit 1)."""
+
+
+class HandshakeError(SimError):
+    """TCP or TLS failed; ``phase`` is 'tcp' or 'tls', ``reason`` is short and readable."""
+
+    def __init__(self, phase: str, reason: str) -> None:
+        super().__init__(f"{phase}: {reason}")
+        self.phase = phase
+        self.reason = reason

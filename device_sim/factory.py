@@ -21,13 +21,17 @@ def new_key() -> DevicePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def csr_pem(device_id: str, key: DevicePrivateKey) -> bytes:
+def new_csr(device_id: str, key: DevicePrivateKey) -> x509.CertificateSigningRequest:
     """A PKCS#10 request with CN = device id, signed by the device's key (what openssl
     ``req -new -subj /CN=ID`` makes); the CA adds everything else from its profile."""
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-           .sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM)
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .sign(key, hashes.SHA256()))
+
+
+def csr_pem(device_id: str, key: DevicePrivateKey) -> bytes:
+    """:func:`new_csr` as PEM."""
+    return new_csr(device_id, key).public_bytes(serialization.Encoding.PEM)
 
 
 def key_pem(key: DevicePrivateKey) -> bytes:

@@ -28,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
+from device_sim.errors import HandshakeError
+
 _lib = Binding.lib  # X509_VERIFY_PARAM_*: pyOpenSSL has no call for hostname checking
 GROUPS = b"X25519:P-256:P-384"  # the key exchanges a device offers
 
@@ -165,15 +167,6 @@ class Opened:
     tcp_s: float
     tls_s: float
     version: str
-
-
-class HandshakeError(Exception):
-    """TCP or TLS failed; ``phase`` is 'tcp' or 'tls', ``reason`` is short and readable."""
-
-    def __init__(self, phase: str, reason: str) -> None:
-        super().__init__(f"{phase}: {reason}")
-        self.phase = phase
-        self.reason = reason
 
 
 async def wait_ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:

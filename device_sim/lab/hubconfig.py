@@ -9,6 +9,7 @@ a mapping deep-merges into what is there, any other value replaces it, None remo
                                "limits": {"publish_rate": 1000}, "acl": {"groups": None}})
 
 The text is written here only: the quickstart, the tests' fleets and the benchmarks use it.
+So is stock amqtt's YAML (:func:`amqtt_yaml`), for the tests and benchmarks that run it.
 """
 
 from __future__ import annotations
@@ -134,3 +135,23 @@ def _value(value: object) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_value(item) for item in value) + "]"
     raise TypeError(f"no TOML for {value!r}")
+
+
+def amqtt_yaml(pki: Path, port: int, plugins: Mapping[str, Mapping[str, object]]) -> str:
+    """Stock amqtt's YAML: one TLS listener ``default`` on 127.0.0.1:*port* with the PKI's
+    server certificate and CA bundle (amqtt asks for a client certificate, CERT_OPTIONAL),
+    then *plugins*: each plugin's dotted name and its settings (strings, numbers, booleans)."""
+    lines = ["listeners:", "  default:", "    type: tcp", f"    bind: 127.0.0.1:{port}",
+             "    ssl: true", f"    certfile: {pki / 'server.pem'}",
+             f"    keyfile: {pki / 'server.key'}", f"    cafile: {pki / 'ca-chain.pem'}",
+             "plugins:"]
+    for name, settings in plugins.items():
+        lines.append(f"  {name}:")
+        lines.extend(f"    {key}: {_yaml(value)}" for key, value in settings.items())
+    return "\n".join(lines) + "\n"
+
+
+def _yaml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -3,6 +3,7 @@
 One launcher for the quickstart, the tests and the benchmarks: the hub is a separate process
 (``python -m hub.cli serve --config FILE``), talked to over the network only. Its stderr is
 read by a thread (kept in :attr:`ReadyProcess.log`); the ready line gives the ports it bound.
+Stock amqtt (``amqtt -c FILE``, :data:`AMQTT_READY`) is started the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,15 @@ from pathlib import Path
 HUB_READY = re.compile(r"fleet-hub ready: listening on (?P<host>\S+):(?P<port>\d+)"
                        r"(?:, metrics on \S+:(?P<metrics>\d+))?")
 """What ``fleet-hub serve`` prints once it listens (hub/cli.py)."""
+AMQTT_READY = re.compile(r"Listener 'default' bind to [^:]+:(?P<port>\d+)")
+"""What stock ``amqtt -c FILE`` logs once its listener named ``default`` is bound."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server that cannot bind port 0 and say so)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def stop_process(process: subprocess.Popen[str], pump: threading.Thread,
@@ -110,6 +121,11 @@ class ReadyProcess:
 
 def hub_argv(config: Path) -> list[str]:
     return [sys.executable, "-m", "hub.cli", "serve", "--config", str(config)]
+
+
+def amqtt_argv(config: Path) -> list[str]:
+    """Stock ``amqtt -c FILE``: the console script beside this interpreter."""
+    return [str(Path(sys.executable).parent / "amqtt"), "-c", str(config)]
 
 
 class HubProcess(ReadyProcess):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trustme
 
+from device_sim.errors import HandshakeError
 from device_sim.transport import (
     Credentials,
-    HandshakeError,
     client_context,
     open_tls,
 )

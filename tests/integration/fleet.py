@@ -6,8 +6,9 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ TEST_HUB: Mapping[str, Any] = {
 }
 
 Device = Enrolled  # device_id, cert, key, serial
+Row = dict[str, object]  # one audit record, as `fleet-hub events --json` prints it
 
 
 @dataclass
@@ -155,3 +157,22 @@ class RunningHub(HubProcess):
             args += ["--device", device]
         done = subprocess.run(args, capture_output=True, text=True, check=True)
         return list(json.loads(done.stdout))
+
+    def wait_events(self, device: str | None = None, *, want: int = 1,
+                    until: Callable[[list[Row]], bool] | None = None, timeout: float = 5.0,
+                    **fields: object) -> list[Row]:
+        """The audit rows (of *device*; with each of *fields*, e.g. ``event="kick"``) once
+        *want* of them have landed or *until(rows)* holds; after *timeout* s, the last read.
+        The store is written in batches off the hub's loop: a test polls it, never sleeps."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in self.events(device)
+                    if all(r.get(name) == value for name, value in fields.items())]
+            if (len(rows) >= want if until is None else until(rows)) \
+                    or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.1)
+
+    def open_fds(self) -> int:
+        """The hub process's open descriptors, from /proc (Linux)."""
+        return sum(1 for _ in Path(f"/proc/{self.pid}/fd").iterdir())

@@ -16,6 +16,17 @@ from tests.integration.fleet import RunningHub
 Health = dict[str, Any]
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, every: float = 0.05) -> bool:
+    """Poll *condition* (a metric, /proc, the audit store) until it holds: True, or False
+    after *timeout* s. No fixed sleep decides anything."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
 def healthz(hub: RunningHub) -> tuple[int, Health]:
     """The HTTP status and JSON body of ``GET /healthz`` (200 ok, 503 degraded)."""
     assert hub.metrics_port is not None, "the hub serves no metrics"
@@ -42,6 +53,7 @@ def wait_healthz(hub: RunningHub, until: Callable[[int, Health], bool],
 
 def metric(hub: RunningHub, name: str) -> float:
     """One unlabelled figure of the hub's ``GET /metrics``."""
+    assert hub.metrics_port is not None, "the hub serves no metrics"
     url = f"http://127.0.0.1:{hub.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()

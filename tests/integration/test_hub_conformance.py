@@ -10,7 +10,6 @@ import contextlib
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -131,12 +130,7 @@ class Raw:
 def _rows(hub: RunningHub, device: Device, until: Callable[[list[dict[str, object]]], bool]
           ) -> list[dict[str, object]]:
     """The device's audit rows, once *until* holds for them (the store is written in batches)."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        rows = hub.events(device.device_id)
-        if until(rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
+    return hub.wait_events(device.device_id, until=until, timeout=TIMEOUT)
 
 
 def _clean_log(hub: RunningHub) -> None:

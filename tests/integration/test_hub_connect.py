@@ -16,13 +16,9 @@ ACCEPTED, NOT_AUTHORIZED = 0, 135  # paho 2 reports CONNACK 0x05 as reason 135
 def _last_event(hub: RunningHub, device: str | None = None, *, want: int = 1,
                 timeout: float = 5.0) -> dict[str, object]:
     """The audit store is written in batches off the loop: wait for the record to land."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = hub.events(device)
-        if len(rows) >= want or time.monotonic() > deadline:
-            assert rows, "no audit record"
-            return rows[-1]
-        time.sleep(0.1)
+    rows = hub.wait_events(device, want=want, timeout=timeout)
+    assert rows, "no audit record"
+    return rows[-1]
 
 
 def test_valid_device_is_accepted_and_audited(fleet: Fleet, hub: RunningHub,
@@ -44,11 +40,7 @@ def test_no_certificate_fails_the_handshake(fleet: Fleet, hub: RunningHub,
     before = len(hub.events())
     client = connect(None, "nobody")
     assert client.connect() is None
-    rows = hub.events()
-    deadline = time.monotonic() + 5
-    while len(rows) == before and time.monotonic() < deadline:
-        time.sleep(0.1)
-        rows = hub.events()
+    rows = hub.wait_events(want=before + 1)
     assert rows[-1]["event"] == "reject"
     assert rows[-1]["reason"] == "no-certificate"
 

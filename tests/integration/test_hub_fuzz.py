@@ -22,7 +22,6 @@ import socket
 import ssl
 import struct
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import pytest
 
 from tests.integration import mqtt_grammar as g
 from tests.integration.fleet import Device, Fleet, RunningHub
+from tests.integration.healthz import metric, wait_for
 from tests.integration.mqtt import Client
 
 _SEED_ENV = os.environ.get("FUZZ_SEED", "")
@@ -269,29 +269,6 @@ class Run:
 
 # -- the watchers' view ------------------------------------------------------------------------
 
-def _metric(arena: Arena, name: str) -> float:
-    url = f"http://127.0.0.1:{arena.hub.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match is not None, f"{name} missing from /metrics"
-    return float(match[1])
-
-
-def _wait_for(what: Callable[[], bool], seconds: float) -> bool:
-    """Poll a signal (a metric, /proc) until it holds; no fixed sleep decides anything."""
-    deadline = time.monotonic() + seconds
-    while not what():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _fds(pid: int) -> int:
-    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
-
-
 def _rss_kb(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
@@ -336,7 +313,7 @@ def _unaudited(arena: Arena, records: list[Record]) -> list[Record]:
         found.update(_audited_ports(arena))
         return due.keys() <= found
 
-    _wait_for(all_there, 10.0)
+    wait_for(all_there, 10.0)
     return [r for port, r in due.items() if port not in found]
 
 
@@ -446,8 +423,8 @@ def test_fuzz_keeps_the_hub_and_its_bystanders_whole(arena: Arena) -> None:
     print(f"\nfuzz seed {SEED} (FUZZ_SEED={SEED} reproduces; {SECONDS:g} s, "
           f"at most {MAX_CONNECTIONS} connections)")
     hub, pid = arena.hub, arena.hub.process.pid
-    assert _wait_for(lambda: _metric(arena, "fleet_hub_connections") == 3, SETTLE_WITHIN)
-    fds, rss = _fds(pid), _rss_kb(pid)
+    assert wait_for(lambda: metric(hub, "fleet_hub_connections") == 3, SETTLE_WITHIN)
+    fds, rss = hub.open_fds(), _rss_kb(pid)
     first_round = arena.rounds
     run = Run()
     deadline = time.monotonic() + SECONDS
@@ -477,8 +454,8 @@ def test_fuzz_keeps_the_hub_and_its_bystanders_whole(arena: Arena) -> None:
     leaks = _leaks(arena)
     unaudited = _unaudited(arena, run.records)
     bad_log = _bad_log_lines(hub)
-    settled = _wait_for(lambda: _metric(arena, "fleet_hub_connections") == 3, SETTLE_WITHIN)
-    fds_back = _wait_for(lambda: _fds(pid) <= fds + FD_SLACK, SETTLE_WITHIN)
+    settled = wait_for(lambda: metric(hub, "fleet_hub_connections") == 3, SETTLE_WITHIN)
+    fds_back = wait_for(lambda: hub.open_fds() <= fds + FD_SLACK, SETTLE_WITHIN)
     rss_end = _rss_kb(pid)
     report = [f"seed={SEED}"]
     report += [f"{len(problems)} connections misjudged:", *problems[:15]] if problems else []
@@ -488,9 +465,9 @@ def test_fuzz_keeps_the_hub_and_its_bystanders_whole(arena: Arena) -> None:
     report += [f"{len(bad_log)} tracebacks in the hub's log, first:\n{bad_log[0]}"] \
         if bad_log else []
     report += [] if settled else [f"fleet_hub_connections stuck at "
-                                  f"{_metric(arena, 'fleet_hub_connections')}, want 3"]
-    report += [] if fds_back else [f"descriptors {fds} -> {_fds(pid)}"]
+                                  f"{metric(hub, 'fleet_hub_connections')}, want 3"]
+    report += [] if fds_back else [f"descriptors {fds} -> {hub.open_fds()}"]
     rss_bound = rss + RSS_SLACK_KB + RSS_SLACK_KB_PER_CONNECTION * len(run.records)
     report += [f"RSS {rss} kB -> {rss_end} kB (bound {rss_bound})"] if rss_end > rss_bound else []
-    print(f"descriptors {fds} -> {_fds(pid)}, RSS {rss} kB -> {rss_end} kB")
+    print(f"descriptors {fds} -> {hub.open_fds()}, RSS {rss} kB -> {rss_end} kB")
     assert len(report) == 1, "\n".join(report)

@@ -51,12 +51,7 @@ def operator(fleet: Fleet, hub: RunningHub) -> Device:
 def _rows(hub: RunningHub, device: str, done: Callable[[list[dict[str, object]]], bool],
           timeout: float = 10.0) -> list[dict[str, object]]:
     """The device's audit rows once *done* holds (they are written in batches)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = hub.events(device)
-        if done(rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
+    return hub.wait_events(device, until=done, timeout=timeout)
 
 
 def _limits(rows: list[dict[str, object]]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -48,12 +47,7 @@ def test_password_is_required_and_checked(fleet: Fleet, password_hub: RunningHub
     right = connect(device, port=password_hub.port, username="ignored-name",
                     password="correct horse")
     assert right.connect() == ACCEPTED
-    deadline = time.monotonic() + 5
-    while True:
-        reasons = [r["reason"] for r in password_hub.events("pw-dev") if r["event"] == "reject"]
-        if len(reasons) >= 3 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    reasons = [r["reason"] for r in password_hub.wait_events("pw-dev", event="reject", want=3)]
     assert reasons == ["bad-password"] * 3
 
 
@@ -70,12 +64,8 @@ def test_password_does_not_replace_the_certificate(fleet: Fleet, password_hub: R
 
 
 def _rejects(hub: RunningHub, device: str, want: int, timeout: float = 5.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        reasons = [str(r["reason"]) for r in hub.events(device) if r["event"] == "reject"]
-        if len(reasons) >= want or time.monotonic() > deadline:
-            return reasons
-        time.sleep(0.1)
+    rows = hub.wait_events(device, event="reject", want=want, timeout=timeout)
+    return [str(r["reason"]) for r in rows]
 
 
 def test_the_password_is_compared_byte_for_byte(fleet: Fleet, password_hub: RunningHub,

@@ -21,13 +21,9 @@ REFRESH = 0.5
 
 
 def _kick(hub: RunningHub, device: str, timeout: float = 5.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        kicks = [r for r in hub.events(device) if r["event"] == "kick"]
-        if kicks or time.monotonic() > deadline:
-            assert kicks, f"no kick recorded for {device}"
-            return kicks[-1]
-        time.sleep(0.1)
+    kicks = hub.wait_events(device, event="kick", timeout=timeout)
+    assert kicks, f"no kick recorded for {device}"
+    return kicks[-1]
 
 
 @pytest.mark.parametrize(("action", "reason"), [("revoke", "revoked"),
@@ -232,12 +228,8 @@ def test_registry_revocation_is_seen_long_before_refresh_seconds(
 
 def _source_events(hub: RunningHub, want: int, timeout: float = 5.0) -> list[str]:
     """The reasons of the audit's "source" records, once *want* of them have landed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        reasons = [str(r["reason"]) for r in hub.events() if r["event"] == "source"]
-        if len(reasons) >= want or time.monotonic() > deadline:
-            return reasons
-        time.sleep(0.1)
+    rows = hub.wait_events(event="source", want=want, timeout=timeout)
+    return [str(r["reason"]) for r in rows]
 
 
 def _registry_state(status: int, body: dict[str, Any]) -> tuple[int, bool]:

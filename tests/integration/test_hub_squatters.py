@@ -13,12 +13,12 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from tests.integration.fleet import Device, Fleet, RunningHub
+from tests.integration.healthz import wait_for
 
 MAX_PENDING_TLS = 16  # DESIGN section 5's default, which this hub runs with
 
@@ -32,20 +32,6 @@ def squat_hub(fleet: Fleet) -> Iterator[RunningHub]:
     running = RunningHub.start(config)
     yield running
     assert running.stop() == 0, "".join(running.log)
-
-
-def _hub_fds(hub: RunningHub) -> int:
-    return sum(1 for _ in Path(f"/proc/{hub.process.pid}/fd").iterdir())
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll *condition* (the hub's /proc or audit store) until true or *timeout*."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _squatter(port: int, source: str) -> socket.socket:
@@ -124,12 +110,12 @@ def test_devices_connect_while_1000_squatters_wait(fleet: Fleet, squat_hub: Runn
     """
     hub = squat_hub
     devices = [fleet.device(f"squat-dev-{n}") for n in range(5)]
-    before = _hub_fds(hub)
+    before = hub.open_fds()
     squatters: list[socket.socket] = []
     try:
         for n in range(1000):
             squatters.append(_squatter(hub.port, f"127.0.0.{2 + n // 10}"))
-        assert _wait_for(lambda: _hub_fds(hub) >= before + 1000), _hub_fds(hub) - before
+        assert wait_for(lambda: hub.open_fds() >= before + 1000), hub.open_fds() - before
         for device in devices:
             started = time.monotonic()
             _mqtt_connect(fleet, device, hub.port).close()
@@ -151,20 +137,20 @@ def test_devices_connect_while_1000_squatters_wait(fleet: Fleet, squat_hub: Runn
                 poller.register(sock, select.POLLIN)
             return refused + len(poller.poll(0))
 
-        assert _wait_for(lambda: closed() >= 30, 5)
+        assert wait_for(lambda: closed() >= 30, 5)
         assert closed() == 30
         # The accept of a later device is audited after the limit record: once it is there,
         # every limit record is too.
         last = fleet.device("squat-dev-last")
         _mqtt_connect(fleet, last, hub.port).close()
-        assert _wait_for(lambda: bool(hub.events(last.device_id)))
+        assert hub.wait_events(last.device_id, timeout=10.0)
         limits = _events(hub, "limit")
         assert [(row["reason"], str(row["peer"]).split(":")[0]) for row in limits] == \
             [("pending-tls", flood)]
     finally:
         for sock in squatters:
             sock.close()
-    assert _wait_for(lambda: _hub_fds(hub) <= before)
+    assert wait_for(lambda: hub.open_fds() <= before)
     assert "Traceback" not in "".join(hub.log)
 
 
@@ -175,11 +161,11 @@ def test_a_device_that_resets_after_its_handshake_leaves_no_trace(
     descriptor back, and no audit record (no CONNECT was ever refused)."""
     hub = squat_hub
     device = fleet.device("reset-after-tls")
-    before = _hub_fds(hub)
+    before = hub.open_fds()
     rows = len(hub.events())
     for _ in range(20):
         _reset(_tls(fleet, device, hub.port))
-    assert _wait_for(lambda: _hub_fds(hub) <= before), _hub_fds(hub) - before
+    assert wait_for(lambda: hub.open_fds() <= before), hub.open_fds() - before
     log = "".join(hub.log)
     assert "Traceback" not in log
     assert "Errno 107" not in log
@@ -220,7 +206,7 @@ def test_a_subscriber_that_vanishes_while_the_hub_writes_leaks_no_descriptor(
     device = fleet.device("vanishing-subscriber")
     topic = f"devices/{device.device_id}/echo"
     publish = _publish_packet(topic, bytes(16_000))
-    before = _hub_fds(hub)
+    before = hub.open_fds()
     for _ in range(10):
         sock = _mqtt_connect(fleet, device, hub.port)
         # Grow the hub's receive window first (unechoed), then subscribe: the SUBACK says
@@ -234,7 +220,7 @@ def test_a_subscriber_that_vanishes_while_the_hub_writes_leaks_no_descriptor(
             _reset(sock)
         finally:
             hub.process.send_signal(signal.SIGCONT)
-    assert _wait_for(lambda: _hub_fds(hub) <= before), _hub_fds(hub) - before
+    assert wait_for(lambda: hub.open_fds() <= before), hub.open_fds() - before
     log = "".join(hub.log)
     assert "Traceback" not in log
     assert "BufferError" not in log

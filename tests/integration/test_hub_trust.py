@@ -7,7 +7,6 @@ import datetime as dt
 import ipaddress
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,12 +98,7 @@ def _config(fleet: Fleet, name: str, *, revocation: str | None = None,
 def _rejects(hub: RunningHub, device: str, want: int = 1,
              timeout: float = 5.0) -> list[dict[str, object]]:
     """The audit store is written in batches off the loop: wait for the records to land."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = [r for r in hub.events(device) if r["event"] == "reject"]
-        if len(rows) >= want or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
+    return hub.wait_events(device, event="reject", want=want, timeout=timeout)
 
 
 def _connects(hub: RunningHub, fleet: Fleet, device: Device) -> int | None:

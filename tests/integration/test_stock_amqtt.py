@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from device_sim.lab import AMQTT_READY, ReadyProcess, amqtt_argv, amqtt_yaml, free_port
 from tests.integration.fleet import Fleet
 from tests.integration.healthz import revocation_change
 from tests.integration.mqtt import Client
@@ -19,59 +15,28 @@ from tests.integration.mqtt import Client
 ACCEPTED, NOT_AUTHORIZED = 0, 135
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def stock_metrics() -> SimpleNamespace:
     """Where the plugins' runtime serves /metrics and /healthz inside the stock amqtt."""
-    return SimpleNamespace(metrics_port=_free_port())
+    return SimpleNamespace(metrics_port=free_port())
 
 
 @pytest.fixture(scope="module")
 def stock(fleet: Fleet, stock_metrics: SimpleNamespace) -> Iterator[int]:
-    """`amqtt -c stock.yaml` with FleetAuthPlugin and FleetTopicPlugin."""
+    """`amqtt -c stock.yaml` with FleetAuthPlugin and FleetTopicPlugin, ready once its
+    listener is bound (the lab's ReadyProcess)."""
     hub_toml = fleet.write_config(
         "hub-stock.toml", extra=f'[metrics]\nbind = "127.0.0.1:{stock_metrics.metrics_port}"\n')
     hub_toml.write_text(hub_toml.read_text().replace('"hub-audit.db"', '"stock-audit.db"')
                         .replace('bind = "127.0.0.1:0"\n\n[revocation]',
                                  'bind = "127.0.0.1:0"\n\n[revocation]'))
-    port = _free_port()
     yaml = fleet.root / "stock.yaml"
-    yaml.write_text(f"""
-listeners:
-  default:
-    type: tcp
-    bind: 127.0.0.1:{port}
-    ssl: true
-    certfile: {fleet.pki / 'server.pem'}
-    keyfile: {fleet.pki / 'server.key'}
-    cafile: {fleet.ca}
-plugins:
-  hub.plugins.FleetAuthPlugin:
-    config: {hub_toml}
-  hub.plugins.FleetTopicPlugin:
-    config: {hub_toml}
-""")
-    amqtt = Path(sys.executable).parent / "amqtt"
-    process = subprocess.Popen([str(amqtt), "-c", str(yaml)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, cwd=fleet.root)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.1)
-    yield port
-    process.terminate()
-    process.wait(15)
+    yaml.write_text(amqtt_yaml(fleet.pki, free_port(), {
+        "hub.plugins.FleetAuthPlugin": {"config": hub_toml},
+        "hub.plugins.FleetTopicPlugin": {"config": hub_toml}}))
+    with ReadyProcess("stock-amqtt", amqtt_argv(yaml), AMQTT_READY, cwd=fleet.root,
+                      timeout=30, stop_timeout=15) as process:
+        yield process.port
 
 
 def test_stock_amqtt_runs_our_checks(fleet: Fleet, stock: int, stock_metrics: SimpleNamespace,
