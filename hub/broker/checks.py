@@ -120,7 +120,7 @@ class CheckedHandler(BrokerProtocolHandler):  # type: ignore[misc]
     def _client_id(self) -> str:
         return str(self.session.client_id) if self.session is not None else "?"
 
-    def _allowed_topic(self, hub: Any, raw: bytes) -> str | None:
+    def _allowed_topic(self, hub: Hub, raw: bytes) -> str | None:
         """The topic as text if it may be published, ``DENIED``, or None if invalid."""
         runtime = hub.hub_runtime
         # A new registry snapshot (a device changed group) or a reloaded ACL: decide afresh.
@@ -186,7 +186,7 @@ class CheckedHandler(BrokerProtocolHandler):  # type: ignore[misc]
             self.hub.hub_runtime.metrics.acl_denied("publish")
             audit_session(self.hub.hub_runtime, self.session, "acl-deny", f"publish {topic}")
 
-    def _new_budget(self, hub: Any) -> PublishBudget:
+    def _new_budget(self, hub: Hub) -> PublishBudget:
         """The device's publish budget (per device: a reconnect does not refill it)."""
         connection: Connection | None = getattr(self.session, "connection", None)
         device = connection.identity.device_id if connection is not None else self._client_id

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from hub.broker.session import outbox_of
+from hub.broker.session import Writer, outbox_of
 from hub.metrics import Metrics
 from hub.tlssocket import transport_of
 from hub.topictree import TopicTree
@@ -79,7 +79,7 @@ class Router:
         return delivered
 
     def acknowledged(self, session: Any, topic: bytes, payload: bytes, qos: int, *,
-                     retain: bool = False, writer: Any = None) -> bool:
+                     retain: bool = False, writer: Writer | None = None) -> bool:
         """A QoS 1/2 copy into the session's outbox; False (and counted) when it is full.
 
         *writer* is the session's live connection (None while it is away).
@@ -93,7 +93,7 @@ class Router:
         return False
 
 
-def _backlog(writer: Any) -> int:
+def _backlog(writer: Writer) -> int:
     transport = transport_of(writer)
     if transport is None:
         return 0

@@ -162,7 +162,9 @@ class SlimEvent:
                 self._waiters.remove(waiter)
 
 
-class _Writer(Protocol):
+class Writer(Protocol):
+    """What the outbox writes a connection's packets to (amqtt's StreamWriterAdapter)."""
+
     def write(self, data: bytes) -> None: ...
 
 
@@ -195,7 +197,7 @@ class Outbox:
         self._window = window
         self._limit = limit
         self._next_id = 0
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self.dropped = 0
 
     @property
@@ -219,7 +221,7 @@ class Outbox:
         self._queue.append(item)
         return True
 
-    def attach(self, writer: _Writer) -> None:
+    def attach(self, writer: Writer) -> None:
         """A connection for this session: what was in flight goes again, PUBLISH with DUP or
         PUBREL, same packet ids and order [MQTT-4.4.0-1, 3.3.1-1]; then the queue moves."""
         self._writer = writer
@@ -231,7 +233,7 @@ class Outbox:
                                             retain=item.retain, dup=True))
         self._fill()
 
-    def detach(self, writer: _Writer) -> None:
+    def detach(self, writer: Writer) -> None:
         """The connection ended: keep everything for the next one (a persistent session)."""
         if self._writer is writer:
             self._writer = None
@@ -269,7 +271,7 @@ class Outbox:
         while writer is not None and self._queue and len(self._inflight) < self._window:
             self._send(self._queue.popleft(), writer)
 
-    def _send(self, item: _Out, writer: _Writer) -> None:
+    def _send(self, item: _Out, writer: Writer) -> None:
         packet_id = self._next_id
         while True:  # at most ``window`` ids are taken: this ends quickly
             packet_id = packet_id % 65535 + 1
@@ -281,7 +283,7 @@ class Outbox:
                                     retain=item.retain))
 
 
-def outbox_of(session: Any, writer: _Writer | None = None) -> Outbox:
+def outbox_of(session: Any, writer: Writer | None = None) -> Outbox:
     """The session's outbox, made on its first QoS 1/2 delivery (most devices never get one);
     a new one is attached to *writer*, the live connection's, when there is one."""
     box: Outbox | None = getattr(session, "outbox", None)
