@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from hub.acl import AclPolicy, AclRules, AclTemplate
@@ -256,7 +256,7 @@ class _Table:
     """One TOML table: typed getters whose errors carry the key path; unknown keys refused."""
 
     def __init__(
-        self, file: Path, prefix: str, data: Mapping[str, Any], known: tuple[str, ...]
+        self, file: Path, prefix: str, data: Mapping[str, object], known: tuple[str, ...]
     ) -> None:
         self.source, self.prefix, self.data = file, prefix, data
         self.base = file.parent.absolute()

@@ -26,7 +26,7 @@ import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from hub.tls import RECORD_HEADER_BYTES, HandshakeRefusal, classify, client_hello_size
 from hub.tlssocket import TLSSocketTransport, handshake, wait_ready
@@ -291,7 +291,7 @@ class _StreamProtocol(asyncio.StreamReaderProtocol):
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         if isinstance(getattr(self, "_drain_waiters", None), collections.deque):
-            self._drain_waiters: Any = []
+            self._drain_waiters: list[asyncio.Future[None]] = []
 
 
 def _close_after_alert(sock: socket.socket) -> None:

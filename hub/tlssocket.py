@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Iterable
 from typing import Any
 
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -57,7 +58,7 @@ async def wait_ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -
         (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
-def transport_of(writer: Any) -> Any:
+def transport_of(writer: object) -> asyncio.WriteTransport | None:
     """The transport under an amqtt ``StreamWriterAdapter`` (None for other writers)."""
     return getattr(getattr(writer, "_writer", None), "transport", None)
 
@@ -66,7 +67,7 @@ class TLSSocketTransport(asyncio.Transport):
     """The subset of ``asyncio.Transport`` that streams (and amqtt) use."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket,
-                 protocol: asyncio.Protocol, *, peername: Any = None) -> None:
+                 protocol: asyncio.Protocol, *, peername: object = None) -> None:
         """*peername* is the address ``accept()`` gave: asked again here, a client that reset
         right after its handshake makes ``getpeername()`` fail with ENOTCONN."""
         super().__init__()
@@ -179,7 +180,7 @@ class TLSSocketTransport(asyncio.Transport):
             self._loop.call_soon(self._flush)
         self._check_high_water()
 
-    def writelines(self, list_of_data: Any) -> None:
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         for data in list_of_data:
             self.write(data)
 

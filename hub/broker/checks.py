@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
 from hub.broker import session as hub_session
@@ -24,6 +25,7 @@ from hub.wire import MAX_REMAINING, puback
 if TYPE_CHECKING:
     from hub.broker.connection import Connection
     from hub.broker.router import Router
+    from hub.broker.surface import Session
     from hub.runtime import HubRuntime
 
 log = logging.getLogger("hub.handler")
@@ -39,12 +41,12 @@ class Hub(Protocol):
     router: Router
     publish_budgets: PublishBudgets
 
-    def topic_allowed(self, session: Any, topic: str, action: str) -> bool: ...
+    def topic_allowed(self, session: Session | None, topic: str, action: str) -> bool: ...
 
-    async def retain_message(self, source_session: Any, topic_name: str | None,
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None: ...
 
-def audit_session(runtime: HubRuntime, session: Any, event: str, reason: str) -> None:
+def audit_session(runtime: HubRuntime, session: Session, event: str, reason: str) -> None:
     """One audit row about a connected device (the identity its CONNECT was admitted with)."""
     connection: Connection | None = getattr(session, "connection", None)
     if connection is None:
@@ -73,20 +75,24 @@ class CheckedHandler(BrokerProtocolHandler):  # type: ignore[misc]
                  "_last_read", "_limits_noted", "_max_packet", "_max_topic", "_tasks",
                  "_topics", "_wake", "end_packet", "ended", "finished", "hub")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._pending_subscriptions = hub_session.SlimQueue(self.poke)  # type: ignore[misc]  # amqtt's, in __dict__
-        self._pending_unsubscriptions = hub_session.SlimQueue(self.poke)  # type: ignore[misc]  # amqtt's, in __dict__
+        # amqtt's, in __dict__
+        self._pending_subscriptions: hub_session.SlimQueue[object] = hub_session.SlimQueue(  # type: ignore[misc]
+            self.poke)
+        # amqtt's, in __dict__
+        self._pending_unsubscriptions: hub_session.SlimQueue[object] = hub_session.SlimQueue(  # type: ignore[misc]
+            self.poke)
         self._reader_stopped = hub_session.SlimEvent()  # type: ignore[misc]  # amqtt's, in __dict__
         self.hub: Hub | None = None
         self._topics: dict[bytes, str] = {}
         self._epoch_snapshot: object = None
         self._epoch_acl: object = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Future[None] | None = None
         self.ended = False  # DISCONNECT received or connection lost: the message loop ends
         self.finished = hub_session.SlimEvent()  # the broker is done with this connection
-        self.end_packet: Any = None
+        self.end_packet: DisconnectPacket | None = None
         self._keepalive_s: float | None = None
         self._last_read = 0.0
         self._expired = False
@@ -108,7 +114,7 @@ class CheckedHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._wake = self._loop.create_future()
         return self._wake
 
-    async def handle_disconnect(self, disconnect: Any) -> None:
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
         # Stock only resolves a waiter it then forgets: an end that comes before the broker's
         # message loop starts would leave the session "connected" for ever.
         if not self.ended:
@@ -221,11 +227,11 @@ class CheckedHandler(BrokerProtocolHandler):  # type: ignore[misc]
             return True
         return False if self._rate_limited(None) else None
 
-    def _track(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, task: asyncio.Task[None]) -> None:
         """Keep a reference while it runs (and cancel it with the connection), not after."""
         self._tasks.append(task)
         task.add_done_callback(self._forget)
 
-    def _forget(self, task: asyncio.Task[Any]) -> None:
+    def _forget(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import (
@@ -36,6 +36,7 @@ from hub.wire import (
 )
 
 if TYPE_CHECKING:
+    from hub.broker.surface import Reader, Writer
     from hub.runtime import HubRuntime
 
 log = logging.getLogger("hub.broker")
@@ -66,7 +67,8 @@ class PeerCertificate:
         return self._der if binary_form else None
 
 
-async def first_connect(runtime: HubRuntime, reader: Any, writer: Any, peer: str) -> HubSession:
+async def first_connect(runtime: HubRuntime, reader: Reader, writer: Writer,
+                        peer: str) -> HubSession:
     """The session of the CONNECT that must come first [MQTT-3.1.0-1], within the handshake
     timeout; any failure is audited, the connection closed and ``AMQTTError`` raised."""
     # Taken before anything is read: a client that resets after its CONNECT takes its
@@ -103,7 +105,7 @@ async def first_connect(runtime: HubRuntime, reader: Any, writer: Any, peer: str
         raise AMQTTError(f"no valid CONNECT from {peer}: {type(exc).__name__}") from exc
 
 
-async def read_connect(reader: Any, writer: Any, *, max_bytes: int = MAX_REMAINING,
+async def read_connect(reader: Reader, writer: Writer, *, max_bytes: int = MAX_REMAINING,
                        peer_der: bytes | None = None) -> HubSession:
     """A fresh session from the CONNECT at the start of *reader*.
 
@@ -156,14 +158,14 @@ async def read_connect(reader: Any, writer: Any, *, max_bytes: int = MAX_REMAINI
     return session
 
 
-async def refuse(writer: Any) -> None:
+async def refuse(writer: Writer) -> None:
     """CONNACK 0x05 with session-present 0 [MQTT-3.2.2-4], then close; nothing else changed."""
     with contextlib.suppress(Exception):
         await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
     await close(writer)
 
 
-def peer_der(writer: Any) -> bytes | None:
+def peer_der(writer: Writer) -> bytes | None:
     """The client certificate of a live TLS connection (DER), None once it is gone."""
     ssl_object = writer.get_ssl_info()
     if ssl_object is None:

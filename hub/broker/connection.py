@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
+from hub.broker.surface import Handler, Session, SessionTable, Writer
 from hub.tlssocket import transport_of
 
 if TYPE_CHECKING:
@@ -28,35 +29,6 @@ STOP_TIMEOUT = 5.0
 HANG_UP_GRACE = 1.0  # seconds a kicked device has to answer the TLS close_notify
 # Kicks that mean the credential is gone: the session's queued state goes with the connection.
 CREDENTIAL_GONE = frozenset({"revoked", "on-hold", "device-suspended", "device-revoked"})
-
-
-class Writer(Protocol):
-    """amqtt's ``WriterAdapter`` as the hub uses it (``StreamWriterAdapter`` in practice)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class Session(Protocol):
-    """The part of amqtt's ``Session`` a kick touches."""
-
-    client_id: str
-    will_flag: bool
-
-
-class Handler(Protocol):
-    """amqtt's ``BrokerProtocolHandler`` as a kick ends it."""
-
-    async def handle_connection_closed(self) -> None: ...
-
-
-class SessionTable(Protocol):
-    """amqtt's Broker as a kick sees it: its session table and its clean-up."""
-
-    _sessions: dict[str, tuple[Any, Any]]
-
-    async def _cleanup_session(self, client_id: str) -> None: ...
 
 
 class Connection:

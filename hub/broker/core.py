@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.errors import MQTTError
@@ -25,12 +25,16 @@ from hub.broker.connection import HANG_UP_GRACE, STOP_TIMEOUT, Connection, abort
 from hub.broker.delivery import Delivery
 from hub.broker.handler import HubHandler
 from hub.broker.router import Router
-from hub.broker.routing import Ready, RoutingBroker
+from hub.broker.routing import RoutingBroker
 from hub.gatekeeper import Decision
 from hub.limits import PublishBudgets
 from hub.listener import TLSListener
 from hub.runtime import HubRuntime
 from hub.tls import server_context
+
+if TYPE_CHECKING:
+    from hub.broker.session import HubSession
+    from hub.broker.surface import Handler, Reader, Session, Writer
 
 __all__ = ["HANG_UP_GRACE", "HubBroker"]
 
@@ -113,8 +117,9 @@ class HubBroker(RoutingBroker):
 
     # -- CONNECT: authenticate the new connection before anything else -----------------------
 
-    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
-                                         remote_port: int) -> tuple[HubHandler, Any]:
+    async def _initialize_client_session(self, reader: Reader, writer: Writer,
+                                         remote_address: str, remote_port: int,
+                                         ) -> tuple[HubHandler, HubSession]:
         peer = f"{remote_address}:{remote_port}"
         incoming = await first_connect(self.hub_runtime, reader, writer, peer)
         handler = HubHandler(self.plugins_manager)
@@ -142,7 +147,7 @@ class HubBroker(RoutingBroker):
         self._admitting[client_id] = (chosen.connection, lock)
         return handler, chosen
 
-    async def _admit(self, incoming: session.HubSession, peer: str) -> Decision:
+    async def _admit(self, incoming: HubSession, peer: str) -> Decision:
         """The gatekeeper's decision on this connection's certificate and CONNECT."""
         runtime = self.hub_runtime
         der = incoming.ssl_object.getpeercert(binary_form=True)
@@ -154,7 +159,8 @@ class HubBroker(RoutingBroker):
             log.exception("the gatekeeper failed; refusing %s", incoming.client_id)
             return Decision(False, "gatekeeper-error")
 
-    async def _choose_session(self, incoming: Any, client_id: str) -> Any:
+    async def _choose_session(self, incoming: HubSession,
+                              client_id: str) -> HubSession:
         """Take over, clean or resume only now, for an authenticated client."""
         existing = self._sessions.get(client_id)
         if existing is not None and existing[0].transitions.is_connected():
@@ -166,7 +172,7 @@ class HubBroker(RoutingBroker):
             await self._delete_session(client_id)
             existing = None
         if not incoming.clean_session and existing is not None:
-            session = existing[0]
+            session: HubSession = existing[0]
             # Everything that belongs to the *new* connection, its TLS object above all.
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain",
                          "keep_alive", "username", "password", "ssl_object", "remote_address",
@@ -194,7 +200,7 @@ class HubBroker(RoutingBroker):
             if handler.writer is not None:
                 abort(handler.writer)
 
-    async def _take_over(self, client_id: str, old_handler: Any) -> None:
+    async def _take_over(self, client_id: str, old_handler: Handler) -> None:
         """End the connection that holds *client_id* [MQTT-3.1.4-2] and wait until the broker
         is done with it (:meth:`_handle_client_session` always sets ``finished``)."""
         self.hub_runtime.gatekeeper.detach(client_id)
@@ -215,7 +221,7 @@ class HubBroker(RoutingBroker):
                 not getattr(lock, "_waiters", None):
             del self._connect_locks[client_id]
 
-    async def _authenticate(self, session: Any, _listener: Any) -> bool:
+    async def _authenticate(self, session: Session, _listener: object) -> bool:
         """Called by stock ``_handle_client_session``: the answer was computed already; the
         connection is tracked from now on (a revocation or its not-after closes it)."""
         pending = self._admitting.pop(session.client_id, None)
@@ -229,15 +235,16 @@ class HubBroker(RoutingBroker):
         self._release(session.client_id, lock)
         return admitted
 
-    async def _handle_client_session(self, reader: Any, writer: Any, client_session: Any,
-                                     handler: Any, server: Any, listener_name: str) -> None:
+    async def _handle_client_session(self, reader: Reader, writer: Writer,
+                                     client_session: Session, handler: Handler, server: object,
+                                     listener_name: str) -> None:
         try:
             await super()._handle_client_session(reader, writer, client_session, handler,
                                                  server, listener_name)
         finally:
             await self._session_ended(client_session, handler)
 
-    async def _session_ended(self, session: Any, handler: Any) -> None:
+    async def _session_ended(self, session: Session, handler: Handler) -> None:
         """However a connection's life ended (DISCONNECT, loss, take-over, kick, a bug): it is
         untracked and disconnected, a clean session's state goes with it [MQTT-3.1.2-6], and
         a take-over waiting for it is told."""
@@ -259,38 +266,3 @@ class HubBroker(RoutingBroker):
         finally:
             if isinstance(handler, HubHandler):
                 handler.finished.set()
-
-    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
-        await self._message_loop(client_session, handler)
-
-    async def _message_loop(self, session: Any, handler: Any) -> None:
-        """Stock's loop, on one future: it kept four tasks per connection waiting forever.
-
-        Subscriptions, unsubscriptions, QoS 2 deliveries and the end of the connection each
-        wake the handler's single future (:meth:`HubHandler.poke`); they are then handled in
-        stock's order with stock's methods.
-        """
-        subscriptions = handler._pending_subscriptions
-        unsubscriptions = handler._pending_unsubscriptions
-        deliveries = session.delivered_message_queue
-        deliveries.notify = handler.poke
-        try:
-            while True:
-                if handler.ended:
-                    await self._handle_disconnect(session, handler, Ready(handler.end_packet))
-                    return
-                if not subscriptions.empty():
-                    await self._handle_subscription(session, handler,
-                                                    Ready(subscriptions.get_nowait()))
-                elif not unsubscriptions.empty():
-                    await self._handle_unsubscription(session, handler,
-                                                      Ready(unsubscriptions.get_nowait()))
-                elif not deliveries.empty():
-                    if not await self._handle_message_delivery(
-                            session, handler, Ready(deliveries.get_nowait())):
-                        return
-                else:
-                    await handler.sleep()
-        finally:
-            if deliveries.notify == handler.poke:
-                deliveries.notify = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hub.broker.checks import audit_session
 from hub.broker.handler import HubHandler
@@ -20,6 +20,7 @@ from hub.topictree import valid_filter
 from hub.wire import publish_packet
 
 if TYPE_CHECKING:
+    from hub.broker.surface import Handler, Message, Retained, Session, SessionEntry
     from hub.runtime import HubRuntime
 
 log = logging.getLogger("hub.broker")
@@ -34,8 +35,8 @@ class Delivery:
     *matches* is amqtt's topic-filter match.
     """
 
-    def __init__(self, runtime: HubRuntime, router: Router, sessions: dict[str, tuple[Any, Any]],
-                 retained: dict[str, Any], matches: Callable[[str, str], bool]) -> None:
+    def __init__(self, runtime: HubRuntime, router: Router, sessions: dict[str, SessionEntry],
+                 retained: dict[str, Retained], matches: Callable[[str, str], bool]) -> None:
         self.runtime = runtime
         self.router = router
         self._sessions = sessions
@@ -45,14 +46,14 @@ class Delivery:
         self.retained_quota = RetainedQuota(limits.max_retained_per_device,
                                             limits.max_retained_bytes)
 
-    def topic_allowed(self, session: Any, topic: str, action: str) -> bool:
+    def topic_allowed(self, session: Session | None, topic: str, action: str) -> bool:
         """The ACL for *session*'s admitted device (refused without a connection record)."""
         connection = getattr(session, "connection", None)
         if connection is None:
             return self.runtime.topic_allowed(None, "", topic, action)
         return self.runtime.topic_allowed(connection.identity, connection.peer, topic, action)
 
-    def subscribe(self, session: Any, topic_filter: str, qos: int) -> int:
+    def subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
         """The QoS granted for one SUBSCRIBE filter, or 0x80 [MQTT-3.9.3-2]."""
         if not valid_filter(topic_filter):
             return SUBACK_FAILURE  # [MQTT-4.7.1-2/3]
@@ -69,9 +70,9 @@ class Delivery:
         self.router.tree.subscribe(session.client_id, topic_filter, qos)
         return qos
 
-    def table(self) -> dict[str, list[tuple[Any, int]]]:
+    def table(self) -> dict[str, list[tuple[Session, int]]]:
         """Stock's shape, {filter: [(session, qos)]}, built from the tree (for plugins)."""
-        table: dict[str, list[tuple[Any, int]]] = {}
+        table: dict[str, list[tuple[Session, int]]] = {}
         for client_id, filters in self.router.tree.items():
             entry = self._sessions.get(client_id)
             if entry is None:
@@ -80,7 +81,7 @@ class Delivery:
                 table.setdefault(topic_filter, []).append((entry[0], qos))
         return table
 
-    def note_limit(self, session: Any, reason: str) -> None:
+    def note_limit(self, session: Session | None, reason: str) -> None:
         """A [limits] hit by *session*'s device: through its connection's handler (audited
         once per connection), or audited at once when it has none (a will)."""
         entry = self._sessions.get(session.client_id) if session is not None else None
@@ -91,7 +92,8 @@ class Delivery:
             self.runtime.metrics.limit_hit(reason)
             audit_session(self.runtime, session, "limit", reason)
 
-    def retained_within_quota(self, session: Any, topic: str, data: bytes | bytearray) -> bool:
+    def retained_within_quota(self, session: Session | None, topic: str,
+                              data: bytes | bytearray) -> bool:
         """Whether a retained message is kept: within the publishing device's quota
         (hub/limits.py); an empty payload deletes and frees the quota [MQTT-3.3.1-10/11].
 
@@ -110,7 +112,7 @@ class Delivery:
         self.retained_quota.remove(topic)
         return False
 
-    def send_retained(self, session: Any, topic_filter: str) -> None:
+    def send_retained(self, session: Session, topic_filter: str) -> None:
         """Retained messages for a filter this client holds (stock also sent them for
         everybody's filters), with RETAIN 1 [MQTT-3.3.1-8]: QoS 0 written at once, QoS 1/2
         through the outbox (stock awaited each acknowledgement in the message loop)."""
@@ -130,7 +132,7 @@ class Delivery:
             elif writer is not None:
                 writer.write(publish_packet(encoded, payload, retain=True))
 
-    def checked_qos2(self, session: Any, handler: Any, message: Any) -> bool | None:
+    def checked_qos2(self, session: Session, handler: Handler, message: Message) -> bool | None:
         """A PUBLISH that took amqtt's flow (QoS 2), at PUBREL: True to route it, False to
         drop it, None to close the connection (stock stopped reading and kept the socket
         open [MQTT-4.8.0-1])."""
@@ -147,7 +149,7 @@ class Delivery:
         return within and self.topic_allowed(session, topic, "publish")
 
 
-def _device_of(session: Any) -> str | None:
+def _device_of(session: Session | None) -> str | None:
     """The device a session's connection was admitted as; None for the broker's own."""
     if session is None:
         return None

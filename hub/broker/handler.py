@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from amqtt.errors import AMQTTError, MQTTError, NoDataError, ProtocolHandlerError
 
@@ -26,6 +26,9 @@ from hub.broker.checks import DENIED, Hub
 from hub.broker.control import PINGRESP, ControlHandler
 from hub.errors import MalformedPacketError
 from hub.wire import PacketTooLargeError, next_packet, parse_publish, puback
+
+if TYPE_CHECKING:
+    from hub.broker.surface import Reader, Session, Writer
 
 log = logging.getLogger("hub.handler")
 _AMQTT_LOG = logging.getLogger("amqtt.mqtt.protocol.handler")
@@ -56,7 +59,7 @@ class HubHandler(ControlHandler):
         self._reader_task = asyncio.create_task(self._reader_loop())
         await self._reader_ready.wait()
         await self._retry_deliveries()
-        waiter: asyncio.Future[Any] | None = getattr(self, "_disconnect_waiter", None)
+        waiter: asyncio.Future[object] | None = getattr(self, "_disconnect_waiter", None)
         if waiter is None or waiter.done():
             self._disconnect_waiter = self._loop.create_future()
 
@@ -72,7 +75,7 @@ class HubHandler(ControlHandler):
         if box is not None:
             box.attach(self.writer)
 
-    def attach(self, session: Any, reader: Any, writer: Any) -> None:
+    def attach(self, session: Session, reader: Reader, writer: Writer) -> None:
         super().attach(session, reader, writer)
         # Stock gives every connection its own LoggerAdapter (about 700 bytes); its debug
         # lines carry the client id in their text anyway.

@@ -16,13 +16,16 @@ most once") and counted.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hub.broker.session import Writer, outbox_of
 from hub.metrics import Metrics
 from hub.tlssocket import transport_of
 from hub.topictree import TopicTree
 from hub.wire import publish_packet
+
+if TYPE_CHECKING:
+    from hub.broker.surface import Session, SessionEntry
 
 log = logging.getLogger("hub.router")
 
@@ -32,7 +35,7 @@ BUFFER_LIMIT = 1 << 20  # bytes queued in one subscriber's transport before QoS 
 class Router:
     """Subscriptions and delivery for one broker; ``sessions`` is amqtt's session table."""
 
-    def __init__(self, sessions: dict[str, tuple[Any, Any]], metrics: Metrics, *,
+    def __init__(self, sessions: dict[str, SessionEntry], metrics: Metrics, *,
                  buffer_limit: int = BUFFER_LIMIT) -> None:
         self.tree = TopicTree()
         self._sessions = sessions
@@ -41,7 +44,7 @@ class Router:
         self.dropped = 0  # QoS 0 copies not written: the subscriber's transport was full
         self.overflowed = 0  # QoS 1/2 copies dropped: the subscriber's outbox queue was full
 
-    def route(self, source: Any, topic: str, payload: bytes, qos: int,
+    def route(self, source: Session | None, topic: str, payload: bytes, qos: int,
               topic_bytes: bytes | None = None) -> int:
         """Deliver to every matching subscription; how many copies went out or were queued."""
         matches = self.tree.match(topic)
@@ -78,7 +81,7 @@ class Router:
             self._metrics.messages_out(delivered)
         return delivered
 
-    def acknowledged(self, session: Any, topic: bytes, payload: bytes, qos: int, *,
+    def acknowledged(self, session: Session, topic: bytes, payload: bytes, qos: int, *,
                      retain: bool = False, writer: Writer | None = None) -> bool:
         """A QoS 1/2 copy into the session's outbox; False (and counted) when it is full.
 

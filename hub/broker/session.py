@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from amqtt.session import Session
 from transitions.core import MachineError
@@ -21,10 +21,13 @@ from hub.wire import ack, publish_packet
 
 if TYPE_CHECKING:
     from hub.broker.connection import Connection
+    from hub.broker.surface import Message
+    from hub.broker.surface import Session as AmqttSession
 
 INFLIGHT_WINDOW = 32  # QoS 1/2 PUBLISHes out to one subscriber and not yet acknowledged
 QUEUE_LIMIT = 1000  # QoS 1/2 messages waiting for room in the window; past it new ones drop
 _PUBREL = 6
+_T = TypeVar("_T")
 
 
 class SessionStates:
@@ -32,7 +35,7 @@ class SessionStates:
 
     __slots__ = ("_session", "state")
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Session) -> None:
         self._session = session
         self.state = "new"
 
@@ -59,7 +62,7 @@ class SessionStates:
         return True
 
 
-class SlimQueue:
+class SlimQueue(Generic[_T]):
     """The part of ``asyncio.Queue`` amqtt uses, for one consumer, in ~100 bytes, not ~3 KiB.
 
     Each connection holds four of these (two on the session, two on its handler), and
@@ -69,7 +72,7 @@ class SlimQueue:
     __slots__ = ("_items", "_waiters", "notify")
 
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
-        self._items: deque[Any] | None = None
+        self._items: deque[_T] | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
         self.notify = notify  # called after each put: the hub's message loop waits on that
 
@@ -79,7 +82,7 @@ class SlimQueue:
     def empty(self) -> bool:
         return not self._items
 
-    def put_nowait(self, item: Any) -> None:
+    def put_nowait(self, item: _T) -> None:
         if self._items is None:
             self._items = deque()
         self._items.append(item)
@@ -87,22 +90,22 @@ class SlimQueue:
         if self.notify is not None:
             self.notify()
 
-    async def put(self, item: Any) -> None:
+    async def put(self, item: _T) -> None:
         self.put_nowait(item)
 
-    def get_nowait(self) -> Any:
+    def get_nowait(self) -> _T:
         if not self._items:
             raise asyncio.QueueEmpty
         return self._take()
 
-    def _take(self) -> Any:
+    def _take(self) -> _T:
         assert self._items is not None  # noqa: S101
         item = self._items.popleft()
         if not self._items:
             self._items = None  # an empty deque is still 760 bytes: most queues hold one item
         return item
 
-    async def get(self) -> Any:
+    async def get(self) -> _T:
         while not self._items:
             waiter = asyncio.get_running_loop().create_future()
             if self._waiters is None:
@@ -283,7 +286,7 @@ class Outbox:
                                     retain=item.retain))
 
 
-def outbox_of(session: Any, writer: Writer | None = None) -> Outbox:
+def outbox_of(session: AmqttSession, writer: Writer | None = None) -> Outbox:
     """The session's outbox, made on its first QoS 1/2 delivery (most devices never get one);
     a new one is attached to *writer*, the live connection's, when there is one."""
     box: Outbox | None = getattr(session, "outbox", None)
@@ -304,8 +307,8 @@ class HubSession(Session):  # type: ignore[misc]
 
     def __init__(self) -> None:
         super().__init__()
-        self.retained_messages = SlimQueue()  # type: ignore[misc]  # amqtt's, in __dict__
-        self.delivered_message_queue = SlimQueue()  # type: ignore[misc]  # amqtt's, in __dict__
+        self.retained_messages: SlimQueue[Message] = SlimQueue()  # type: ignore[misc]  # amqtt's, in __dict__
+        self.delivered_message_queue: SlimQueue[Message] = SlimQueue()  # type: ignore[misc]  # amqtt's, in __dict__
         self.outbox: Outbox | None = None
         self.connection: Connection | None = None
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from amqtt.plugins.base import BaseAuthPlugin
 
 from hub.broker.connection import Connection
 from hub.plugins.shared import admit, decision_of, ensure_started, peer_of, release, runtime_for
+
+if TYPE_CHECKING:
+    from amqtt.broker import BrokerContext
+
+    from hub.broker.surface import Session
 
 
 class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
@@ -22,7 +27,7 @@ class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
     class Config:
         config: str = "hub.toml"  # path of the hub's TOML configuration
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: BrokerContext) -> None:
         super().__init__(context)
         self.runtime, self.owned = runtime_for(context, self.config.config)
 
@@ -30,13 +35,13 @@ class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         if self.owned:
             await ensure_started(self.runtime)
 
-    async def authenticate(self, *, session: Any) -> bool | None:
+    async def authenticate(self, *, session: Session) -> bool | None:
         if not self.runtime.started:
             await ensure_started(self.runtime)
         decision = await admit(self.runtime, session)
         return decision.accepted
 
-    async def on_broker_client_connected(self, *, client_id: str, client_session: Any) -> None:
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         """Stock amqtt only: track the session so a revocation can close it."""
         if not self.owned:
             return
@@ -50,7 +55,8 @@ class FleetAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         self.runtime.gatekeeper.attach(Connection(decision.identity, peer_of(client_session),
                                                   client_session, writer, broker))
 
-    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Any) -> None:
+    async def on_broker_client_disconnected(self, *, client_id: str,
+                                            client_session: Session) -> None:
         if self.owned:
             self.runtime.gatekeeper.detach(client_id)
 

@@ -11,11 +11,14 @@ import ast
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hub.config import load_config
 from hub.gatekeeper import Decision
 from hub.runtime import HubRuntime
+
+if TYPE_CHECKING:
+    from hub.broker.surface import Session
 
 # The one session attribute of ours: a stock amqtt's session has nowhere else to keep it.
 DECISION = "fleet_hub.decision"
@@ -25,7 +28,7 @@ _STANDALONE: dict[tuple[int, str], HubRuntime] = {}
 _STARTING: dict[int, asyncio.Lock] = {}
 
 
-def runtime_for(context: Any, config_path: str) -> tuple[HubRuntime, bool]:
+def runtime_for(context: object, config_path: str) -> tuple[HubRuntime, bool]:
     """The runtime and whether this plugin owns it (True only under a stock amqtt)."""
     broker = getattr(context, "_broker_instance", None)
     provided = getattr(broker, "hub_runtime", None)
@@ -46,7 +49,7 @@ async def ensure_started(runtime: HubRuntime) -> None:
             await runtime.start()
 
 
-async def release(context: Any, runtime: HubRuntime) -> None:
+async def release(context: object, runtime: HubRuntime) -> None:
     broker = getattr(context, "_broker_instance", None)
     for key, value in list(_STANDALONE.items()):
         if value is runtime and key[0] == id(broker):
@@ -54,7 +57,7 @@ async def release(context: Any, runtime: HubRuntime) -> None:
             await runtime.stop()
 
 
-async def admit(runtime: HubRuntime, session: Any) -> Decision:
+async def admit(runtime: HubRuntime, session: Session) -> Decision:
     """Decide on a stock amqtt Session carrying *this* connection's TLS object; the decision
     is kept on the session for the topic plugin and the tracking of the connection."""
     ssl_object = getattr(session, "ssl_object", None)
@@ -67,13 +70,13 @@ async def admit(runtime: HubRuntime, session: Any) -> Decision:
     return decision
 
 
-def decision_of(session: Any) -> Decision | None:
+def decision_of(session: Session | None) -> Decision | None:
     """The decision :func:`admit` kept on *session*; None for one it never saw."""
     decision = session.attributes.get(DECISION) if session is not None else None
     return decision if isinstance(decision, Decision) else None
 
 
-def peer_of(session: Any) -> str:
+def peer_of(session: Session) -> str:
     return f"{session.remote_address}:{session.remote_port}"
 
 
