@@ -108,6 +108,14 @@ class TLSListener:
 
     @property
     def connections(self) -> int:
+        """Accepted connections whose task still runs: the TLS handshake, then the stream
+        handler until the connection ends.
+
+        Not used by the hub itself (``fleet_hub_connections`` counts admitted connections, from
+        the gatekeeper); the listener tests wait on it to know that every connection was
+        accepted (a squatter counts from accept(), before any handshake) and that every task
+        has finished (0 after the resets).
+        """
         return len(self._tasks)
 
     @property
