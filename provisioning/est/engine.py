@@ -18,7 +18,6 @@ request picked up after it. A secret not seen before comes back as ``NeedsVerifi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import signal
@@ -29,19 +28,16 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.errors import ProvisioningError
 from provisioning.est.authorize import Authorizer, Principal, csr_der, enrollment_reply
+from provisioning.est.crlfile import CRLFile
 from provisioning.est.messages import (
     LOG_FORMAT,
     SERVICE_ACTOR,
     AuditEvent,
     CRLJob,
-    CRLSnapshot,
     EnrollJob,
     Failed,
     OCSPJob,
@@ -118,8 +114,7 @@ class Engine:
         self._responder = Responder(authority.ca, authority.registry.revocation_status)
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._events: list[AuditEvent] = []
-        self._crl: CRLSnapshot | None = None
-        self._crl_key: tuple[int, int, int] | None = None
+        self._crl = CRLFile(authority.paths.crl)
         self._last_housekeeping = 0.0
         self._batches = self._jobs = self._largest = self._signed = 0
         self._parent_gone = False
@@ -230,7 +225,7 @@ class Engine:
         if isinstance(job, OCSPJob):
             return self._responder.respond(job.request_der, utcnow())
         if isinstance(job, CRLJob):
-            return self._crl_snapshot()
+            return self._crl.snapshot()
         decided = self._gate.authorize(job)
         if not isinstance(decided, Principal):
             return decided
@@ -265,24 +260,11 @@ class Engine:
 
     # -- revocation status ---------------------------------------------------------------
 
-    def _crl_snapshot(self) -> CRLSnapshot:
-        """crl.pem as DER, re-read only when the file changed (any writer replaces it)."""
-        path = self.authority.paths.crl
-        st = path.stat()
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if self._crl is None or key != self._crl_key:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
-            der = crl.public_bytes(serialization.Encoding.DER)
-            etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
-            self._crl = CRLSnapshot(der, etag, crl.last_update_utc, crl.next_update_utc)
-            self._crl_key = key
-        return self._crl
-
     def _housekeeping(self) -> None:
         """Re-sign the CRL once half its lifetime has passed, so /crl never serves a stale one."""
         self._last_housekeeping = time.monotonic()
         try:
-            snapshot = self._crl_snapshot()
+            snapshot = self._crl.snapshot()
             if snapshot.next_update is not None and (
                     utcnow() >= snapshot.this_update
                     + (snapshot.next_update - snapshot.this_update) / 2):
