@@ -23,18 +23,19 @@ class FileWriter:
     renamed over it. Where the kernel or file system cannot do that, the file is written as
     :func:`provisioning.fsutil.atomic_write` does (temporary file, rename), without fsync.
     Either way relative to an open folder descriptor, so the kernel does not walk the whole
-    path for every step.
+    path for every step. *unnamed* False takes the temporary file and rename way from the
+    start (the tests of that way).
     """
 
     _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     _UNNAMED = getattr(os, "O_TMPFILE", 0)
     _MODE = 0o644
 
-    def __init__(self, chain_pem: bytes) -> None:
+    def __init__(self, chain_pem: bytes, *, unnamed: bool = True) -> None:
         self.chain_pem = chain_pem
         self.suffix = f".{os.getpid()}.tmp"
         self.folders: dict[str, int] = {}
-        self.unnamed = bool(self._UNNAMED)
+        self.unnamed = unnamed and bool(self._UNNAMED)
 
     def write(self, path: str, pem: str) -> None:
         folder, name = os.path.split(path)

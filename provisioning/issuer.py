@@ -48,11 +48,17 @@ serial_hex = format_serial
 
 
 class Issuer:
-    """Signs CSRs for one PKI; ``progress`` is told after every committed chunk."""
+    """Signs CSRs for one PKI; ``progress`` is told after every committed chunk.
+
+    *serials* draws each certificate's serial (:func:`provisioning.profile.random_serial`);
+    a seam for the tests that make serials collide.
+    """
 
     def __init__(self, registry: Registry, ca: IssuingCA, config: PKIConfig,
-                 actor: str | None = None) -> None:
+                 actor: str | None = None, *,
+                 serials: Callable[[], int] = random_serial) -> None:
         self.actor = actor or operator()
+        self._serials = serials
         self.registry = registry
         self.ca = ca
         self.config = config
@@ -151,7 +157,7 @@ class Issuer:
                           der, actor=item.actor, renews=item.renews)
 
     def _mint(self, cand: Candidate, window: Window) -> None:
-        serial = random_serial()
+        serial = self._serials()
         der = window.template.certificate_der(cand.device_id, cand.public_key, serial,
                                               cand.spki_der)
         cand.der = der

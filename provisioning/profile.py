@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,8 +25,7 @@ from provisioning.certder import (
     public_key_der,
 )
 
-# Under the names DeviceTemplate has always used; tests/provisioning/test_profile.py patches
-# profile._cut to damage a layout.
+# Under the names DeviceTemplate has always used
 from provisioning.certder import Layout as _Layout
 from provisioning.certder import cut as _cut
 from provisioning.certder import encodable as _encodable
@@ -148,6 +147,13 @@ def device_certificate(
     return builder.sign(ca.key, hashes.SHA256())
 
 
+# DeviceTemplate's seams: how a certificate is built (device_certificate) and how the fixed
+# parts are cut from its DER (certder.cut); tests pass their own to count or to damage.
+Build = Callable[[IssuingCA, PKIConfig, str, IssuablePublicKey, int, dt.datetime, dt.datetime],
+                 x509.Certificate]
+Cut = Callable[[bytes, PKIConfig], _Layout | None]
+
+
 class DeviceTemplate:
     """:func:`device_certificate` for many devices of one CA, configuration and validity.
 
@@ -171,6 +177,10 @@ class DeviceTemplate:
     type not issued here also goes to ``device_certificate``, so its checks and errors stay
     what they are. tests/provisioning/test_profile.py checks byte equality over many
     serials, ids, key types and configurations, and that the template is used.
+
+    *build* and *cut* are seams for those tests: what builds a certificate
+    (:func:`device_certificate`) and what cuts the fixed parts out of the first one's DER
+    (:func:`provisioning.certder.cut`, None when it cannot).
     """
 
     def __init__(
@@ -179,10 +189,14 @@ class DeviceTemplate:
         config: PKIConfig,
         not_before: dt.datetime,
         not_after: dt.datetime,
+        *,
+        build: Build = device_certificate,
+        cut: Cut = _cut,
     ) -> None:
         self.ca = ca
         self.config = config
         self.not_before, self.not_after = not_before, not_after
+        self._device_certificate, self._cut = build, cut
         self._layout: _Layout | None = None
         self._learned = False
 
@@ -216,8 +230,8 @@ class DeviceTemplate:
 
     def _build(self, device_id: str, public_key: IssuablePublicKey,
                serial: int) -> x509.Certificate:
-        cert = device_certificate(self.ca, self.config, device_id, public_key, serial,
-                                  self.not_before, self.not_after)
+        cert = self._device_certificate(self.ca, self.config, device_id, public_key, serial,
+                                        self.not_before, self.not_after)
         if not self._learned and _encodable(device_id, public_key):
             self._learned = True
             self._layout = self._prove(cert, device_id, public_key, serial)
@@ -230,7 +244,7 @@ class DeviceTemplate:
                 or cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256):
             return None
         whole = cert.public_bytes(serialization.Encoding.DER)
-        layout = _cut(whole, self.config)
+        layout = self._cut(whole, self.config)
         if layout is None:
             return None
         spki = public_key_der(public_key)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from provisioning.authority import Authority, initialize
+from provisioning.certder import Layout, cut
 from provisioning.config import PKIConfig
 from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
@@ -175,10 +176,10 @@ def _serials(count: int) -> list[int]:
     return serials
 
 
-def _template(ca: IssuingCA, config: PKIConfig) -> tuple[DeviceTemplate, dt.datetime,
-                                                          dt.datetime]:
+def _template(ca: IssuingCA, config: PKIConfig, **seams: Any,
+              ) -> tuple[DeviceTemplate, dt.datetime, dt.datetime]:
     not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
-    return DeviceTemplate(ca, config, not_before, not_after), not_before, not_after
+    return DeviceTemplate(ca, config, not_before, not_after, **seams), not_before, not_after
 
 
 @pytest.fixture(scope="module")
@@ -190,30 +191,25 @@ def device_keys() -> dict[str, IssuablePublicKey]:
 
 @pytest.mark.parametrize("urls", [False, True])
 def test_template_builds_what_device_certificate_builds(
-        tmp_path: Path, urls: bool, device_keys: dict[str, IssuablePublicKey],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, urls: bool, device_keys: dict[str, IssuablePublicKey]) -> None:
     """The batch's DeviceTemplate and device_certificate make the same TBS, byte for byte:
     many serials (short ones, ones whose top bit forces a leading 0x00, the largest), device
     ids of 1 and 64 characters, P-256, P-384, RSA-2048 and Ed25519 device keys, with and
     without CRL and OCSP URLs. Every certificate verifies with the issuing CA's key, and all
     but the first are encoded by the template, not built by cryptography."""
-    from provisioning import profile
-
     root = tmp_path / "pki"
     extra = {"crl_url": "http://ca.test/crl", "ocsp_url": "http://ca.test/ocsp"} if urls else {}
     initialize(root, PKIConfig(trust_domain=TRUST_DOMAIN, organisation=ORG, **extra), None)
     built = []
-    original = profile.device_certificate
 
     def counting(*args: Any) -> x509.Certificate:
         built.append(args[2])
-        return original(*args)
+        return device_certificate(*args)
 
-    monkeypatch.setattr(profile, "device_certificate", counting)
     ids = ["a", "d" * 64, "Z9", "sensor-0001", "x.y_z-0", "7" * 63]
     with Authority(root) as authority:
         ca, config = authority.ca, authority.config
-        template, not_before, not_after = _template(ca, config)
+        template, not_before, not_after = _template(ca, config, build=counting)
         for i, serial in enumerate(_serials(160)):
             kind = ("p256", "p384", "rsa2048", "ed25519")[i % 4]
             key = device_keys[kind]
@@ -226,7 +222,8 @@ def test_template_builds_what_device_certificate_builds(
                 made_der = template.certificate_der(device_id, key, serial,
                                                     spki if i % 2 else None)
                 made = x509.load_der_x509_certificate(made_der)
-            want = original(ca, config, device_id, key, serial, not_before, not_after)
+            want = device_certificate(ca, config, device_id, key, serial, not_before,
+                                      not_after)
             assert made.tbs_certificate_bytes == want.tbs_certificate_bytes, (serial, kind)
             assert made_der == made.public_bytes(Encoding.DER)
             assert made.serial_number == serial
@@ -276,21 +273,16 @@ def test_key_identifier_from_der_is_cryptographys(kind: str) -> None:
                                   "extensions_head", "extensions_tail",
                                   "signature_algorithm"])
 def test_template_that_would_build_otherwise_is_not_used(
-        authority: Authority, monkeypatch: pytest.MonkeyPatch, part: str) -> None:
+        authority: Authority, part: str) -> None:
     """A template whose bytes differ from device_certificate's in any part falls back to
     it: every certificate is then built by cryptography, and still the profile's."""
-    from provisioning import profile
-
-    cut = profile._cut
-
-    def damaged(whole: bytes, config: PKIConfig) -> object:
+    def damaged(whole: bytes, config: PKIConfig) -> Layout:
         layout = cut(whole, config)
         assert layout is not None
         return dataclasses.replace(layout, **{part: getattr(layout, part)[:-1]})
 
-    monkeypatch.setattr(profile, "_cut", damaged)
     ca, config = authority.ca, authority.config
-    template, not_before, not_after = _template(ca, config)
+    template, not_before, not_after = _template(ca, config, cut=damaged)
     for i in range(3):
         key = make_key().public_key()
         serial = random_serial()

@@ -7,7 +7,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -16,6 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.issuer import Issuer, SignOptions
+from provisioning.profile import random_serial
+from provisioning.registry.transactions import Transaction
 from provisioning.serial import format_serial
 from tests.provisioning.conftest import CliResult
 from tests.provisioning.csrs import make_csr, make_key
@@ -152,18 +153,16 @@ def test_unwritable_output_is_one_error_and_the_next_sign_finishes_it(
 
 @pytest.mark.parametrize("unnamed", [True, False])
 def test_output_files_are_written_whole_and_replace_older_ones(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
+        tmp_path: Path, unnamed: bool) -> None:
     """New, existing and stale-temporary cases, with O_TMPFILE and with a named temporary."""
     from provisioning.certfiles import FileWriter
 
-    if not unnamed:
-        monkeypatch.setattr(FileWriter, "_UNNAMED", 0)
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.pem").write_text("old contents")
     (out / f".stale.pem.{os.getpid()}.tmp").write_text("left by a killed run")
     (out / "stale.pem").write_text("older contents")
-    writer = FileWriter(b"CHAIN\n")
+    writer = FileWriter(b"CHAIN\n", unnamed=unnamed)
     try:
         for name in ("new", "old", "stale"):
             writer.write(str(out / f"{name}.pem"), f"PEM of {name}\n")
@@ -200,33 +199,31 @@ def _registry_agrees(authority: Authority, out: Path) -> dict[str, str]:
 
 
 def test_serial_collision_is_reminted_and_never_reused(
-        authority: Authority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        authority: Authority, tmp_path: Path) -> None:
     """A serial taken already, in the registry or earlier in the same chunk, fails the
     chunk's one INSERT statement: the chunk is rolled back whole and decided again row by
     row, re-minting each colliding certificate with a fresh serial before its audit event
     and file name it. Every serial stays unique and registry, files and audit agree."""
-    from provisioning import issuer as issuer_module
-
     out = tmp_path / "out"
     [first] = authority.issuer().sign([CSRInput("t.csr", make_csr(cn="taken"))],
                                       SignOptions(out_dir=out))
     taken, twice = int(first.serial or "", 16), 0x5EED_0000_0000_0001
     queued = [taken, twice, twice]  # the registry's serial, then one serial two times
-    real = issuer_module.random_serial
-    monkeypatch.setattr(issuer_module, "random_serial",
-                        lambda: queued.pop(0) if queued else real())
-    attempts: list[bool] = []
-    commit = issuer_module.Issuer._commit
+    drawn: list[int] = []
 
-    def counting(self: Issuer, *args: Any, batched: bool) -> Any:
-        attempts.append(batched)
-        return commit(self, *args, batched=batched)
+    def serials() -> int:
+        drawn.append(queued.pop(0) if queued else random_serial())
+        return drawn[-1]
 
-    monkeypatch.setattr(issuer_module.Issuer, "_commit", counting)
-    results = authority.issuer().sign(
+    committed: list[Transaction] = []
+    issuer = Issuer(authority.registry, authority.ca, authority.config, serials=serials)
+    results = issuer.sign(
         [CSRInput(f"{i}.csr", make_csr(cn=f"dev-{i}")) for i in range(4)],
-        SignOptions(out_dir=out))
-    assert attempts == [True, False]  # the batched insert collided; row by row did not
+        SignOptions(out_dir=out), in_transaction=committed.append)
+    # Four minted, then the two that collided minted again: only deciding row by row
+    # re-mints, and only after the batched insert collided; one transaction committed.
+    assert len(drawn) == 6
+    assert len(committed) == 1
     assert [r.status for r in results] == ["issued"] * 4
     serials = [r.serial for r in results]
     assert first.serial not in serials
