@@ -1,4 +1,4 @@
-"""A device certificate's DER without cryptography's builder, for :class:`provisioning.profile.
+"""A device certificate's DER without cryptography's builder, for :class:`provisioning.template.
 DeviceTemplate`: the fixed parts cut from a first certificate (:class:`Layout`, :func:`cut`)
 and the per-device parts encoded into them; PEM armour, SubjectPublicKeyInfo and the key
 identifier read from it. Moved out of profile.py as it was (issue 12); profile re-exports it.
@@ -66,7 +66,7 @@ class Layout:
 def cut(whole: bytes, config: PKIConfig) -> Layout | None:
     """*whole* (a certificate's DER) cut into a :class:`Layout`, or None when it is not
     laid out as expected: a CN RDN last in the subject, the SAN first among the extensions
-    and one SKI after it. The proof in :meth:`provisioning.profile.DeviceTemplate._prove`
+    and one SKI after it. The proof in :meth:`provisioning.template.DeviceTemplate._prove`
     checks the rest."""
     top = der.header(whole, 0, der.SEQUENCE)
     if top is None or top[2] != len(whole):

@@ -1,5 +1,5 @@
 """A tiny DER encoder and reader (X.690): the EST CSR attributes body (RFC 7030 4.5.2), the
-per-device parts of a certificate (:class:`provisioning.profile.DeviceTemplate`) and the few
+per-device parts of a certificate (:class:`provisioning.template.DeviceTemplate`) and the few
 fields of a CSR the policy reads without building Python objects for the whole request.
 
 cryptography has no public ASN.1 encoder and these structures are small, so they are built

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from provisioning.config import PKIConfig
 from provisioning.pki import IssuingCA
-from provisioning.profile import DeviceTemplate, IssuablePublicKey, validity
+from provisioning.profile import IssuablePublicKey, validity
+from provisioning.template import DeviceTemplate
 from provisioning.timefmt import iso
 
 Status = Literal["issued", "existing", "rejected"]

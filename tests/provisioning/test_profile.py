@@ -25,7 +25,6 @@ from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
 from provisioning.pki import IssuingCA
 from provisioning.profile import (
-    DeviceTemplate,
     IssuablePublicKey,
     certificate_pem,
     device_certificate,
@@ -33,6 +32,7 @@ from provisioning.profile import (
     random_serial,
     validity,
 )
+from provisioning.template import DeviceTemplate
 from tests.provisioning.conftest import ORG, TRUST_DOMAIN
 from tests.provisioning.csrs import make_csr, make_key
 
