@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hub.wire import remaining_length
+
 # Verdict outcomes: what the hub must do with the whole byte stream.
 #   open    - every packet is valid and complete: the connection stays up (answers PINGREQ)
 #   close   - the hub must close the connection (protocol violation, limit, refusal, DISCONNECT)
@@ -48,23 +50,13 @@ class Verdict:
     reason: str = ""
 
 
-def varint(n: int) -> bytes:
-    """The remaining-length encoding of *n* [MQTT-2.2.3]."""
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
 def string(value: bytes) -> bytes:
     """A length-prefixed field (UTF-8 string or binary data) [MQTT-1.5.3]."""
     return len(value).to_bytes(2, "big") + value
 
 
 def frame(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + varint(len(body)) + body
+    return bytes((first,)) + remaining_length(len(body)) + body
 
 
 def connect(client_id: bytes, *, clean: bool = True, keepalive: int = 0,
@@ -559,20 +551,20 @@ class Grammar:
         packets[i] = frame(first, body + junk) if self.rng.random() < 0.6 else packets[i] + junk
         return packets
 
-    def remaining_length(self, packets: list[bytes]) -> list[bytes]:
+    def length_field(self, packets: list[bytes]) -> list[bytes]:
         i = self._at(packets)
         first, body = _split(packets[i])
         how = self.rng.choice(["short", "long", "five", "padded", "huge"])
         if how == "short":
-            head = bytes((first,)) + varint(max(0, len(body) - self.rng.randint(1, 4)))
+            head = bytes((first,)) + remaining_length(max(0, len(body) - self.rng.randint(1, 4)))
         elif how == "long":
-            head = bytes((first,)) + varint(len(body) + self.rng.randint(1, 4))
+            head = bytes((first,)) + remaining_length(len(body) + self.rng.randint(1, 4))
         elif how == "five":
             head = bytes((first,)) + b"\x80\x80\x80\x80\x01"
         elif how == "padded":  # the right value in a longer encoding
-            head = bytes((first,)) + bytes(b | 0x80 for b in varint(len(body))) + b"\x00"
+            head = bytes((first,)) + bytes(b | 0x80 for b in remaining_length(len(body))) + b"\x00"
         else:
-            head = bytes((first,)) + varint(self.rng.choice([10**5, 2**21, 268_435_455]))
+            head = bytes((first,)) + remaining_length(self.rng.choice([10**5, 2**21, 268_435_455]))
         packets[i] = head + body
         return packets
 
@@ -692,7 +684,7 @@ def _split(packet: bytes) -> tuple[int, bytes]:
 _MUTATORS: list[tuple[str, Callable[[Grammar, list[bytes]], list[bytes]]]] = [
     ("flip_bits", Grammar.flip_bits), ("flip_bits", Grammar.flip_bits),
     ("truncate", Grammar.truncate), ("extend", Grammar.extend),
-    ("remaining_length", Grammar.remaining_length), ("fixed_flags", Grammar.fixed_flags),
+    ("remaining_length", Grammar.length_field), ("fixed_flags", Grammar.fixed_flags),
     ("qos3", Grammar.qos3), ("packet_id_zero", Grammar.packet_id_zero),
     ("empty_topic", Grammar.empty_topic), ("bad_utf8", Grammar.bad_utf8),
     ("wildcard_publish", Grammar.wildcard_publish), ("duplicate", Grammar.duplicate),

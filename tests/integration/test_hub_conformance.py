@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from hub.broker.session import INFLIGHT_WINDOW
+from hub.wire import remaining_length
 from tests.integration.fleet import Device, Fleet, RunningHub
 from tests.integration.mqtt import Client
 
@@ -24,17 +25,8 @@ CONNACK_OK = b"\x20\x02\x00\x00"
 
 # -- raw MQTT over TLS ------------------------------------------------------------------------
 
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _length(len(body)) + body
+    return bytes([first]) + remaining_length(len(body)) + body
 
 
 def _str(text: str | bytes) -> bytes:
@@ -258,7 +250,7 @@ def test_a_connect_larger_than_max_packet_bytes_is_closed_before_its_body(
     device = fleet.device("pc-too-large")
     raw = Raw(hub, fleet, device)
     try:
-        raw.send(b"\x10" + _length(262_145) + _str("MQTT"))
+        raw.send(b"\x10" + remaining_length(262_145) + _str("MQTT"))
         assert raw.rest_until_eof() == b""
     finally:
         raw.close()
