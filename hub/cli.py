@@ -75,6 +75,13 @@ def check(config: ConfigOpt = None) -> None:
     Example: fleet-hub check --config hub.toml
     """
     loaded = _load(config)
+    if loaded.revocation.feed is not None:
+        from hub.trust import feed_gateway  # noqa: PLC0415 - reads a certificate
+
+        domain, name = feed_gateway(loaded)
+        sys.stdout.write(f"feed: {loaded.revocation.feed} as gateway {name} of {domain}, "
+                         f"cache {loaded.revocation.feed_cache}, max age "
+                         f"{loaded.revocation.max_age_seconds:g} s\n")
     acl = loaded.acl
     sys.stdout.write(f"config ok: listen {loaded.listener.bind}, client CA "
                      f"{loaded.listener.client_ca}, revocation "
@@ -92,7 +99,8 @@ def check(config: ConfigOpt = None) -> None:
 
 def _sources(config: HubConfig) -> str:
     rev = config.revocation
-    found = [str(x) for x in (rev.registry, rev.crl_file, rev.crl_url) if x is not None]
+    found = [str(x) for x in (rev.registry, rev.crl_file, rev.crl_url, rev.feed)
+             if x is not None]
     return " + ".join(found) if found else "NONE (no revocation source!)"
 
 

@@ -103,14 +103,39 @@ class ListenerConfig:
         return ssl.TLSVersion.TLSv1_3 if self.min_tls == "1.3" else ssl.TLSVersion.TLSv1_2
 
 
+DEFAULT_FEED_CACHE = "fleet-state.json"  # beside the config file, when a feed is set
+DEFAULT_MAX_AGE_SECONDS = 86_400.0
+
+
 @dataclass(frozen=True, slots=True)
 class RevocationConfig:
-    """[revocation]: where revoked serials come from; ``crl`` is a file or an http(s) URL."""
+    """[revocation]: where revoked serials come from; ``crl`` is a file or an http(s) URL.
+
+    ``feed`` is the CA service's fleet-state feed (DESIGN section 9), an https URL; when it is
+    set, ``feed_cert``/``feed_key`` (the hub's gateway certificate, default the listener's) and
+    ``feed_cache`` (default ``fleet-state.json`` beside the config) are set too.
+    """
 
     registry: Path | None = None
     crl_file: Path | None = None
     crl_url: str | None = None
     refresh_seconds: float = 1.0
+    feed: str | None = None
+    feed_cert: Path | None = None
+    feed_key: Path | None = None
+    feed_cache: Path | None = None
+    max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS
+
+    @property
+    def configured(self) -> bool:
+        """At least one source is named."""
+        return any(x is not None for x in (self.registry, self.crl_file, self.crl_url,
+                                           self.feed))
+
+    @property
+    def lists_devices(self) -> bool:
+        """A source that knows devices (password hashes, groups, certificates) is named."""
+        return self.registry is not None or self.feed is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +149,7 @@ class AuthConfig:
     client_id: Literal["must-match"] = "must-match"
     password: bool = False
     trust_domain: str | None = None
+    registered_only: bool = False  # admit only serials the registry or the feed lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,15 +376,20 @@ def load_config(path: Path | str) -> HubConfig:
     for section in _SECTIONS:
         root.get(section, dict, "a table")
     listener = _listener(root)
-    revocation = _revocation(root)
+    revocation = _revocation(root, listener)
     auth = _auth(root)
-    if auth.password and revocation.registry is None:
-        # The password hashes live in the registry only: a CRL-only gateway would refuse
-        # every device.
+    if auth.password and not revocation.lists_devices:
+        # The password hashes live in the registry (and its feed) only: a CRL-only gateway
+        # would refuse every device.
         raise ConfigError(
             file, "auth.password",
-            "true needs revocation.registry (the password hashes are in the "
-            "registry; a CRL carries none, so every device would be refused)")
+            "true needs revocation.registry or revocation.feed (the password hashes are in "
+            "the registry and its feed; a CRL carries none, so every device would be refused)")
+    if auth.registered_only and not revocation.lists_devices:
+        raise ConfigError(
+            file, "auth.registered_only",
+            "true needs revocation.registry or revocation.feed (they list each device's "
+            "certificates; a CRL lists only refused ones, so every device would be refused)")
     return HubConfig(
         listener=listener,
         revocation=revocation,
@@ -391,8 +422,9 @@ def _listener(root: _Table) -> ListenerConfig:
     )
 
 
-def _revocation(root: _Table) -> RevocationConfig:
-    table = root.table("revocation", ("registry", "crl", "refresh_seconds"))
+def _revocation(root: _Table, listener: ListenerConfig) -> RevocationConfig:
+    table = root.table("revocation", ("registry", "crl", "refresh_seconds", "feed", "feed_cert",
+                                      "feed_key", "feed_cache", "max_age_seconds"))
     crl = table.get("crl", str, "a path or an http(s) URL")
     crl_file: Path | None = None
     crl_url: str | None = None
@@ -403,26 +435,65 @@ def _revocation(root: _Table) -> RevocationConfig:
         crl_url = crl
     elif crl is not None:
         crl_file = table.path("crl")
+    feed = _feed(table, listener)
     return RevocationConfig(
         registry=table.path("registry"),
         crl_file=crl_file,
         crl_url=crl_url,
         refresh_seconds=table.seconds("refresh_seconds", 1.0),
+        feed=feed.url,
+        feed_cert=feed.cert,
+        feed_key=feed.key,
+        feed_cache=feed.cache,
+        max_age_seconds=table.seconds("max_age_seconds", DEFAULT_MAX_AGE_SECONDS),
     )
 
 
+class _Feed(NamedTuple):
+    url: str | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    cache: Path | None = None
+
+
+def _feed(table: _Table, listener: ListenerConfig) -> _Feed:
+    """The feed's keys (DESIGN section 9): all set when ``feed`` is, else none of them."""
+    feed = table.get("feed", str, "an https URL")
+    if feed is None:
+        for key in ("feed_cert", "feed_key", "feed_cache"):
+            if key in table.data:
+                raise table.error(key, "only with revocation.feed (set the feed's URL)")
+        return _Feed()
+    url = urlsplit(feed)
+    if url.scheme != "https" or not url.hostname:
+        # The feed is how the gateway learns who may connect: never over plain http.
+        raise table.error("feed", f'want an https URL such as "https://ca.example.com:8443/'
+                          f'feed", got "{feed}"')
+    if ("feed_cert" in table.data) != ("feed_key" in table.data):
+        given, missing = (("feed_cert", "feed_key") if "feed_cert" in table.data
+                          else ("feed_key", "feed_cert"))
+        raise table.error(missing, f"missing: set it with revocation.{given}, or neither "
+                          "(both default to the listener's server_cert and server_key)")
+    given_cert = "feed_cert" in table.data
+    return _Feed(feed,
+                 table.file("feed_cert") if given_cert else listener.server_cert,
+                 table.file("feed_key") if given_cert else listener.server_key,
+                 table.path("feed_cache") or table.base / DEFAULT_FEED_CACHE)
+
+
 def _auth(root: _Table) -> AuthConfig:
-    table = root.table("auth", ("client_id", "password", "trust_domain"))
+    table = root.table("auth", ("client_id", "password", "trust_domain", "registered_only"))
     client_id = table.get("client_id", str, 'the string "must-match"', "must-match")
     if client_id != "must-match":
         raise table.error("client_id", f'want "must-match" (the only mode), got "{client_id}"')
     password = table.get("password", bool, "true or false", False)
+    registered_only = table.get("registered_only", bool, "true or false", False)
     trust_domain = table.get("trust_domain", str, "a trust domain such as fleet.acme.com")
     if trust_domain is not None and not is_valid_trust_domain(trust_domain):
         raise table.error("trust_domain", f'"{trust_domain}" is not a trust domain (want a '
                           "lowercase DNS-like name such as fleet.acme.com)")
     return AuthConfig(client_id="must-match", password=bool(password),
-                      trust_domain=trust_domain)
+                      trust_domain=trust_domain, registered_only=bool(registered_only))
 
 
 def _limits(root: _Table) -> LimitsConfig:

@@ -108,3 +108,34 @@ def test_events_on_a_missing_store_and_bad_since(pki: Path, tmp_path: Path) -> N
     done = _hub("events", "--config", config, "--since", "yesterday-ish")
     assert done.returncode == 2
     assert done.stderr.startswith("error: --since: ")
+
+
+def test_check_names_the_feeds_gateway(pki: Path, tmp_path: Path) -> None:
+    """With a feed, check reads the gateway name from feed_cert's SPIFFE URI (default: the
+    listener's server.pem from server-cert)."""
+    with Authority(pki) as authority:
+        authority.server_cert("localhost", ["127.0.0.1"], pki)
+    config = _config(tmp_path, pki, '[auth]\nregistered_only = true\n').read_text()
+    config = config.replace("[revocation]\n", '[revocation]\nfeed = "https://ca.test:8443/feed"\n')
+    (tmp_path / "hub.toml").write_text(config)
+    done = _hub("check", "--config", tmp_path / "hub.toml")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("feed: https://ca.test:8443/feed as gateway localhost of "
+                                  f"fleet.test, cache {tmp_path / 'fleet-state.json'}, max age "
+                                  "86400 s\n")
+
+
+def test_check_refuses_a_feed_cert_without_a_gateway_uri(pki: Path, tmp_path: Path) -> None:
+    """A feed_cert that names no spiffe://<domain>/gateway/<name> is exit 2 naming
+    revocation.feed_cert: the CA serves each document to one gateway by that name."""
+    with Authority(pki) as authority:
+        authority.server_cert("localhost", ["127.0.0.1"], pki)
+    config = _config(tmp_path, pki).read_text().replace(
+        "[revocation]\n", '[revocation]\nfeed = "https://ca.test:8443/feed"\n'
+        f'feed_cert = "{pki}/ca-chain.pem"\nfeed_key = "{pki}/server.key"\n')
+    (tmp_path / "hub.toml").write_text(config)
+    done = _hub("check", "--config", tmp_path / "hub.toml")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: revocation.feed_cert: {pki}/ca-chain.pem carries no "
+                                  "(single) SAN URI spiffe://<trust-domain>/gateway/<name>")
+    assert done.stderr.count("\n") == 1

@@ -33,6 +33,7 @@ server_key = "pki/server.key"
 client_ca = "pki/ca-chain.pem"
 """
 
+FEED = "https://ca.example.com:8443/feed"
 DESIGN_EXAMPLE = hub_toml()  # DESIGN section 5's example, files under pki/ (device_sim.lab)
 
 
@@ -133,9 +134,59 @@ def test_password_needs_a_registry(site: Path) -> None:
     path = _write(site, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(info.value).startswith("auth.password: true needs revocation.registry")
+    assert str(info.value).startswith("auth.password: true needs revocation.registry or "
+                                      "revocation.feed")
     ok = LISTENER + '[revocation]\nregistry = "pki/registry.db"\n[auth]\npassword = true\n'
     assert load_config(_write(site, ok)).auth.password is True
+    fed = LISTENER + f'[revocation]\nfeed = "{FEED}"\n[auth]\npassword = true\n'
+    assert load_config(_write(site, fed)).auth.password is True
+
+
+def test_registered_only_needs_a_registry_or_a_feed(site: Path) -> None:
+    """A CRL lists no device's certificates: registered_only on a CRL-only gateway is refused;
+    with a registry or a feed it is read."""
+    path = _write(site, LISTENER + '[revocation]\ncrl = "pki/crl.pem"\n'
+                  "[auth]\nregistered_only = true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith("auth.registered_only: true needs revocation.registry "
+                                      "or revocation.feed")
+    assert load_config(_write(site, LISTENER)).auth.registered_only is False
+    for source in ('registry = "pki/registry.db"', f'feed = "{FEED}"'):
+        text = LISTENER + f"[revocation]\n{source}\n[auth]\nregistered_only = true\n"
+        assert load_config(_write(site, text)).auth.registered_only is True
+
+
+def test_feed_defaults_to_the_listeners_certificate_and_a_cache_beside_the_config(
+        site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only `feed` set: feed_cert/feed_key are the listener's, feed_cache is
+    fleet-state.json in the config's folder, max_age_seconds one day (DESIGN section 9)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(_write(site, LISTENER + f'[revocation]\nfeed = "{FEED}"\n'))
+    pki = site / "pki"
+    assert config.revocation == RevocationConfig(
+        feed=FEED, feed_cert=pki / "server.pem", feed_key=pki / "server.key",
+        feed_cache=site / "fleet-state.json", max_age_seconds=86400.0)
+    assert config.revocation.configured
+
+
+def test_feed_keys_as_written(site: Path) -> None:
+    """DESIGN section 9's example: every feed key read, paths against the config's folder."""
+    (site / "gw.pem").write_text("placeholder\n")
+    (site / "gw.key").write_text("placeholder\n")
+    config = load_config(_write(site, LISTENER + f"""
+[revocation]
+feed = "{FEED}"
+feed_cert = "gw.pem"
+feed_key = "gw.key"
+feed_cache = "state/fleet-state.json"
+max_age_seconds = 3600
+"""))
+    assert config.revocation == RevocationConfig(
+        feed=FEED, feed_cert=site / "gw.pem", feed_key=site / "gw.key",
+        feed_cache=site / "state" / "fleet-state.json", max_age_seconds=3600.0)
 
 
 def test_from_pki_reads_the_trust_domain(site: Path) -> None:
@@ -340,6 +391,45 @@ BAD_CONFIGS = [
         LISTENER + '[revocation]\ncrl = "ftp://ca.example.com/crl.pem"\n',
         'revocation.crl: want a path or an http(s) URL, got "ftp://ca.example.com/crl.pem"',
         id="crl-bad-scheme",
+    ),
+    pytest.param(
+        LISTENER + '[revocation]\nfeed = "http://ca.example.com/feed"\n',
+        'revocation.feed: want an https URL such as "https://ca.example.com:8443/feed", got '
+        '"http://ca.example.com/feed"',
+        id="feed-not-https",
+    ),
+    pytest.param(
+        LISTENER + '[revocation]\nfeed = "ca.example.com/feed"\n',
+        'revocation.feed: want an https URL such as "https://ca.example.com:8443/feed", got '
+        '"ca.example.com/feed"',
+        id="feed-no-scheme",
+    ),
+    pytest.param(
+        LISTENER + f'[revocation]\nfeed = "{FEED}"\nfeed_cert = "pki/server.pem"\n',
+        "revocation.feed_key: missing: set it with revocation.feed_cert, or neither (both "
+        "default to the listener's server_cert and server_key)",
+        id="feed-cert-without-key",
+    ),
+    pytest.param(
+        LISTENER + f'[revocation]\nfeed = "{FEED}"\nfeed_cert = "pki/gw.pem"\n'
+        'feed_key = "pki/server.key"\n',
+        "revocation.feed_cert: no such file: {site}/pki/gw.pem",
+        id="feed-cert-missing",
+    ),
+    pytest.param(
+        LISTENER + '[revocation]\nfeed_cache = "x.json"\n',
+        "revocation.feed_cache: only with revocation.feed (set the feed's URL)",
+        id="feed-cache-without-feed",
+    ),
+    pytest.param(
+        LISTENER + f'[revocation]\nfeed = "{FEED}"\nmax_age_seconds = 0\n',
+        "revocation.max_age_seconds: want a number of seconds above 0, got integer 0",
+        id="max-age-zero",
+    ),
+    pytest.param(
+        LISTENER + '[auth]\nregistered_only = "yes"\n',
+        'auth.registered_only: want true or false, got string "yes"',
+        id="registered-only-not-bool",
     ),
     pytest.param(
         LISTENER + '[auth]\nclient_id = "any"\n',
