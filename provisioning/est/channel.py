@@ -41,6 +41,7 @@ from provisioning.est.messages import (
     CRLJob,
     EnrollJob,
     Failed,
+    FeedSignJob,
     Issued,
     OCSPJob,
     Setup,
@@ -191,7 +192,7 @@ class EngineChannel:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def submit(self, job: EnrollJob | OCSPJob | CRLJob) -> asyncio.Future[Any]:
+    def submit(self, job: EnrollJob | OCSPJob | CRLJob | FeedSignJob) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
         if self._gone is not None:
             fut.set_exception(WorkerGone(f"the CA worker is gone: {self._gone}"))
@@ -200,6 +201,12 @@ class EngineChannel:
         self._futures[job_id] = fut
         self._post(("job", job_id, job))
         return fut
+
+    async def sign_feed(self, signing_input: bytes) -> bytes:
+        """The raw ``r || s`` signature of a feed document's JWS signing input, by the
+        issuing key in the worker (raises WorkerGone when it is gone)."""
+        signature: bytes = await self.submit(FeedSignJob(signing_input))
+        return signature
 
     def audit(self, event: AuditEvent) -> None:
         """Send an event; it is written with the next batch (or on stop)."""

@@ -8,7 +8,8 @@ through one ``Issuer.sign`` call (one transaction, the same policy, manifest and
 as ``fleet-provision sign``), and the audit events sent meanwhile are written in that same
 transaction. Events with no enrollment to ride along with wait for the next one, at most
 ``EVENT_DELAY_SECONDS`` of idleness or ``CHUNK`` events, then get a commit of their own. The
-answers of a batch go back as one message.
+answers of a batch go back as one message; when the batch also signs enrollments, the quick
+answers (feed signatures, OCSP, CRL) go first, before that transaction's commit.
 
 Token secrets are checked here against the registry's rows, re-read whenever another
 connection committed (``PRAGMA data_version``), so ``token revoke`` takes effect for every
@@ -40,12 +41,14 @@ from provisioning.est.messages import (
     CRLJob,
     EnrollJob,
     Failed,
+    FeedSignJob,
     OCSPJob,
     Setup,
     Statistics,
     text_reply,
     write_audit_events,
 )
+from provisioning.feed.jws import raw_signature
 from provisioning.issuer import CHUNK, SignOptions
 from provisioning.ocsp import Responder
 from provisioning.registry.transactions import Transaction
@@ -212,6 +215,9 @@ class Engine:
                 signing[answer.job.renew].append((job_id, answer))
             else:
                 settled.append((job_id, answer))
+        if settled and (signing[False] or signing[True]):  # no wait on the commit
+            self._reply(("done", settled, self.statistics()))
+            settled = []
         for renew, group in signing.items():
             if group:
                 settled.extend(self._sign(renew, group))
@@ -220,8 +226,10 @@ class Engine:
         if len(self._events) >= CHUNK:  # else they wait for a transaction or an idle moment
             self._flush_events()
 
-    def _dispatch(self, job: EnrollJob | OCSPJob | CRLJob) -> Any:
+    def _dispatch(self, job: EnrollJob | OCSPJob | CRLJob | FeedSignJob) -> Any:
         """The answer to one job, or the enrollment to put into this batch's signing."""
+        if isinstance(job, FeedSignJob):  # ~50 us each: a burst of gateways is one batch
+            return raw_signature(self.authority.ca.key, job.signing_input)
         if isinstance(job, OCSPJob):
             return self._responder.respond(job.request_der, utcnow())
         if isinstance(job, CRLJob):

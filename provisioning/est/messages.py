@@ -66,6 +66,14 @@ class CRLJob:
 
 
 @dataclass(frozen=True)
+class FeedSignJob:
+    """A fleet-state feed document's JWS signing input; the answer is the raw ``r || s``
+    signature by the issuing key (:func:`provisioning.feed.jws.raw_signature`)."""
+
+    signing_input: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     time: str
     actor: str

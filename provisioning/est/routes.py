@@ -53,6 +53,7 @@ class Note:
     result: str | None = None
     reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    record: bool = True  # False: the handler decided this request leaves no record (/feed)
 
     def take(self, reply: Reply) -> None:
         self.actor, self.device_id, self.serial = reply.actor, reply.device_id, reply.serial

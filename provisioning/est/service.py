@@ -7,6 +7,8 @@
     GET  /.well-known/est/csrattrs        the key type and signature this CA wants (4.5)
     GET  /crl                             the current CRL in DER, with ETag / 304
     POST /ocsp, GET /ocsp/<base64>        the OCSP responder (RFC 6960 appendix A.1)
+    GET  /feed?since=V&wait=S             the signed fleet-state feed for gateways (DESIGN 9;
+                                          :mod:`provisioning.feed`), HTTPS only
 
 TLS always; a client certificate is requested but optional, verified against ca-chain.pem.
 ``--http-bind`` adds a plain-HTTP listener with only ``/crl`` and ``/ocsp``: both answers are
@@ -15,8 +17,11 @@ and RFC 6960 appendix A use http URLs for that reason).
 
 Handlers (:mod:`provisioning.est.routes`) never block: everything that touches SQLite or the
 CA key runs in the CA worker process, reached through :mod:`provisioning.est.channel`, so
-HTTP and signing use two cores. Every request is audited in the registry's hash chain by the
-middleware, who/what/result. If the worker process dies, requests get 503, not a hang.
+HTTP and signing use two cores; the feed's follower reads the registry read-only (a FleetView
+in a worker thread). Every request is audited in the registry's hash chain by the middleware,
+who/what/result, unless its handler says it is not worth a record (``Note.record``: the feed
+records state changes and refusals only, :mod:`provisioning.feed.auditing`). If the worker
+process dies, requests get 503, not a hang.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from provisioning.errors import UsageError, WorkerGone
 from provisioning.est.channel import EngineChannel
 from provisioning.est.messages import AuditEvent, Statistics, b64_body, certs_only
 from provisioning.est.routes import MAX_BODY, Note, Routes, text
+from provisioning.feed import jws
+from provisioning.feed.follower import Follower
+from provisioning.feed.route import FeedRoute
+from provisioning.registry.view import FleetView
 from provisioning.timefmt import iso, utcnow
 
 log = logging.getLogger("provisioning.est")
@@ -56,6 +65,8 @@ class EnrollmentService:
         self._csrattrs = b64_body(der.csr_attributes())
         self._channel: EngineChannel | None = None
         self._routes: Routes | None = None
+        self._follower: Follower | None = None
+        self._feed: FeedRoute | None = None
         self._runner: web.AppRunner | None = None
         self._plain_runner: web.AppRunner | None = None
 
@@ -79,6 +90,7 @@ class EnrollmentService:
         await self._channel.start()
         urls: list[str] = []
         try:
+            self._feed = await self._start_feed(self._channel)
             self._runner = await self._listen(self._app(est=True), host, port, self.tls)
             urls += [_url("https", a) for a in self._runner.addresses]
             if http is not None:
@@ -88,6 +100,20 @@ class EnrollmentService:
             await self.close()
             raise
         return urls
+
+    async def _start_feed(self, channel: EngineChannel) -> FeedRoute:
+        """Follow the registry (read-only) for /feed; the worker signs its documents."""
+        view = FleetView(self.authority.paths.registry)
+        try:
+            trust_domain = (await asyncio.to_thread(view.trust_domain)
+                            or self.authority.config.trust_domain)
+            self._follower = Follower(view, trust_domain)
+        except BaseException:
+            view.close()
+            raise
+        await self._follower.start()
+        header = jws.header(self.authority.pki.issuing_cert)
+        return FeedRoute(self._follower, header, channel.sign_feed)
 
     @staticmethod
     async def _listen(app: web.Application, host: str, port: int,
@@ -104,10 +130,15 @@ class EnrollmentService:
 
     async def close(self) -> None:
         """Stop listening, let running requests finish, write the last audit events."""
+        if self._follower is not None:  # long-polls answer now instead of holding the stop
+            self._follower.stop_waiting()
         for runner in (self._runner, self._plain_runner):
             if runner is not None:
                 await runner.cleanup()
         self._runner = self._plain_runner = None
+        if self._follower is not None:
+            await self._follower.close()
+            self._follower = None
         if self._channel is not None:
             await self._channel.stop()
 
@@ -120,6 +151,8 @@ class EnrollmentService:
             app.router.add_post(f"{EST_PATH}/simpleenroll", routes.simpleenroll)
             app.router.add_post(f"{EST_PATH}/simplereenroll", routes.simplereenroll)
             app.router.add_get(f"{EST_PATH}/csrattrs", routes.csrattrs)
+            if self._feed is not None:
+                app.router.add_get("/feed", self._feed)
         app.router.add_get("/crl", routes.crl)
         app.router.add_post("/ocsp", routes.ocsp_post)
         app.router.add_get("/ocsp/{request:.+}", routes.ocsp_get)
@@ -154,6 +187,8 @@ class EnrollmentService:
         return response
 
     def _record(self, request: web.Request, note: Note, status: int) -> None:
+        if not note.record:
+            return
         path = request.path if len(request.path) <= 120 else request.path[:117] + "..."
         detail: dict[str, Any] = {"method": request.method, "path": path, "status": status,
                                   "peer": request.remote, **note.extra}

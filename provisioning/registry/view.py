@@ -28,6 +28,8 @@ entry carries them (:func:`provisioning.serial.parse_serial`).
 
 :meth:`FleetView.trust_domain` is the ``trust_domain`` of the registry's first ``pki.init``
 event: written once by ``fleet-provision init`` and sealed in the hash chain.
+:meth:`FleetView.gateways` lists the server (gateway) certificates the CA issued, from their
+``server.issue`` events: the fleet-state feed serves only those (DESIGN section 9).
 
 The view does not watch the file itself: a registry replaced or overwritten under an open
 connection (another inode, size or mtime) must be reopened by the caller, as
@@ -61,6 +63,7 @@ __all__ = ["FleetState", "FleetView", "FleetViewError", "Position", "Revocation"
 TIMEOUT_S: Final = 5.0  # waiting for a writer's lock; a reader in WAL mode rarely waits
 _REFUSED: Final = "', '".join(REFUSED_CERT_STATUSES)  # constants: the f-string SQL is safe
 _VALID: Final = f"{CERT_ACTIVE}', '{CERT_SUPERSEDED}"
+SERVER_ISSUE_ACTION: Final = "server.issue"  # provisioning/servercert.py's audit event
 _T = TypeVar("_T")
 
 
@@ -143,6 +146,32 @@ class FleetView:
         except (TypeError, ValueError, AttributeError):
             return None
         return value if isinstance(value, str) and is_valid_trust_domain(value) else None
+
+    def gateways(self, after: int = 0) -> tuple[int, dict[int, str | None]]:
+        """Server certificates the CA issued in audit events after the event id *after*:
+        ``(the last event id now, {serial: the SPIFFE URI it was issued for, or None})``.
+        Hand the id back next time to read only what came since (a range of the rowid)."""
+        return self._guarded(lambda: self._gateways(after))
+
+    def _gateways(self, after: int) -> tuple[int, dict[int, str | None]]:
+        conn = self._conn
+        conn.execute("BEGIN")  # the last id and the rows of one commit
+        try:
+            last = conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+            issued: dict[int, str | None] = {}
+            for serial, detail in conn.execute(
+                    "SELECT serial, detail FROM events WHERE id > ? AND id <= ? "
+                    "AND action = ? AND serial IS NOT NULL",
+                    (after, last, SERVER_ISSUE_ACTION)):
+                try:
+                    uri = json.loads(detail).get("uri")
+                except (TypeError, ValueError, AttributeError):
+                    uri = None
+                issued[parse_serial(serial)] = uri if isinstance(uri, str) else None
+            return int(last), issued
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""``GET /feed?since=V&wait=S``: the signed fleet-state document for one gateway (DESIGN
+section 9; mounted by :mod:`provisioning.est.service` on its HTTPS listener only).
+
+    403  the client certificate is no gateway certificate of this CA (one text line: why)
+    400  ``since`` is not a whole number >= 0, or ``wait`` not a number of seconds
+    200  a JWS (``application/jose+json``) whose payload is the document:
+         since == the current version: wait up to ``wait`` seconds (clamped to [0, 60])
+             for a change; then the delta, else a heartbeat (version == base, nothing listed)
+         since < current, and its change sets still held: the delta at once
+         since 0, too old, or unknown (after current, or from before a restart): a snapshot
+    503  the CA worker process (which signs) is gone
+
+The document is built here and its signing input signed by the CA worker process, the only
+holder of the issuing key. What gets audited is :mod:`provisioning.feed.auditing`'s choice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol, cast
+
+from aiohttp import web
+
+from provisioning.feed.auditing import FeedAudit
+from provisioning.feed.follower import Follower
+from provisioning.feed.gateway import Gateway, Refusal, identify, issued_by_ca
+from provisioning.registry.feeddoc import CONTENT_TYPE, Changes, document, encode_jws
+
+__all__ = ["MAX_WAIT_SECONDS", "AuditNote", "FeedRoute"]
+
+MAX_WAIT_SECONDS: Final = 60.0
+ACTION: Final = "feed.fetch"
+
+
+class AuditNote(Protocol):
+    """What the service's audit middleware records for a request (est/routes.Note)."""
+
+    action: str
+    actor: str
+    serial: str | None
+    result: str | None
+    reason: str | None
+    extra: dict[str, Any]
+    record: bool
+
+
+def issued_now() -> str:
+    """ISO 8601 UTC with milliseconds: the document's ``issued``, compared by hubs."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class FeedRoute:
+    """The handler; *sign* turns a JWS signing input into the raw signature (CA worker)."""
+
+    def __init__(self, follower: Follower, header: dict[str, Any],
+                 sign: Callable[[bytes], Awaitable[bytes]],
+                 audit: FeedAudit | None = None) -> None:
+        self.follower = follower
+        self._header = header
+        self._sign = sign
+        self._audit = audit or FeedAudit()
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        note: AuditNote = request["audit"]
+        note.action, note.record = ACTION, False  # recorded only when worth it (auditing.py)
+        gateway = await self._gateway(request)
+        if isinstance(gateway, Refusal):
+            note.serial = gateway.serial
+            return self._refuse(request, note, 403, gateway.reason)
+        note.actor, note.serial = f"gateway:{gateway.name}", gateway.serial_text
+        query = _query(request)
+        if isinstance(query, str):
+            return self._refuse(request, note, 400, query)
+        since, wait = query
+        follower = self.follower
+        if since == follower.state.version:
+            await follower.wait_change(since, wait)
+        state = follower.state
+        moved: Changes | None
+        if since == state.version:
+            kind, moved = "heartbeat", Changes()
+        else:
+            moved = follower.since(since) if 0 < since < state.version else None
+            kind = "snapshot" if moved is None else "delta"
+        doc = document(state, base=since, moved=moved, issued=issued_now(),
+                       gateway=gateway.name)
+        body = await self._envelope(json.dumps(doc, separators=(",", ":")).encode())
+        if kind != "heartbeat" and self._audit.served(gateway.name, state.version):
+            note.record, note.result = True, "ok"
+            note.extra.update(gateway=gateway.name, since=since, version=state.version,
+                              kind=kind)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE,
+                                                "Cache-Control": "no-store"})
+
+    async def _gateway(self, request: web.Request) -> Gateway | Refusal:
+        follower = self.follower
+        found = identify(_peer_certificate(request), follower.trust_domain,
+                         dt.datetime.now(dt.UTC))
+        if isinstance(found, Refusal):
+            return found
+        if found.serial not in follower.gateways:  # issued a moment ago? read once more
+            await follower.sync()
+        return issued_by_ca(found, follower.gateways) or found
+
+    async def _envelope(self, payload: bytes) -> bytes:
+        signing_input, _ = encode_jws(self._header, payload)
+        _, body = encode_jws(self._header, payload, await self._sign(signing_input))
+        return body
+
+    def _refuse(self, request: web.Request, note: AuditNote, status: int,
+                reason: str) -> web.Response:
+        if self._audit.refused(request.remote or "-", reason, time.monotonic()):
+            note.record = True
+            note.result = "forbidden" if status == 403 else "refused"
+            note.reason = reason
+        return web.Response(status=status, text=reason + "\n")
+
+
+def _query(request: web.Request) -> tuple[int, float] | str:
+    """(since, wait) or why the query is bad."""
+    since_text = request.query.get("since", "0")
+    if not since_text.isascii() or not since_text.isdigit() or len(since_text) > 20:
+        return f"since: want a whole number >= 0 (a version), got {since_text[:40]!r}"
+    wait_text = request.query.get("wait", "0")
+    try:
+        wait = float(wait_text)
+    except ValueError:
+        wait = math.nan
+    if math.isnan(wait) or len(wait_text) > 20:
+        return f"wait: want a number of seconds, got {wait_text[:40]!r}"
+    return int(since_text), min(max(wait, 0.0), MAX_WAIT_SECONDS)
+
+
+def _peer_certificate(request: web.Request) -> bytes | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    return cast("bytes | None", ssl_object.getpeercert(binary_form=True))
