@@ -2,7 +2,9 @@
 
 The checks run in DESIGN section 5's order once TLS has verified the chain: the certificate
 names a device of the fleet's trust domain, it is not revoked or on hold and its device is
-active, then the client id matches, then the optional password. Refusals are data (a reason
+active, with ``[auth] registered_only`` its serial is one the registry or the feed lists for
+that device (else ``unregistered``: signed by the issuing key, never recorded by the CA), then
+the client id matches, then the optional password. Refusals are data (a reason
 code), audited and counted, never exceptions.
 
 Time comes from a :class:`Clock` (the wall clock, which certificates' not-after are in), and
@@ -21,7 +23,7 @@ from typing import Protocol
 from hub.acl import AclPolicy
 from hub.config import AuthConfig
 from hub.identity import DeviceIdentity, IdentityProblem, identity_from_der
-from hub.revocation import Snapshot, refusal
+from hub.revocation import Snapshot, refusal, unregistered
 from hub.tls import HandshakeRefusal
 from provisioning.identity import verify_password
 
@@ -105,6 +107,7 @@ class Gatekeeper:
                  metrics: GateMetrics, trust_domain: str | None = None, *,
                  clock: Clock = SYSTEM_CLOCK) -> None:
         self.auth = auth
+        self._registered_only = auth.registered_only  # the connect path reads it per CONNECT
         self.clock = clock
         self.watcher = watcher
         self.audit = audit
@@ -160,6 +163,10 @@ class Gatekeeper:
         if refused is not None:
             return Decision(False, refused, f"device {found.device_id} serial "
                             f"{found.serial_hex} is {refused}", found, group)
+        if self._registered_only and unregistered(snapshot, found.serial, found.device_id):
+            return Decision(False, "unregistered", f"serial {found.serial_hex} is not one the "
+                            f"registry or the feed lists for device {found.device_id}", found,
+                            group)
         if self.clock.time() >= found.not_after:
             return Decision(False, "expired", "certificate expired", found, group)
         if client_id != found.device_id:
@@ -211,8 +218,7 @@ class Gatekeeper:
         self.metrics.connection_opened()
         # The decision was taken on an earlier snapshot: a revocation that landed between
         # the check and now would otherwise never reach this session.
-        reason = refusal(self.watcher.snapshot, session.identity.serial,
-                         session.identity.device_id)
+        reason = self._lost(self.watcher.snapshot, session.identity)
         if reason is not None:
             self._evict(session, reason)
 
@@ -232,11 +238,20 @@ class Gatekeeper:
             self._evict(session, "expired")
 
     def revocation_changed(self, _old: Snapshot, new: Snapshot) -> None:
-        """Close every live session whose certificate or device lost the right, at once."""
+        """Close every live session whose certificate or device lost the right, at once (with
+        ``registered_only``, also one whose serial is no longer listed)."""
         for session in list(self.live.values()):
-            reason = refusal(new, session.identity.serial, session.identity.device_id)
+            reason = self._lost(new, session.identity)
             if reason is not None:
                 self._evict(session, reason)
+
+    def _lost(self, snapshot: Snapshot, identity: DeviceIdentity) -> str | None:
+        """Why a live session on *identity* may not stay; None when it may."""
+        reason = refusal(snapshot, identity.serial, identity.device_id)
+        if reason is None and self._registered_only and unregistered(
+                snapshot, identity.serial, identity.device_id):
+            return "unregistered"
+        return reason
 
     def _evict(self, session: Tracked, reason: str) -> None:
         if self.live.get(session.client_id) is not session:

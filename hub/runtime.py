@@ -34,7 +34,8 @@ class HubRuntime:
         self.watcher = RevocationWatcher(config.revocation,
                                          load_ca_bundle(config.listener.client_ca),
                                          on_change=self._revocation_changed,
-                                         on_source=self._source_changed)
+                                         on_source=self._source_changed,
+                                         certificates=config.auth.registered_only)
         self.gatekeeper = Gatekeeper(config.auth, self.watcher, self.audit, self.metrics)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None

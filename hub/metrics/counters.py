@@ -19,7 +19,8 @@ from hub.metrics.exposition import SourceHealthLike, render_text
 __all__ = ["ACL_ACTIONS", "KICK_REASONS", "LIMITS", "Metrics", "Statistics"]
 
 ACL_ACTIONS: Final = ("publish", "subscribe")
-KICK_REASONS: Final = ("revoked", "on-hold", "device-suspended", "device-revoked", "expired")
+KICK_REASONS: Final = ("revoked", "on-hold", "device-suspended", "device-revoked", "expired",
+                       "unregistered")
 # [limits] hits, by the audit reason they share (hub/limits.py, docs/gateway.md).
 LIMITS: Final = ("packet-too-large", "rate-limited", "topic-too-long", "too-many-subscriptions",
                  "retained-quota")

@@ -37,6 +37,7 @@ from hub.revocation.model import (
     SourceHealth,
     SourceState,
     refusal,
+    unregistered,
 )
 from hub.revocation.sources import PolledSource, RevocationSource
 from hub.revocation.watcher import FAST_POLL_SECONDS, RevocationWatcher
@@ -56,4 +57,5 @@ __all__ = [
     "SourceState",
     "load_ca_bundle",
     "refusal",
+    "unregistered",
 ]

@@ -14,7 +14,7 @@ per change of state), but its list is what the test last gave::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from hub.errors import SourceError
 from hub.revocation.model import SourceData
@@ -45,13 +45,17 @@ class MemorySource(PolledSource):
         password_hashes: Mapping[str, str] | None = None,
         groups: Mapping[str, str] | None = None,
         next_update: float | None = None,
+        certificates: Mapping[str, Iterable[int]] | None = None,
     ) -> None:
         """The whole list the next poll loads (what is not given is empty), as a registry read
         or a new CRL would: ``revoked`` serial -> ``revoked`` | ``on-hold``, ``devices`` id ->
-        ``suspended`` | ``revoked``, ``next_update`` a ``time.time()`` value (past: stale)."""
+        ``suspended`` | ``revoked``, ``next_update`` a ``time.time()`` value (past: stale),
+        ``certificates`` id -> valid serials (None: the source lists no certificates)."""
+        listed = None if certificates is None else {
+            device_id: frozenset(serials) for device_id, serials in certificates.items()}
         self._next = SourceData(dict(revoked or {}), dict(devices or {}),
                                 dict(password_hashes or {}), dict(groups or {}),
-                                next_update=next_update)
+                                next_update=next_update, certificates=listed)
         self._failure = None
 
     def fail(self, why: str) -> None:

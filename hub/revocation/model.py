@@ -24,6 +24,7 @@ __all__ = [
     "iso_utc",
     "one_line",
     "refusal",
+    "unregistered",
 ]
 
 _DEVICE_REASONS: Final = {"suspended": "device-suspended", "revoked": "device-revoked"}
@@ -34,18 +35,31 @@ _EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
 class Snapshot:
     """The refused serials and devices at one moment; replaced wholesale, never mutated.
 
-    ``groups`` (device id -> group, registry only) is beyond the revocation contract: it is
-    there because the registry is the hub's only source for the ACL's ``{group}``.
+    ``groups`` (device id -> group, registry and feed only) is beyond the revocation contract:
+    it is there because they are the hub's only sources for the ACL's ``{group}``.
+    ``certificates`` (device id -> its valid serials: active or superseded) is what
+    ``[auth] registered_only`` admits; None when no source lists certificates.
     """
 
     revoked: Mapping[int, str]  # serial -> "revoked" | "on-hold"
     devices: Mapping[str, str]  # device id -> "suspended" | "revoked"; active devices absent
-    password_hashes: Mapping[str, str]  # device id -> stored hash; registry only
+    password_hashes: Mapping[str, str]  # device id -> stored hash; registry and feed only
     version: int  # +1 on every content change
     groups: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    certificates: Mapping[str, frozenset[int]] | None = None
 
 
 EMPTY_SNAPSHOT: Final = Snapshot(MappingProxyType({}), _EMPTY, _EMPTY, 0)
+
+
+def unregistered(snapshot: Snapshot, serial: int, device_id: str) -> bool:
+    """*serial* is not among *device_id*'s valid serials (``[auth] registered_only``); with no
+    list at all, nothing is registered: refused, never opened up."""
+    listed = snapshot.certificates
+    if listed is None:
+        return True
+    serials = listed.get(device_id)
+    return serials is None or serial not in serials
 
 
 def refusal(snapshot: Snapshot, serial: int, device_id: str) -> str | None:
@@ -74,6 +88,8 @@ class SourceData:
     groups: dict[str, str] = field(default_factory=dict)
     next_update: float | None = None  # a CRL's nextUpdate (time.time()); None: never stale
     crl_number: int | None = None
+    # device id -> valid (active or superseded) serials; None: this source lists none
+    certificates: dict[str, frozenset[int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,18 +60,26 @@ def _data(state: FleetState) -> SourceData:
                for serial, entry in state.revoked.items()}
     devices = {device_id: "revoked" if status == "revoked" else "suspended"
                for device_id, status in state.device_status.items()}
-    return SourceData(revoked, devices, dict(state.password_hashes), dict(state.groups))
+    certificates = None if state.certificates is None else {
+        device_id: frozenset(serials) for device_id, serials in state.certificates.items()}
+    return SourceData(revoked, devices, dict(state.password_hashes), dict(state.groups),
+                      certificates=certificates)
 
 
 class RegistrySource(PolledSource):
-    """The same-host registry; its view is used by one worker thread at a time."""
+    """The same-host registry; its view is used by one worker thread at a time.
+
+    With *certificates* (``[auth] registered_only``) its data also lists each device's valid
+    serials: one more query, only when a CA action moved the audit head.
+    """
 
     name = "registry"
     local = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, certificates: bool = False) -> None:
         super().__init__(str(path))
         self._path = path
+        self._certificates = certificates
         self._view: FleetView | None = None
         self._file_id: tuple[int, int, int, int] | None = None  # dev, inode, size, mtime
         self._seen: Position | None = None  # how far the data loaded goes
@@ -121,5 +129,5 @@ class RegistrySource(PolledSource):
             self._drop_view()
             _check_header(self._path)
             self._view, self._file_id = FleetView(self._path), file_id
-        self._seen, state = self._view.read(self._seen)
+        self._seen, state = self._view.read(self._seen, certificates=self._certificates)
         return Still.UNCHANGED if state is None else _data(state)

@@ -35,13 +35,14 @@ FAST_POLL_SECONDS: Final = 0.1
 OnChange = Callable[[Snapshot, Snapshot], None]
 
 
-def configured_sources(config: RevocationConfig,
-                       ca_certs: Sequence[x509.Certificate]) -> list[RevocationSource]:
-    """The sources ``[revocation]`` names, in the order registry, crl-file, crl-url."""
+def configured_sources(config: RevocationConfig, ca_certs: Sequence[x509.Certificate], *,
+                       certificates: bool = False) -> list[RevocationSource]:
+    """The sources ``[revocation]`` names, in the order registry, crl-file, crl-url; with
+    *certificates* (``[auth] registered_only``) the registry lists valid serials too."""
     verifier = CrlVerifier(ca_certs)
     sources: list[RevocationSource] = []
     if config.registry is not None:
-        sources.append(RegistrySource(config.registry))
+        sources.append(RegistrySource(config.registry, certificates=certificates))
     if config.crl_file is not None:
         sources.append(CrlFileSource(config.crl_file, verifier))
     if config.crl_url is not None:
@@ -59,7 +60,8 @@ class RevocationWatcher:
     ``on_source(name, state, why)`` is called on the event loop once per change of a source's
     state (down, stale, up again), including a failure in :meth:`start`. *sources*, when
     given, replace those *config* names (its ``refresh_seconds`` still counts): see
-    :meth:`over` and :class:`~hub.revocation.memory.MemorySource`.
+    :meth:`over` and :class:`~hub.revocation.memory.MemorySource`. *certificates*: the sources
+    also list each device's valid serials (``[auth] registered_only``).
     """
 
     def __init__(
@@ -70,11 +72,12 @@ class RevocationWatcher:
         *,
         on_source: SourceCallback | None = None,
         sources: Sequence[RevocationSource] | None = None,
+        certificates: bool = False,
     ) -> None:
         self._config = config
         self._on_change = on_change
         self._sources = (list(sources) if sources is not None
-                         else configured_sources(config, ca_certs))
+                         else configured_sources(config, ca_certs, certificates=certificates))
         for source in self._sources:
             source.on_state = on_source
         self._snapshot = EMPTY_SNAPSHOT
@@ -176,10 +179,19 @@ class RevocationWatcher:
         devices: dict[str, str] = {}
         hashes: dict[str, str] = {}
         groups: dict[str, str] = {}
+        certificates: dict[str, frozenset[int]] | None = None
         for source in self._sources:
             data = source.data
             if data is None:
                 continue
+            if data.certificates is not None:
+                # Union: a serial any source lists as valid is registered.
+                if certificates is None:
+                    certificates = dict(data.certificates)
+                else:
+                    for device_id, serials in data.certificates.items():
+                        known = certificates.get(device_id)
+                        certificates[device_id] = serials if known is None else known | serials
             for serial, reason in data.revoked.items():
                 # Union: revoked in any source is revoked; held only where none revokes it.
                 if reason == "revoked" or serial not in revoked:
@@ -189,10 +201,12 @@ class RevocationWatcher:
             groups.update(data.groups)
         old = self._snapshot
         if (revoked == old.revoked and devices == old.devices
-                and hashes == old.password_hashes and groups == old.groups):
+                and hashes == old.password_hashes and groups == old.groups
+                and certificates == old.certificates):
             return False
         new = Snapshot(MappingProxyType(revoked), MappingProxyType(devices),
-                       MappingProxyType(hashes), old.version + 1, MappingProxyType(groups))
+                       MappingProxyType(hashes), old.version + 1, MappingProxyType(groups),
+                       None if certificates is None else MappingProxyType(certificates))
         self._snapshot = new
         if notify and self._on_change is not None:
             try:
