@@ -19,10 +19,19 @@ import typer
 from rich.console import Console
 
 from device_sim.abuse import Limits
+from device_sim.brokers import parse_brokers
 from device_sim.display import Display
 from device_sim.errors import SimError, UsageError
 from device_sim.fleet import RunSettings, run_fleet
-from device_sim.lab import HubProcess, make_pki, write_hub_config
+from device_sim.lab import (
+    CAServiceProcess,
+    Gateways,
+    HubProcess,
+    gateway_name,
+    make_pki,
+    write_gateway_config,
+    write_hub_config,
+)
 from device_sim.report import render
 from fleetcli import new_app, run_cli
 from provisioning.errors import ProvisioningError
@@ -33,17 +42,9 @@ app = new_app("Virtual device fleets: per-device certificates, mutual TLS, attac
 DEFAULT_PKI = Path("fleet-pki")
 TOKEN_ENV = "FLEET_SIM_TOKEN"  # noqa: S105  (the name of a variable, not a secret)
 QUICKSTART_DEVICES = 500
+MAX_GATEWAYS = 32
 
 out = Console(highlight=False, soft_wrap=True)
-
-
-def parse_broker(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``."""
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"{text!r} is not HOST:PORT", "--broker")
-    return host, int(port)
 
 
 def _token(env_var: str) -> tuple[str, str]:
@@ -69,8 +70,10 @@ def _finish(report: dict[str, Any], report_file: Path | None) -> None:
 
 @app.command()
 def run(
-    broker: Annotated[str, typer.Option("--broker", metavar="HOST:PORT",
-                                        help="The MQTT broker (mutual TLS).")],
+    broker: Annotated[list[str], typer.Option(
+        "--broker", metavar="HOST:PORT",
+        help="The MQTT broker (mutual TLS). Several: repeat the option or give a "
+             "comma-separated list; devices are spread over them round-robin.")],
     devices: Annotated[int, typer.Option("--devices", min=1, max=1_000_000,
                                          help="Fleet size.")],
     pki: Annotated[Path, typer.Option("--pki", envvar="FLEET_PKI", help="PKI folder.")]
@@ -114,12 +117,14 @@ def run(
     Example: fleet-sim run --pki fleet-pki --broker 127.0.0.1:8883 --devices 1000 --attacks
     --revoke 0.05 --report report.json
     """
-    host, port = parse_broker(broker)
+    brokers = parse_brokers(broker)
+    (host, port), several = brokers[0], len(brokers) > 1
     PKI(pki)  # a missing or incomplete PKI is a usage error now, not mid-run
     if enroll is not None and not enroll.startswith(("https://", "http://")):
         raise UsageError(f"{enroll!r} is not an http(s) URL", "--enroll")
     settings = RunSettings(
-        pki=pki, host=host, port=port, devices=devices, rate=rate, duration=duration,
+        pki=pki, host=host, port=port, brokers=tuple(brokers) if several else (),
+        devices=devices, rate=rate, duration=duration,
         publish_interval=publish_interval, revoke=revoke, attacks=attacks,
         processes=processes, fleet_dir=fleet_dir, enroll_url=enroll,
         enroll_token=_token(token_env) if enroll is not None else None,
@@ -133,6 +138,10 @@ def run(
 def quickstart(
     devices: Annotated[int, typer.Option("--devices", min=1, max=20_000,
                                          help="Fleet size.")] = QUICKSTART_DEVICES,
+    gateways: Annotated[int, typer.Option(
+        "--gateways", min=1, max=MAX_GATEWAYS,
+        help="1: one hub on the CA's registry. More: the CA service and that many hubs fed "
+             "by its fleet-state feed, the devices spread over them.")] = 1,
     report: Annotated[Path | None, typer.Option("--report", metavar="FILE",
                                                 help="Write the report as JSON.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No live progress.")] = False,
@@ -142,7 +151,7 @@ def quickstart(
 ) -> None:
     """The whole story in a temporary folder: PKI, hub, enrollment, attacks, revocation.
 
-    Example: fleet-sim quickstart
+    Example: fleet-sim quickstart --gateways 3
     """
     started = time.monotonic()
     # TemporaryDirectory(delete=False) needs Python 3.12.
@@ -150,22 +159,62 @@ def quickstart(
               else tempfile.TemporaryDirectory(prefix="fleet-sim-"))
     with Display(quiet=quiet) as display, folder as tmp:
         root = Path(tmp)
-        display.phase(f"creating a PKI and a hub certificate in {root}")
-        pki = make_pki(root)
-        config = write_hub_config(root, pki)
-        display.phase(f"starting fleet-hub serve --config {config}")
-        with HubProcess(config) as hub:
-            display.phase(f"hub ready on {hub.host}:{hub.port}")
-            settings = RunSettings(pki=pki, host="127.0.0.1", port=hub.port, devices=devices,
-                                   rate=500.0, duration=3.0, publish_interval=2.0,
-                                   revoke=0.05, attacks=True,
-                                   limits=Limits.from_hub_config(config))
-            result = run_fleet(settings, display)
-            display.phase("stopping the hub")
+        if gateways == 1:
+            result, config = _one_hub(root, devices, display)
+        else:
+            result, config = _fed_gateways(root, devices, gateways, display)
         display.phase(f"done in {time.monotonic() - started:.1f} s")
         if keep:
             sys.stderr.write(f"fleet-sim: kept {root} (fleet-hub events --config {config})\n")
     _finish(result, report)
+
+
+def _quickstart_settings(pki: Path, endpoints: list[tuple[str, int]], devices: int,
+                         config: Path) -> RunSettings:
+    (host, port), several = endpoints[0], len(endpoints) > 1
+    return RunSettings(pki=pki, host=host, port=port, devices=devices, rate=500.0,
+                       duration=3.0, publish_interval=2.0, revoke=0.05, attacks=True,
+                       limits=Limits.from_hub_config(config),
+                       brokers=tuple(endpoints) if several else ())
+
+
+def _one_hub(root: Path, devices: int, display: Display) -> tuple[dict[str, Any], Path]:
+    """A PKI and one hub watching its registry and CRL (same host): the classic story."""
+    display.phase(f"creating a PKI and a hub certificate in {root}")
+    pki = make_pki(root)
+    config = write_hub_config(root, pki)
+    display.phase(f"starting fleet-hub serve --config {config}")
+    with HubProcess(config) as hub:
+        display.phase(f"hub ready on {hub.host}:{hub.port}")
+        result = run_fleet(_quickstart_settings(pki, [("127.0.0.1", hub.port)], devices,
+                                                config), display)
+        display.phase("stopping the hub")
+    return result, config
+
+
+def _fed_gateways(root: Path, devices: int, count: int,
+                  display: Display) -> tuple[dict[str, Any], Path]:
+    """The CA service and *count* gateways that know the fleet only from its feed (DESIGN
+    section 9); the devices dealt out round-robin, revocations made at the CA."""
+    display.phase(f"creating a PKI in {root}")
+    pki = make_pki(root)
+    display.phase(f"starting fleet-provision serve --pki {pki} (EST and the fleet-state feed)")
+    with CAServiceProcess(pki) as ca:
+        names = [gateway_name(i) for i in range(count)]
+        display.phase(f"CA service ready at {ca.url}; {count} gateways ({', '.join(names)}), "
+                      f"each with its own certificate, fed by {ca.feed_url}")
+        configs = [write_gateway_config(root, pki, name, ca.feed_url) for name in names]
+        with Gateways(configs) as hubs:
+            display.phase("gateways ready: " + ", ".join(
+                f"{name} on {hub.host}:{hub.port}" for name, hub in zip(names, hubs,
+                                                                         strict=True)))
+            result = run_fleet(_quickstart_settings(pki, hubs.endpoints, devices, configs[0]),
+                               display)
+            display.phase("stopping the gateways")
+        display.phase("stopping the CA service")
+    for row, name, config in zip(result["brokers"], names, configs, strict=True):
+        row["gateway"], row["config"] = name, str(config)
+    return result, configs[0]
 
 
 def main(argv: list[str] | None = None) -> int:

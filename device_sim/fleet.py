@@ -20,16 +20,16 @@ import math
 import multiprocessing
 import os
 import resource
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from device_sim.abuse import AbuseKit, AbuseRunner, Limits
+from device_sim.brokers import Endpoint, check_broker, label, scenario_name
 from device_sim.display import Display
 from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
 from device_sim.errors import UsageError
@@ -74,25 +74,23 @@ class RunSettings:
     check_hostname: bool = True
     limits: Limits = field(default_factory=Limits)  # the broker's, when known (quickstart)
     squatters: int = SQUATTERS  # one-byte TLS connections during the ramp (with attacks)
+    # Several brokers (host and port are then the first): devices dealt out round-robin.
+    brokers: tuple[Endpoint, ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Every broker of the run, in order (one unless *brokers* names several)."""
+        return self.brokers or ((self.host, self.port),)
 
     @property
     def broker(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        """The report's ``broker``: HOST:PORT, or the brokers' comma-separated list."""
+        return ",".join(label(e) for e in self.endpoints)
 
     def worker_count(self) -> int:
         if self.processes is not None:
             return max(1, min(self.processes, self.devices))
         return max(1, min(os.cpu_count() or 1, math.ceil(self.devices / DEVICES_PER_PROCESS)))
-
-
-def check_broker(host: str, port: int, timeout: float = 5.0) -> None:
-    """Fail fast, with the reason, when nothing listens at --broker."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot reach the broker at {host}:{port}: "
-                         f"{exc.strerror or exc}", "--broker") from None
 
 
 def enroller_for(settings: RunSettings) -> Enroller:
@@ -112,7 +110,8 @@ def run_fleet(settings: RunSettings, display: Display | None = None,
     notify = observer or (lambda _phase: None)
     raise_nofile()
     started = time.monotonic()
-    check_broker(settings.host, settings.port)
+    for host, port in settings.endpoints:
+        check_broker(host, port)
     fleet_dir = settings.fleet_dir or settings.pki / "sim-fleet"
     display.phase(f"enrolling {settings.devices} devices (each its own P-256 key and CSR) "
                   f"into {fleet_dir}")
@@ -163,7 +162,7 @@ class _Parent:
         self.changed = asyncio.Event()
         self.revoked_at: dict[str, float] = {}
         self.scenarios: list[ScenarioResult] = []
-        self.squat: SquatFacts | None = None
+        self.squats: dict[str, SquatFacts] = {}  # broker -> what its squatters did
         self.errors: list[str] = []
 
     # -- workers ---------------------------------------------------------------------------
@@ -172,13 +171,15 @@ class _Parent:
         s = self.settings
         count = s.worker_count()
         context = multiprocessing.get_context("spawn")
-        spread = on_loopback(s.host)  # as a real fleet: many source addresses
+        # As a real fleet: many source addresses (for each broker on 127/8).
+        spread = any(on_loopback(host) for host, _ in s.endpoints)
+        brokers = s.endpoints if len(s.endpoints) > 1 else ()
         for index in range(count):
             share = [(i, files) for i, files in enumerate(self.enrollment.devices)
                      if i % count == index]
             plan = WorkerPlan(index, share, s.host, s.port, self.ca_pem, s.rate,
                               s.publish_interval, s.connect_timeout, s.check_hostname,
-                              spread_sources=spread)
+                              spread_sources=spread, brokers=brokers)
             ours, theirs = context.Pipe()
             process = context.Process(target=worker_main, args=(plan, theirs),
                                       name=f"fleet-sim-worker-{index}", daemon=True)
@@ -246,24 +247,27 @@ class _Parent:
         cpu_start = _cpu()
         self._start_workers()
         display = self.display
-        squatters: Squatters | None = None
+        squatters: list[tuple[str, Squatters]] = []
         try:
             if not await self._until(lambda: all(k.ready for k in self.links), READY_TIMEOUT):
                 why = "; ".join(e for k in self.links if k.result for e in k.result.errors)
                 raise UsageError(f"worker processes did not start: {why or 'no answer'}",
                                  "--processes")
             if self.kit is not None and s.squatters > 0:
-                squatters = Squatters(s.host, s.port, s.squatters)
-                await squatters.open()
-                display.phase(f"{squatters.opened} one-byte TLS squatters open")
+                for endpoint in s.endpoints:  # each broker has its own handshake capacity
+                    squatters.append((label(endpoint), Squatters(*endpoint, s.squatters)))
+                    await squatters[-1][1].open()
+                display.phase(f"{sum(q.opened for _, q in squatters)} one-byte TLS squatters "
+                              "open" + (f" at {len(squatters)} brokers"
+                                        if len(squatters) > 1 else ""))
             ramp_start = time.monotonic() + 0.1
             self._send(("go", ramp_start))
             self.notify("ramp-start")
             display.phase(f"connecting {s.devices} devices at {s.rate:g}/s over "
                           f"{len(self.links)} processes to {s.broker}")
             await self._until(lambda: all(k.ramp_done or k.result for k in self.links), None)
-            if squatters is not None:
-                self.squat, squatters = squatters.close(), None
+            self.squats = {broker: q.close() for broker, q in squatters}
+            squatters = []
             self.notify("ramp-end")
             hold_end = time.monotonic() + s.duration
             display.phase(f"{self.total().connected} connected; holding {s.duration:g} s"
@@ -282,8 +286,8 @@ class _Parent:
             self._send(("stop",))
             await self._until(lambda: all(k.result is not None for k in self.links), 120)
         finally:
-            if squatters is not None:
-                squatters.close()
+            for _, q in squatters:
+                q.close()
             for link in self.links:
                 link.process.join(5)
                 if link.process.is_alive():
@@ -297,16 +301,25 @@ class _Parent:
         return RunFacts(s.devices, s.broker, results, ramp_start, self.scenarios,
                         self.revoked_at, s.revocation_timeout, s.revoke > 0,
                         parent_cpu_s=_cpu() - cpu_start, errors=self.errors,
-                        squat=self.squat, limits=s.limits if self.kit else None)
+                        squats=self.squats, limits=s.limits if self.kit else None)
 
     async def _attacks(self, kit: AttackKit) -> None:
-        runner = AttackRunner(kit, self.settings.host, self.settings.port, self.ca_pem,
+        """The attack and abuse scenarios at every broker at once (each must refuse)."""
+        endpoints = self.settings.endpoints
+        several = len(endpoints) > 1
+        found = await asyncio.gather(*(self._attacks_at(kit, e) for e in endpoints))
+        self.scenarios = [replace(r, name=scenario_name(r.name, label(e), several))
+                          for e, results in zip(endpoints, found, strict=True)
+                          for r in results]
+
+    async def _attacks_at(self, kit: AttackKit, endpoint: Endpoint) -> list[ScenarioResult]:
+        runner = AttackRunner(kit, *endpoint, self.ca_pem,
                               check_hostname=self.settings.check_hostname)
         abuse = AbuseRunner(AbuseKit(*kit.abusers), self.settings.limits,
                             lambda files, inbox: runner.device(files, files.device_id,
                                                                inbox=inbox))
         refused, abused = await asyncio.gather(runner.run(), abuse.run())
-        self.scenarios = refused + abused
+        return refused + abused
 
     def _shares(self, total: int) -> list[int]:
         """Split *total* over the workers in proportion to their live devices."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rich.console import Console
@@ -13,6 +13,7 @@ from rich.table import Table
 
 from device_sim import squatters
 from device_sim.abuse import Limits
+from device_sim.brokers import scenario_name
 from device_sim.scenarios import ScenarioResult
 from device_sim.worker import DeviceRecord, WorkerResult
 
@@ -45,7 +46,7 @@ class RunFacts:
     parent_cpu_s: float = 0.0
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
-    squat: squatters.SquatFacts | None = None
+    squats: dict[str, squatters.SquatFacts] = field(default_factory=dict)  # per broker
     limits: Limits | None = None  # what the abuse scenarios expected (with attacks)
 
 
@@ -154,8 +155,13 @@ def build(facts: RunFacts) -> dict[str, Any]:
     connect = _connect(records, facts.ramp_start)
     revocation, revocation_scenarios = _revocation(records, facts)
     scenarios = _fleet_scenarios(records, facts, messages)
-    if facts.squat is not None:
-        scenarios.append(squatters.scenario(facts.squat, facts.devices, connect))
+    brokers = facts.broker.split(",")
+    several = len(brokers) > 1
+    for broker, squat in facts.squats.items():
+        mine = [r for r in records if r.broker == broker] if several else records
+        found = squatters.scenario(squat, facts.devices if not several else len(mine),
+                                   connect if not several else _connect(mine, facts.ramp_start))
+        scenarios.append(replace(found, name=scenario_name(found.name, broker, several)))
     scenarios += [*facts.scenarios, *revocation_scenarios]
     scenarios += [ScenarioResult("simulator", "no simulator errors", e, passed=False)
                   for e in facts.errors + [e for w in facts.workers for e in w.errors]]
@@ -173,6 +179,7 @@ def build(facts: RunFacts) -> dict[str, Any]:
         "passed": all(s.passed for s in scenarios),
         "devices": facts.devices,
         "broker": facts.broker,
+        "brokers": _per_broker(brokers, records, facts.revoked_at),
         "scenarios": [s.to_json() for s in scenarios],
         "connect": connect,
         "messages": messages,
@@ -185,6 +192,36 @@ def build(facts: RunFacts) -> dict[str, Any]:
     if facts.limits is not None:
         report["limits"] = facts.limits.to_json()
     return report
+
+
+def _per_broker(brokers: list[str], records: list[DeviceRecord],
+                revoked_at: dict[str, float]) -> list[dict[str, Any]]:
+    """The ``brokers`` list: for each broker its devices, connects and revocations."""
+    rows: dict[str, dict[str, Any]] = {
+        b: {"broker": b, "devices": 0, "connected": 0, "failed": 0,
+            "unexpected_disconnects": 0, "revoked": 0, "disconnected": 0,
+            "revocation_p99_ms": None, "reconnects_refused": 0} for b in brokers}
+    latencies: dict[str, list[float]] = {b: [] for b in brokers}
+    for r in records:
+        row = rows.get(r.broker) if len(brokers) > 1 else rows[brokers[0]]
+        if row is None:
+            continue
+        row["devices"] += 1
+        row["connected" if r.connected_at is not None else "failed"] += 1
+        row["unexpected_disconnects"] += int(r.unexpected)
+        if r.revoked and r.device_id in revoked_at:
+            row["revoked"] += 1
+            row["reconnects_refused"] += int(bool(r.reconnect_refused))
+            if r.lost_at is not None:
+                row["disconnected"] += 1
+                latencies[row["broker"]].append(r.lost_at - revoked_at[r.device_id])
+    for broker, values in latencies.items():
+        rows[broker]["revocation_p99_ms"] = _ms(percentile(values, 0.99))
+    return list(rows.values())
+
+
+def _broker_name(row: dict[str, Any]) -> str:
+    return f"{row['gateway']} ({row['broker']})" if "gateway" in row else str(row["broker"])
 
 
 def _fmt(value: object, unit: str = "") -> str:
@@ -227,7 +264,13 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"(p50 {_fmt(r['p50_ms'], ' ms')}, p99 {_fmt(r['p99_ms'], ' ms')}, "
         f"max {_fmt(r['max_ms'], ' ms')}), reconnects refused {r['reconnects_refused']}"
         f"/{r['reconnects_attempted']}\n"
-        f"simulator CPU: {cpu['simulator_s']:.2f} s ({_fmt(cpu['per_connect_ms'], ' ms')} "
+        + "".join(
+            f"  {_broker_name(b)}: {b['connected']}/{b['devices']} connected, {b['revoked']} "
+            f"revoked, {b['disconnected']} disconnected (p99 "
+            f"{_fmt(b['revocation_p99_ms'], ' ms')}), {b['reconnects_refused']} reconnects "
+            f"refused, {b['unexpected_disconnects']} dropped\n"
+            for b in report.get("brokers", []) if len(report.get("brokers", [])) > 1)
+        + f"simulator CPU: {cpu['simulator_s']:.2f} s ({_fmt(cpu['per_connect_ms'], ' ms')} "
         f"per connect during the ramp) in {report['processes']} processes",
         highlight=False)
     verdict = "[green]PASSED[/]" if report["passed"] else "[red]FAILED[/]"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from device_sim.brokers import assign, label
 from device_sim.device import SUBACK_FAILURE, Device, Outcome
 from device_sim.enroll import DeviceFiles
 from device_sim.transport import ClientTLS, Credentials, client_context
@@ -48,6 +49,13 @@ class WorkerPlan:
     check_hostname: bool = True
     keepalive: int = 60
     spread_sources: bool = False
+    # Several brokers: device *ordinal* connects to brokers[ordinal % n] (device_sim.brokers);
+    # empty: host and port above, for every device.
+    brokers: tuple[tuple[str, int], ...] = ()
+
+    def endpoint(self, ordinal: int) -> tuple[str, int]:
+        """Where fleet device *ordinal* connects."""
+        return assign(ordinal, self.brokers) if self.brokers else (self.host, self.port)
 
 
 @dataclass
@@ -85,6 +93,7 @@ class DeviceRecord:
     survived: bool = False  # still connected when the revocation window closed
     reconnect: str | None = None
     reconnect_refused: bool | None = None
+    broker: str = ""  # HOST:PORT it connects to
 
 
 @dataclass
@@ -212,7 +221,8 @@ class _Worker:
         # made now, so that work does not compete with the broker during the ramp.
         boot_start = cpu_seconds()
         for ordinal, files in self.plan.devices:
-            self.records[files.device_id] = DeviceRecord(files.device_id)
+            self.records[files.device_id] = DeviceRecord(
+                files.device_id, broker=label(self.plan.endpoint(ordinal)))
             self.contexts[files.device_id] = client_context(
                 self.plan.ca_pem, Credentials(files.cert, files.key),
                 check_hostname=self.plan.check_hostname)
@@ -255,8 +265,9 @@ class _Worker:
 
     def device(self, device_id: str, ordinal: int) -> Device:
         plan = self.plan
-        source = source_address(ordinal) if plan.spread_sources else None
-        return Device(device_id, self.contexts[device_id], plan.host, plan.port,
+        host, port = plan.endpoint(ordinal)
+        source = source_address(ordinal) if plan.spread_sources and on_loopback(host) else None
+        return Device(device_id, self.contexts[device_id], host, port,
                       keepalive=plan.keepalive, source=source)
 
     async def life(self, ordinal: int, device_id: str) -> None:

@@ -7,7 +7,9 @@ One harness for ``fleet-sim quickstart``, the tests (``tests/integration/fleet.p
   (and stock amqtt's YAML);
 - :mod:`device_sim.lab.process`: a server child process waited for by its ready line (the
   hub, stock amqtt);
-- :mod:`device_sim.lab.pki`: a PKI with a hub certificate, devices enrolled from their CSRs.
+- :mod:`device_sim.lab.pki`: a PKI with a hub certificate, devices enrolled from their CSRs;
+- :mod:`device_sim.lab.gateways`: the CA service (``fleet-provision serve``) as a process and
+  N gateways fed by its fleet-state feed, each in its own folder (DESIGN section 9).
 
 Like all of ``device_sim`` it talks to the hub over the network and through its command line
 only, never through ``hub``'s modules (STYLE's import rule).
@@ -15,6 +17,14 @@ only, never through ``hub``'s modules (STYLE's import rule).
 
 from __future__ import annotations
 
+from device_sim.lab.gateways import (
+    CA_READY,
+    FEED_HUB,
+    CAServiceProcess,
+    Gateways,
+    gateway_name,
+    write_gateway_config,
+)
 from device_sim.lab.hubconfig import (
     DESIGN_EXAMPLE,
     LOOPBACK,
@@ -36,7 +46,8 @@ from device_sim.lab.process import (
     stop_process,
 )
 
-__all__ = ["AMQTT_READY", "DESIGN_EXAMPLE", "HUB_READY", "LOOPBACK", "TRUST_DOMAIN", "Enrolled",
-           "HubProcess", "ReadyProcess", "amqtt_argv", "amqtt_yaml", "enroll", "free_port",
+__all__ = ["AMQTT_READY", "CA_READY", "DESIGN_EXAMPLE", "FEED_HUB", "HUB_READY", "LOOPBACK",
+           "TRUST_DOMAIN", "CAServiceProcess", "Enrolled", "Gateways", "HubProcess",
+           "ReadyProcess", "amqtt_argv", "amqtt_yaml", "enroll", "free_port", "gateway_name",
            "hub_argv", "hub_settings", "hub_toml", "make_pki", "merge", "stop_process",
-           "write_hub_config"]
+           "write_gateway_config", "write_hub_config"]
