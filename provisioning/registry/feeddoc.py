@@ -77,6 +77,7 @@ CONTENT_TYPE: Final = "application/jose+json"
 DEVICE_STATUSES: Final = frozenset({"active", "suspended", "revoked"})
 CERT_STATUSES: Final = frozenset({"active", "superseded"})
 REFUSED_STATUSES: Final = frozenset({"revoked", "on_hold"})
+_B64URL = re.compile(r"[A-Za-z0-9_-]*\Z")
 _ISSUED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z\Z")
 
 
@@ -340,6 +341,9 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str, where: str) -> bytes:
+    # urlsafe_b64decode drops characters outside the alphabet instead of refusing them.
+    if not _B64URL.match(text) or len(text) % 4 == 1:
+        raise FeedFormatError("not base64url (RFC 7515 section 2: no padding)", where)
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
