@@ -6,20 +6,26 @@ the factory way, each with its own P-256 key, as one batch (all CSRs first, then
 (``operators`` may subscribe to ``#`` in :func:`hub_config`). :class:`BrokerProcess` starts
 ``fleet-hub serve`` (waiting for its ready line) or stock ``amqtt -c stock.yaml`` (waiting for
 its listener line) as a child process whose PID the benchmarks read /proc for.
+:func:`tree_cpu_seconds` is the CPU of a process and its children (the CA service and its
+worker); :class:`FeedReader` fetches the fleet-state feed as a gateway does (for its sizes).
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
+import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _mqtt_load import DeviceCreds
+from _mqtt_load import DeviceCreds, cpu_seconds
 
 from device_sim.lab import (
     AMQTT_READY,
@@ -131,3 +137,61 @@ class Profiler:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of *pid* (from /proc/PID/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                kids = [int(k) for k in task.read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* and every live descendant (``fleet-provision serve`` keeps the
+    CA key in a worker process of its own: both count)."""
+    total = 0.0
+    for one in [pid, *_children(pid)]:
+        try:
+            total += cpu_seconds(one)
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class FeedReader:
+    """``GET /feed`` with a gateway's certificate (mutual TLS), as a hub asks for it.
+
+    :meth:`get` returns the HTTP status, the bytes on the wire that HTTP carries (status line,
+    headers and body; TLS framing not counted) and the document's version and base.
+    """
+
+    def __init__(self, host: str, port: int, ca: Path, cert: Path, key: Path) -> None:
+        self.host, self.port = host, port
+        self.context = ssl.create_default_context(cafile=str(ca))
+        self.context.load_cert_chain(cert, key)
+
+    def get(self, since: int, wait: float = 0) -> tuple[int, int, int | None, int | None]:
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self.context,
+                                           timeout=wait + 30)
+        try:
+            conn.request("GET", f"/feed?since={since}&wait={wait:g}")
+            response = conn.getresponse()
+            body = response.read()
+            head = len(f"HTTP/1.1 {response.status} {response.reason}\r\n") + sum(
+                len(k) + len(v) + 4 for k, v in response.getheaders()) + 2
+        finally:
+            conn.close()
+        if response.status != 200:
+            return response.status, head + len(body), None, None
+        payload = json.loads(body)["payload"]
+        document = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return 200, head + len(body), int(document["version"]), int(document["base"])
