@@ -1,4 +1,5 @@
-"""``fleet-provision serve``: enrollment (EST, RFC 7030), the CRL and OCSP (RFC 6960) over HTTPS.
+"""``fleet-provision serve``: enrollment (EST, RFC 7030), the CRL and OCSP (RFC 6960) over HTTPS,
+and the fleet-state feed for gateways (``/feed``, :mod:`provisioning.feed`).
 
 Two processes, and each module's docstring says which side it lives on:
 
@@ -10,7 +11,9 @@ Two processes, and each module's docstring says which side it lives on:
                   the worker, futures
                         messages.py: the picklable jobs, replies and audit events between them
 
-The worker is a new interpreter that imports :mod:`provisioning.est.engine` alone, so this
+The feed's follower reads the registry read-only (a FleetView, in a thread of the HTTP
+process); its documents are signed by the worker (``FeedSignJob``). The worker is a new
+interpreter that imports :mod:`provisioning.est.engine` alone, so this
 package loads its HTTP side only when one of the names below is first used.
 """
 

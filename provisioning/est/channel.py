@@ -1,7 +1,7 @@
 """HTTP side: the HTTP process's channel to the enrollment service's CA worker process.
 
 The event loop never blocks and never signs: a handler sends its job to the CA worker
-process (:mod:`provisioning.est.engine`, the only code that touches SQLite or the CA key)
+process (:mod:`provisioning.est.engine`, the only code that writes SQLite or holds the CA key)
 over a pipe and awaits a future. The worker runs in its own interpreter, so the HTTP loop
 and the signing use two cores instead of sharing one GIL. Everything queued in one loop
 iteration (jobs, audit events, verified token secrets) goes in one write; the answers of a

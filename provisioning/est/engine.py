@@ -1,5 +1,5 @@
-"""Engine side: the enrollment service's CA worker process, the only code that touches SQLite
-or the CA key.
+"""Engine side: the enrollment service's CA worker process, the only code that writes SQLite
+or holds the CA key.
 
 Started by :class:`provisioning.est.channel.EngineChannel` as its own interpreter (``python
 -c`` running :func:`engine_main`), it opens the PKI as the HTTP process did and takes whatever

@@ -32,6 +32,7 @@ from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
 from provisioning.profile import server_certificate
 from provisioning.registry.feeddoc import decode_jws
+from provisioning.registry.view import FleetView
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 from tests.provisioning.csrs import make_csr, make_key
@@ -314,6 +315,23 @@ def test_only_a_gateway_certificate_the_ca_issued_reads_the_feed(feed: Feed) -> 
         assert reason in answer.text, (name, answer.text)
         assert answer.text.count("\n") == 1
     assert signed_document(feed.fetch("?since=0", fresh), feed.pki)["gateway"] == "gw-new"
+
+
+def test_the_view_lists_the_gateways_the_ca_issued(authority: Authority,
+                                                   tmp_path: Path) -> None:
+    """FleetView.gateways: serial -> SPIFFE URI of each server.issue event after an event id,
+    and the last id, so the next read takes only what came since."""
+    cert_path, _ = authority.server_cert("gw-9.example.com", ["10.0.0.9"], tmp_path)
+    serial = x509.load_pem_x509_certificates(cert_path.read_bytes())[0].serial_number
+    _issue(authority, "dev-z")
+    with FleetView(authority.paths.registry) as view:
+        last, issued = view.gateways()
+        assert issued == {serial: "spiffe://fleet.test/gateway/gw-9.example.com"}
+        assert view.gateways(last) == (last, {})
+        authority.server_cert("gw-10", [], tmp_path / "10")
+        later, more = view.gateways(last)
+    assert later > last
+    assert list(more.values()) == ["spiffe://fleet.test/gateway/gw-10"]
 
 
 def test_a_certificate_of_a_foreign_ca_fails_the_handshake(feed: Feed) -> None:
