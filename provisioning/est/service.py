@@ -182,7 +182,7 @@ class EnrollmentService:
         except Exception:  # a bug must cost one request, never the service
             log.exception("request failed: %s %s", request.method, request.path)
             response = text(500, "internal error")
-            note.result = "error"
+            note.result, note.record = "error", True
         self._record(request, note, response.status)
         return response
 

@@ -5,7 +5,7 @@ answers a heartbeat every ``wait`` seconds. The registry's hash chain records wh
 was given, not that it asked: a ``feed.fetch`` event when what that gateway holds changes
 (a document whose version differs from the last one recorded for it: the first answer after
 the service started, a snapshot of a new version, a delta), never a heartbeat nor the same
-version again. Refusals (403, 400) are recorded at most once per peer address and reason
+version again. Refusals (403, 400, 503) are recorded at most once per peer address and reason
 every ``REFUSAL_SECONDS``, so a misconfigured gateway retrying in a loop leaves one record a
 minute, not thousands.
 """

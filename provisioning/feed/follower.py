@@ -32,12 +32,15 @@ from provisioning.feed.history import KEEP_VERSIONS, History
 from provisioning.registry.feeddoc import Changes, FeedState, changes, state_from_view
 from provisioning.registry.view import FleetState, FleetView, FleetViewError, Position
 
-__all__ = ["POLL_SECONDS", "Follower"]
+__all__ = ["POLL_SECONDS", "STALE_SECONDS", "Follower"]
 
 log = logging.getLogger("provisioning.feed")
 
 POLL_SECONDS: Final = 0.025
 READ_SHARE: Final = 10.0  # wait at least this many times a full read's duration
+# Reads failing this long: the service stops vouching for its last state (/feed answers 503,
+# a hub keeps its own last good state and ages it) rather than heartbeat a stale one.
+STALE_SECONDS: Final = 5.0
 
 
 def head_id(position: Position) -> int:
@@ -50,11 +53,12 @@ class Follower:
     """The feed's state and version, kept up with the registry; one per service."""
 
     def __init__(self, view: FleetView, trust_domain: str, *, interval: float = POLL_SECONDS,
-                 keep: int = KEEP_VERSIONS) -> None:
+                 keep: int = KEEP_VERSIONS, stale_seconds: float = STALE_SECONDS) -> None:
         self.view = view
         self.trust_domain = trust_domain
         self._interval = interval
         self._keep = keep
+        self._stale_seconds = stale_seconds
         self._position: Position | None = None
         self._state: FeedState | None = None
         self._history: History | None = None
@@ -65,6 +69,7 @@ class Follower:
         self._lock = asyncio.Lock()  # one read at a time: the view is one connection
         self._task: asyncio.Task[None] | None = None
         self._trouble: str | None = None  # the last read's failure, logged once
+        self._failing_since: float | None = None  # monotonic time of the first failed read
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -102,6 +107,14 @@ class Follower:
         """Serial -> SPIFFE URI of every server certificate the CA issued (None: not named)."""
         return self._gateways
 
+    def trouble(self) -> str | None:
+        """Why the state can no longer be vouched for (reads failing for STALE_SECONDS)."""
+        if self._failing_since is None or self._trouble is None:
+            return None
+        if time.monotonic() - self._failing_since < self._stale_seconds:
+            return None
+        return self._trouble
+
     def since(self, version: int) -> Changes | None:
         """The merged changes from *version* to :attr:`state`, or None (a snapshot then)."""
         return None if self._history is None else self._history.since(version)
@@ -121,24 +134,22 @@ class Follower:
         while True:
             await asyncio.sleep(delay)
             took = 0.0
-            try:
+            with contextlib.suppress(FleetViewError):  # logged once by sync
                 took = await self.sync()
-            except FleetViewError as exc:
-                if str(exc) != self._trouble:
-                    log.warning("feed: cannot read the registry (the last state stays): %s",
-                                exc)
-                    self._trouble = str(exc)
-            else:
-                if self._trouble is not None:
-                    log.info("feed: reading the registry again")
-                    self._trouble = None
             delay = max(self._interval, READ_SHARE * took)
 
     async def sync(self) -> float:
         """Read what moved now; returns how long the read took (seconds)."""
         async with self._lock:
             started = time.perf_counter()
-            position, read, gateways = await asyncio.to_thread(self._read)
+            try:
+                position, read, gateways = await asyncio.to_thread(self._read)
+            except FleetViewError as exc:
+                self._failed(exc)
+                raise
+            if self._trouble is not None:
+                log.info("feed: reading the registry again")
+            self._trouble = self._failing_since = None
             took = time.perf_counter() - started
             self._position = position
             if gateways is not None:
@@ -147,6 +158,21 @@ class Follower:
             if read is not None:
                 self._take(position, read)
             return took
+
+    def _failed(self, exc: FleetViewError) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        if str(exc) != self._trouble:
+            log.warning("feed: cannot read the registry (the last state stays): %s", exc)
+            self._trouble = str(exc)
+
+    async def refresh_gateways(self) -> None:
+        """Read the gateway certificates issued since the last read now (one range of the
+        audit log's rowid), for a client certificate that is not known yet."""
+        async with self._lock:
+            self._events_read, issued = await asyncio.to_thread(self.view.gateways,
+                                                                self._events_read)
+            self._gateways.update(issued)
 
     def _read(self) -> tuple[Position, FleetState | None,
                              tuple[int, dict[int, str | None]] | None]:

@@ -8,7 +8,8 @@ section 9; mounted by :mod:`provisioning.est.service` on its HTTPS listener only
              for a change; then the delta, else a heartbeat (version == base, nothing listed)
          since < current, and its change sets still held: the delta at once
          since 0, too old, or unknown (after current, or from before a restart): a snapshot
-    503  the CA worker process (which signs) is gone
+    503  the CA worker process (which signs) is gone, or the registry could not be read for
+         a few seconds (the service no longer vouches for its last state)
 
 The document is built here and its signing input signed by the CA worker process, the only
 holder of the issuing key. What gets audited is :mod:`provisioning.feed.auditing`'s choice.
@@ -48,9 +49,9 @@ class AuditNote(Protocol):
     record: bool
 
 
-def issued_now() -> str:
-    """ISO 8601 UTC with milliseconds: the document's ``issued``, compared by hubs."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_ms(when: dt.datetime) -> str:
+    """ISO 8601 UTC with milliseconds: a document's ``issued``."""
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class FeedRoute:
@@ -63,6 +64,7 @@ class FeedRoute:
         self._header = header
         self._sign = sign
         self._audit = audit or FeedAudit()
+        self._issued: dict[str, dt.datetime] = {}  # per gateway: the last ``issued``
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         note: AuditNote = request["audit"]
@@ -77,6 +79,10 @@ class FeedRoute:
             return self._refuse(request, note, 400, query)
         since, wait = query
         follower = self.follower
+        trouble = follower.trouble()
+        if trouble is not None:
+            return self._refuse(request, note, 503, "the CA cannot read its registry, so it "
+                                f"does not vouch for the feed's last state now: {trouble}")
         if since == follower.state.version:
             await follower.wait_change(since, wait)
         state = follower.state
@@ -86,7 +92,7 @@ class FeedRoute:
         else:
             moved = follower.since(since) if 0 < since < state.version else None
             kind = "snapshot" if moved is None else "delta"
-        doc = document(state, base=since, moved=moved, issued=issued_now(),
+        doc = document(state, base=since, moved=moved, issued=self._issued_now(gateway.name),
                        gateway=gateway.name)
         body = await self._envelope(json.dumps(doc, separators=(",", ":")).encode())
         if kind != "heartbeat" and self._audit.served(gateway.name, state.version):
@@ -103,8 +109,20 @@ class FeedRoute:
         if isinstance(found, Refusal):
             return found
         if found.serial not in follower.gateways:  # issued a moment ago? read once more
-            await follower.sync()
+            await follower.refresh_gateways()
         return issued_by_ca(found, follower.gateways) or found
+
+    def _issued_now(self, gateway: str) -> str:
+        """Now, to the millisecond, but strictly after the last ``issued`` this gateway got:
+        a hub refuses a document not later than the last one it took (a replay), and two
+        answers can fall within one millisecond."""
+        now = dt.datetime.now(dt.UTC)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        last = self._issued.get(gateway)
+        if last is not None and now <= last:
+            now = last + dt.timedelta(milliseconds=1)
+        self._issued[gateway] = now
+        return iso_ms(now)
 
     async def _envelope(self, payload: bytes) -> bytes:
         signing_input, _ = encode_jws(self._header, payload)
@@ -115,7 +133,7 @@ class FeedRoute:
                 reason: str) -> web.Response:
         if self._audit.refused(request.remote or "-", reason, time.monotonic()):
             note.record = True
-            note.result = "forbidden" if status == 403 else "refused"
+            note.result = {403: "forbidden", 400: "refused"}.get(status, "error")
             note.reason = reason
         return web.Response(status=status, text=reason + "\n")
 

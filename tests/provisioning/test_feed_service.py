@@ -250,7 +250,8 @@ def test_suspend_resume_and_group_set_each_wake_a_long_poll(feed: Feed) -> None:
 
 def test_an_idle_wait_ends_in_a_heartbeat(feed: Feed) -> None:
     """since == current: after ``wait`` seconds a heartbeat (version == base, nothing listed,
-    a fresh ``issued``); wait below 0 is clamped to 0 and answers at once."""
+    a fresh ``issued``, strictly later for each answer); wait below 0 is clamped to 0 and
+    answers at once."""
     first = feed.document("?since=0")
     version = first["version"]
     started = time.monotonic()
@@ -262,6 +263,13 @@ def test_an_idle_wait_ends_in_a_heartbeat(feed: Feed) -> None:
     assert beat["issued"] > first["issued"]
     now = feed.document(f"?since={version}&wait=-5")
     assert (now["version"], now["base"]) == (version, version)
+    # Answers to one gateway within one millisecond still get strictly later times: a hub
+    # refuses a document whose ``issued`` is not after the last one's (a replay).
+    with ThreadPoolExecutor(8) as pool:
+        beats = list(pool.map(lambda _: feed.document(f"?since={version}"), range(16)))
+    times = sorted(b["issued"] for b in beats)
+    assert len(set(times)) == len(times)
+    assert times[0] > now["issued"]
 
 
 @pytest.mark.parametrize("since", ["1", "999999999999"])
