@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from provisioning.registry.feeddoc import JWS_TYPE
+from provisioning.registry.feeddoc import JWS_TYPE, b64url
 
-__all__ = ["algorithm", "header", "raw_signature", "verify"]
+__all__ = ["algorithm", "envelope", "header", "raw_signature", "verify"]
 
 # curve name -> (JWS alg, hash, octets per integer)
 _ALGORITHMS: Final = {
@@ -54,6 +54,15 @@ def header(cert: x509.Certificate) -> dict[str, Any]:
     der = cert.public_bytes(serialization.Encoding.DER)
     return {"alg": algorithm(cert), "typ": JWS_TYPE,
             "x5c": [base64.b64encode(der).decode("ascii")]}
+
+
+def envelope(signing_input: bytes, signature: bytes) -> bytes:
+    """``encode_jws(header, payload, signature)[1]`` from the signing input it returned: the
+    same bytes, without encoding a snapshot's megabytes a second time (base64url needs no
+    JSON escaping)."""
+    protected, _, payload = signing_input.partition(b".")
+    return b"".join((b'{"protected":"', protected, b'","payload":"', payload,
+                     b'","signature":"', b64url(signature).encode("ascii"), b'"}'))
 
 
 def raw_signature(key: ec.EllipticCurvePrivateKey, signing_input: bytes) -> bytes:

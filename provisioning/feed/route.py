@@ -12,7 +12,10 @@ section 9; mounted by :mod:`provisioning.est.service` on its HTTPS listener only
          a few seconds (the service no longer vouches for its last state)
 
 The document is built here and its signing input signed by the CA worker process, the only
-holder of the issuing key. What gets audited is :mod:`provisioning.feed.auditing`'s choice.
+holder of the issuing key. A snapshot of a large fleet is megabytes of JSON (10,000 devices:
+2.5 MB, 30 ms to build): it is built once per version, with marks where ``issued`` and
+``gateway`` go, and each answer replaces the marks (their first occurrences: both keys come
+before any device). What gets audited is :mod:`provisioning.feed.auditing`'s choice.
 """
 
 from __future__ import annotations
@@ -26,15 +29,24 @@ from typing import Any, Final, Protocol, cast
 
 from aiohttp import web
 
+from provisioning.feed import jws
 from provisioning.feed.auditing import FeedAudit
 from provisioning.feed.follower import Follower
 from provisioning.feed.gateway import Gateway, Refusal, identify, issued_by_ca
-from provisioning.registry.feeddoc import CONTENT_TYPE, Changes, document, encode_jws
+from provisioning.registry.feeddoc import (
+    CONTENT_TYPE,
+    Changes,
+    FeedState,
+    b64url,
+    document,
+    encode_jws,
+)
 
 __all__ = ["MAX_WAIT_SECONDS", "AuditNote", "FeedRoute"]
 
 MAX_WAIT_SECONDS: Final = 60.0
 ACTION: Final = "feed.fetch"
+_MARK: Final = "\x00"  # never in a device id, group, host name or time: JSON "\u0000"
 
 
 class AuditNote(Protocol):
@@ -61,10 +73,12 @@ class FeedRoute:
                  sign: Callable[[bytes], Awaitable[bytes]],
                  audit: FeedAudit | None = None) -> None:
         self.follower = follower
-        self._header = header
+        # RFC 7515 5.1: the signing input is "<protected>.<payload>"; the first part is fixed.
+        self._prefix, _ = encode_jws(header, b"")
         self._sign = sign
         self._audit = audit or FeedAudit()
         self._issued: dict[str, dt.datetime] = {}  # per gateway: the last ``issued``
+        self._snapshot: tuple[int, bytes] | None = None  # (version, payload with marks)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         note: AuditNote = request["audit"]
@@ -92,9 +106,13 @@ class FeedRoute:
         else:
             moved = follower.since(since) if 0 < since < state.version else None
             kind = "snapshot" if moved is None else "delta"
-        doc = document(state, base=since, moved=moved, issued=self._issued_now(gateway.name),
-                       gateway=gateway.name)
-        body = await self._envelope(json.dumps(doc, separators=(",", ":")).encode())
+        issued = self._issued_now(gateway.name)
+        if moved is None:
+            payload = self._snapshot_payload(state, issued, gateway.name)
+        else:
+            payload = _json(document(state, base=since, moved=moved, issued=issued,
+                                     gateway=gateway.name))
+        body = await self._envelope(payload)
         if kind != "heartbeat" and self._audit.served(gateway.name, state.version):
             note.record, note.result = True, "ok"
             note.extra.update(gateway=gateway.name, since=since, version=state.version,
@@ -124,10 +142,20 @@ class FeedRoute:
         self._issued[gateway] = now
         return iso_ms(now)
 
+    def _snapshot_payload(self, state: FeedState, issued: str, gateway: str) -> bytes:
+        cached = self._snapshot
+        if cached is None or cached[0] != state.version:
+            cached = (state.version, _json(document(state, base=0, moved=None, issued=_MARK,
+                                                    gateway=_MARK)))
+            self._snapshot = cached
+        marked = _json(_MARK)
+        return (cached[1]
+                .replace(b'"issued":' + marked, b'"issued":' + _json(issued), 1)
+                .replace(b'"gateway":' + marked, b'"gateway":' + _json(gateway), 1))
+
     async def _envelope(self, payload: bytes) -> bytes:
-        signing_input, _ = encode_jws(self._header, payload)
-        _, body = encode_jws(self._header, payload, await self._sign(signing_input))
-        return body
+        signing_input = self._prefix + b64url(payload).encode("ascii")
+        return jws.envelope(signing_input, await self._sign(signing_input))
 
     def _refuse(self, request: web.Request, note: AuditNote, status: int,
                 reason: str) -> web.Response:
@@ -136,6 +164,10 @@ class FeedRoute:
             note.result = {403: "forbidden", 400: "refused"}.get(status, "error")
             note.reason = reason
         return web.Response(status=status, text=reason + "\n")
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _query(request: web.Request) -> tuple[int, float] | str:

@@ -31,7 +31,7 @@ from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
 from provisioning.profile import server_certificate
-from provisioning.registry.feeddoc import decode_jws
+from provisioning.registry.feeddoc import decode_jws, parse_document
 from provisioning.registry.view import FleetView
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
@@ -89,6 +89,7 @@ def signed_document(answer: Answer, pki: Path) -> dict[str, Any]:
     key = issuing.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
     key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))  # raises when forged
+    parse_document(payload)  # what the hub does next: every field as the format wants
     return dict(json.loads(payload))
 
 
@@ -322,7 +323,11 @@ def test_only_a_gateway_certificate_the_ca_issued_reads_the_feed(feed: Feed) -> 
         assert answer.status == 403, (name, answer.status, answer.text)
         assert reason in answer.text, (name, answer.text)
         assert answer.text.count("\n") == 1
-    assert signed_document(feed.fetch("?since=0", fresh), feed.pki)["gateway"] == "gw-new"
+    theirs = signed_document(feed.fetch("?since=0", fresh), feed.pki)
+    ours = feed.document("?since=0")
+    assert (theirs["gateway"], ours["gateway"]) == ("gw-new", GATEWAY)
+    assert theirs["version"] == ours["version"]  # one snapshot of this version, two names
+    assert (theirs["devices"], theirs["revoked"]) == (ours["devices"], ours["revoked"])
 
 
 def test_the_view_lists_the_gateways_the_ca_issued(authority: Authority,

@@ -215,6 +215,7 @@ def test_a_jws_round_trip_verifies_and_tampering_does_not() -> None:
     assert (got_header, got_payload, got_input, got_signature) == (
         header, payload, signing_input, signature)
     assert jws.verify(key.public_key(), got_input, got_signature)
+    assert jws.envelope(signing_input, signature) == body  # the service's shortcut
     envelope = json.loads(body)
     envelope["payload"] = envelope["payload"][:-4] + "AAAA"
     _, _, forged_input, forged_signature = decode_jws(json.dumps(envelope).encode())
