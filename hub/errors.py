@@ -6,7 +6,11 @@
     ├── MalformedPacketError a client's bytes are not MQTT: its connection is closed
     ├── RevocationError      the revocation watcher cannot start (no source loads, no CA bundle)
     │   └── SourceError      one source cannot be used now; never escapes the source's poll:
-    │                        the source is reported down and its last good list kept
+    │       │                the source is reported down and its last good list kept
+    │       ├── FeedRefusedError  a fleet-state feed document refused (reason: envelope,
+    │       │                signer, signature, format, trust-domain, gateway, rollback, replay)
+    │       └── FeedGapError a feed delta that does not build on the version in force: the
+    │                        hub asks for a snapshot (not a refusal)
     ├── MetricsError         the metrics endpoint cannot be served (its address cannot be bound)
     └── AuditError           the audit store cannot be opened, read or written in time (names
                              the file); hub.audit re-exports it
@@ -57,6 +61,19 @@ class RevocationError(HubError):
 
 class SourceError(RevocationError):
     """A revocation source cannot be used now; the message says why, in one line."""
+
+
+class FeedRefusedError(SourceError):
+    """A feed document the hub will not apply; ``reason`` names the rule it broke."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"refused a document ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class FeedGapError(SourceError):
+    """A feed delta that does not build on the version in force: ask for a snapshot."""
 
 
 class MetricsError(HubError):

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from hub.acl import AclPolicy
 from hub.audit import AuditStore
 from hub.config import HubConfig
+from hub.errors import ConfigError, RevocationError
 from hub.gatekeeper import Gatekeeper
 from hub.identity import DeviceIdentity
 from hub.metrics import Metrics, MetricsServer
 from hub.revocation import RevocationWatcher, Snapshot, SourceState, load_ca_bundle
-from hub.trust import resolve_trust_domain
+from hub.revocation.feed import FeedSource, FeedStatus
+from hub.trust import TrustDomain, feed_gateway, resolve_trust_domain
 
 log = logging.getLogger("hub")
 
@@ -29,6 +32,8 @@ class HubRuntime:
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
+        # The feed serves this gateway by the name in its certificate: none is a config error.
+        self.gateway = feed_gateway(config) if config.revocation.feed is not None else None
         self.metrics = Metrics()
         self.audit = AuditStore(config.audit.path)
         self.watcher = RevocationWatcher(config.revocation,
@@ -36,6 +41,7 @@ class HubRuntime:
                                          on_change=self._revocation_changed,
                                          on_source=self._source_changed,
                                          certificates=config.auth.registered_only)
+        self.feed = next((s for s in self.watcher.sources if isinstance(s, FeedSource)), None)
         self.gatekeeper = Gatekeeper(config.auth, self.watcher, self.audit, self.metrics)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None
@@ -47,20 +53,46 @@ class HubRuntime:
             # A registry read and a certificate parse: off the event loop.
             domain = await asyncio.to_thread(resolve_trust_domain, self.config)
             log.info("trust domain %s (from %s)", domain.name, domain.origin)
+            self._check_feed_domain(domain)
             self.gatekeeper.trust_domain = domain.name
-            await self.watcher.start()
+            await self._start_watcher()
             if self.config.metrics.bind is not None:
                 self.metrics_server = MetricsServer(
                     self.config.metrics.bind, self.metrics, self.watcher.health,
                     extra=lambda: {"fleet_hub_audit_dropped_total":
                                    float(self.audit.statistics().dropped)},
-                    revocation_version=lambda: self.watcher.snapshot.version)
+                    revocation_version=lambda: self.watcher.snapshot.version,
+                    feed=self._feed_status if self.feed is not None else None)
                 await self.metrics_server.start()
         except BaseException:
             await self.watcher.stop()
             self.audit.close()
             raise
         self.started = True
+
+    def _check_feed_domain(self, domain: TrustDomain) -> None:
+        """The feed's documents are checked against feed_cert's domain: it must be the fleet's."""
+        if self.gateway is not None and self.gateway[0] != domain.name:
+            raise ConfigError(self.config.source, "auth.trust_domain", f"{domain.name} (from "
+                              f"{domain.origin}) is not the trust domain of "
+                              f"revocation.feed_cert ({self.gateway[0]})")
+
+    async def _start_watcher(self) -> None:
+        try:
+            await self.watcher.start()
+        except RevocationError as exc:
+            feed = self.feed
+            if feed is None or feed.data is not None:
+                raise
+            # No cache and no snapshot within the start budget: the hub has no state to
+            # enforce, and refusing everyone is not a start (docs/gateway.md).
+            cache = self.config.revocation.feed_cache
+            raise ConfigError(self.config.source, "revocation.feed",
+                              f"no fleet state: no usable cache at {cache} and no snapshot "
+                              f"from {feed.where}: {feed.last_error}") from exc
+
+    def _feed_status(self) -> FeedStatus | None:
+        return None if self.feed is None else self.feed.status(time.time())
 
     async def stop(self) -> None:
         if not self.started:

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from hub.errors import MetricsError
 from hub.metrics.counters import ACL_ACTIONS, KICK_REASONS, LIMITS, Metrics, Statistics
-from hub.metrics.exposition import CONTENT_TYPE, REVOCATION_VERSION, HubCollector, SourceHealthLike
+from hub.metrics.exposition import (
+    CONTENT_TYPE,
+    REVOCATION_VERSION,
+    FeedStatusLike,
+    HubCollector,
+    SourceHealthLike,
+)
 from hub.metrics.server import MetricsServer
 
 __all__ = [
@@ -20,6 +26,7 @@ __all__ = [
     "KICK_REASONS",
     "LIMITS",
     "REVOCATION_VERSION",
+    "FeedStatusLike",
     "HubCollector",
     "Metrics",
     "MetricsError",

@@ -24,8 +24,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from hub.metrics.counters import Statistics
 
-__all__ = ["CONTENT_TYPE", "REVOCATION_VERSION", "HubCollector", "SourceHealthLike",
-           "render_text"]
+__all__ = ["CONTENT_TYPE", "REVOCATION_VERSION", "FeedStatusLike", "HubCollector",
+           "SourceHealthLike", "render_text"]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 # The revocation snapshot's version: +1 on every change of the refused serials, devices,
@@ -61,6 +61,20 @@ class SourceHealthLike(Protocol):
     def entries(self) -> int: ...
     @property
     def warning(self) -> str | None: ...
+    @property
+    def grace(self) -> bool: ...
+
+
+class FeedStatusLike(Protocol):
+    """What the metrics need of the fleet-state feed (hub.revocation.FeedStatus)."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def state_age_seconds(self) -> float | None: ...
+    @property
+    def refused(self) -> Mapping[str, int]: ...
+    def as_json(self) -> dict[str, object]: ...
 
 
 def age(source: SourceHealthLike, now: float) -> float:
@@ -104,12 +118,14 @@ class HubCollector(Collector):
         *,
         clock: Callable[[], float] = time.time,
         revocation_version: Callable[[], int] | None = None,
+        feed: Callable[[], FeedStatusLike | None] | None = None,
     ) -> None:
         self._statistics = statistics
         self._health = revocation_health
         self._extra = extra
         self._clock = clock
         self._version = revocation_version
+        self._feed = feed
 
     def collect(self) -> Iterator[Metric]:
         # Read first, so an integrator's bad extra name fails before anything is written.
@@ -123,6 +139,9 @@ class HubCollector(Collector):
             yield GaugeMetricFamily(REVOCATION_VERSION, "Version of the revocation snapshot in "
                                     "force; it grows by one on every change.",
                                     value=self._version())
+        feed = self._feed() if self._feed is not None else None
+        if feed is not None:
+            yield from self._feed_figures(feed)
         resident = _resident_bytes()
         if resident is not None:
             yield GaugeMetricFamily("fleet_hub_process_resident_bytes",
@@ -152,6 +171,17 @@ class HubCollector(Collector):
                                   "PUBLISH messages received from clients.", value=stats.received)
         yield CounterMetricFamily("fleet_hub_messages_delivered_total",
                                   "Messages delivered to subscribers.", value=stats.delivered)
+
+    @staticmethod
+    def _feed_figures(feed: FeedStatusLike) -> Iterator[Metric]:
+        yield _counter("fleet_hub_feed_refused_total", "Fleet-state feed documents refused, by "
+                       "reason; the last good state stays in force.", "reason", feed.refused)
+        yield GaugeMetricFamily("fleet_hub_feed_version", "Version of the fleet-state feed's "
+                                "state in force (0: none yet).", value=feed.version)
+        age_ = feed.state_age_seconds
+        yield GaugeMetricFamily("fleet_hub_feed_state_age_seconds", "Seconds since the CA "
+                                "issued the last feed document accepted (NaN: none).",
+                                value=math.nan if age_ is None else age_)
 
     @staticmethod
     def _revocation(sources: Sequence[SourceHealthLike], now: float) -> Iterator[Metric]:

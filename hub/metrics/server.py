@@ -19,6 +19,7 @@ from hub.errors import MetricsError
 from hub.metrics.counters import Metrics
 from hub.metrics.exposition import (
     CONTENT_TYPE,
+    FeedStatusLike,
     HubCollector,
     SourceHealthLike,
     age,
@@ -34,8 +35,10 @@ class MetricsServer:
     """``GET /metrics`` and ``GET /healthz`` on *bind*, on the running event loop.
 
     ``/healthz`` is 200 ``{"status": "ok"}`` only while every revocation source loaded on its
-    last attempt and is fresh, else 503 ``"degraded"``; both list each source (its error or
-    staleness warning) and, given *revocation_version*, the snapshot's version.
+    last attempt (or is in its grace: the feed while its state is younger than
+    max_age_seconds) and is fresh, else 503 ``"degraded"``; both list each source (its error or
+    staleness warning) and, given *revocation_version*, the snapshot's version; given *feed*,
+    the fleet-state feed's status (``"feed"``: version, state age, refusals).
     """
 
     def __init__(
@@ -47,15 +50,17 @@ class MetricsServer:
         *,
         clock: Callable[[], float] = time.time,
         revocation_version: Callable[[], int] | None = None,
+        feed: Callable[[], FeedStatusLike | None] | None = None,
     ) -> None:
         self.bind = bind
         self.metrics = metrics
         self._health = revocation_health
         self._clock = clock
         self._version = revocation_version
+        self._feed = feed
         self.registry = registry_of(HubCollector(
             metrics.statistics, revocation_health, extra, clock=clock,
-            revocation_version=revocation_version))
+            revocation_version=revocation_version, feed=feed))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -101,7 +106,7 @@ class MetricsServer:
     async def _get_healthz(self, _request: web.Request) -> web.Response:
         now = self._clock()
         sources = self._health()
-        healthy = all(source.ok and not source.stale for source in sources)
+        healthy = all((source.ok or source.grace) and not source.stale for source in sources)
         report = [
             {
                 "name": source.name,
@@ -118,4 +123,7 @@ class MetricsServer:
                                    "revocation": report}
         if self._version is not None:
             body["revocation_version"] = self._version()
+        feed = self._feed() if self._feed is not None else None
+        if feed is not None:
+            body["feed"] = feed.as_json()
         return web.json_response(body, status=200 if healthy else 503)

@@ -104,6 +104,14 @@ class SourceHealth:
     entries: int  # revoked or held serials in the source's last good data
     next_update: float | None  # the CRL's nextUpdate; None for the registry
     warning: str | None = None  # why the source is stale, one line; None while fresh
+    # Down, but its last good state is young enough to stand (the feed, below
+    # max_age_seconds): reported, and /healthz stays 200.
+    grace: bool = False
+
+    @property
+    def healthy(self) -> bool:
+        """What ``/healthz`` asks of every source: loaded (or in its grace) and fresh."""
+        return (self.ok or self.grace) and not self.stale
 
 
 class SourceState(enum.Enum):

@@ -23,6 +23,7 @@ from hub.config import RevocationConfig
 from hub.errors import RevocationError
 from hub.revocation.crl import CrlVerifier
 from hub.revocation.crl_sources import CrlFileSource, CrlUrlSource
+from hub.revocation.feed import FeedSource, feed_source
 from hub.revocation.model import EMPTY_SNAPSHOT, Snapshot, SourceCallback, SourceHealth, one_line
 from hub.revocation.registry import RegistrySource
 from hub.revocation.sources import RevocationSource
@@ -37,18 +38,22 @@ OnChange = Callable[[Snapshot, Snapshot], None]
 
 def configured_sources(config: RevocationConfig, ca_certs: Sequence[x509.Certificate], *,
                        certificates: bool = False) -> list[RevocationSource]:
-    """The sources ``[revocation]`` names, in the order registry, crl-file, crl-url; with
-    *certificates* (``[auth] registered_only``) the registry lists valid serials too."""
+    """The sources ``[revocation]`` names, in the order registry, crl-file, crl-url, feed;
+    with *certificates* (``[auth] registered_only``) the registry and the feed list valid
+    serials too. ConfigError (``revocation.feed_cert``) when the feed's certificate names no
+    gateway."""
     verifier = CrlVerifier(ca_certs)
+    cadata = "".join(cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+                     for cert in ca_certs)
     sources: list[RevocationSource] = []
     if config.registry is not None:
         sources.append(RegistrySource(config.registry, certificates=certificates))
     if config.crl_file is not None:
         sources.append(CrlFileSource(config.crl_file, verifier))
     if config.crl_url is not None:
-        cadata = "".join(cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-                         for cert in ca_certs)
         sources.append(CrlUrlSource(config.crl_url, verifier, cadata))
+    if config.feed is not None:
+        sources.append(feed_source(config, ca_certs, cadata, certificates=certificates))
     return sources
 
 
@@ -78,11 +83,17 @@ class RevocationWatcher:
         self._on_change = on_change
         self._sources = (list(sources) if sources is not None
                          else configured_sources(config, ca_certs, certificates=certificates))
+        # Sources that tell of news themselves (the feed's long-poll) wake the loop at once.
+        self._pushing: list[RevocationSource] = []
         for source in self._sources:
             source.on_state = on_source
+            if isinstance(source, FeedSource):
+                source.on_news = self._wake_up
+                self._pushing.append(source)
         self._snapshot = EMPTY_SNAPSHOT
         self._lock = asyncio.Lock()  # one refresh cycle at a time
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # set by stop() and by a pushing source's news
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -93,6 +104,11 @@ class RevocationWatcher:
         *refresh_seconds* once started; :meth:`refresh` polls them at once."""
         return cls(RevocationConfig(refresh_seconds=refresh_seconds), (), on_change,
                    on_source=on_source, sources=sources)
+
+    @property
+    def sources(self) -> tuple[RevocationSource, ...]:
+        """The sources watched, in the order registry, crl-file, crl-url, feed."""
+        return tuple(self._sources)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -108,8 +124,8 @@ class RevocationWatcher:
         if self._task is not None:
             raise RevocationError("the revocation watcher is already running")
         if not self._sources:
-            raise RevocationError("no revocation source configured: set revocation.registry "
-                                  "or revocation.crl")
+            raise RevocationError("no revocation source configured: set revocation.registry, "
+                                  "revocation.crl or revocation.feed")
         await self._cycle(budget=None, notify=False)
         if all(source.data is None for source in self._sources):
             problems = "; ".join(f"{s.name} {s.where}: {s.last_error}" for s in self._sources)
@@ -117,11 +133,16 @@ class RevocationWatcher:
                 await self._close_sources()
             raise RevocationError(one_line(f"no revocation source could be loaded: {problems}"))
         self._stopping.clear()
+        self._wake.clear()
         self._task = asyncio.create_task(self._run(), name="hub.revocation refresh")
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     async def stop(self) -> None:
         """Stop the refresh loop (letting a cycle in progress finish) and close connections."""
         self._stopping.set()
+        self._wake.set()
         task, self._task = self._task, None
         if task is not None:
             await task
@@ -139,8 +160,9 @@ class RevocationWatcher:
 
     @property
     def healthy(self) -> bool:
-        """Every source loaded on its last attempt and none is past its nextUpdate."""
-        return all(h.ok and not h.stale for h in self.health())
+        """Every source loaded on its last attempt (or is in its grace, as the feed while its
+        state is younger than max_age_seconds) and none is stale."""
+        return all(h.healthy for h in self.health())
 
     async def _run(self) -> None:
         interval = self._config.refresh_seconds
@@ -151,10 +173,18 @@ class RevocationWatcher:
         due = loop.time() + tick
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), max(0.0, due - loop.time()))
+                await asyncio.wait_for(self._wake.wait(), max(0.0, due - loop.time()))
+            self._wake.clear()
             if self._stopping.is_set():
                 return
             now = loop.time()
+            if now < due - tick / 2 and self._pushing:
+                # Woken by news (the feed accepted a change): publish it now.
+                try:
+                    await self._cycle(budget=interval, notify=True, sources=self._pushing)
+                except Exception:
+                    logger.exception("revocation refresh failed")
+                continue
             everything = now >= due_all - tick / 2
             if everything:
                 due_all = now + interval

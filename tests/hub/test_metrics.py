@@ -43,6 +43,7 @@ class Health:
     last_error: str | None = None
     entries: int = 3
     warning: str | None = None
+    grace: bool = False
 
 
 def samples(text: str) -> dict[str, float]:
