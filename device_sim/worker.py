@@ -203,7 +203,9 @@ class _Worker:
             self.stop.set()
 
     def pick(self, want: int) -> list[str]:
-        connected = [d for d, dev in self.live.items() if dev.connected]
+        # In fleet order: evenly spread over the ordinals is evenly spread over the brokers.
+        connected = sorted((d for d, dev in self.live.items() if dev.connected),
+                           key=lambda d: self.ordinals[d])
         want = min(want, len(connected))
         if want <= 0:
             return []
