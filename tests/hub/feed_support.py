@@ -11,14 +11,16 @@ change and heartbeats after ``wait``; ``forced`` answers go out first, as they a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import ssl
-from collections.abc import Mapping
+import threading
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
@@ -38,6 +40,7 @@ from provisioning.registry.feeddoc import (
 from provisioning.registry.view import Revocation
 from tests.integration.fleet import TRUST_DOMAIN, Fleet
 
+_T = TypeVar("_T")
 GATEWAY = "localhost"  # the gateway name of device_sim.lab.make_pki's server certificate
 
 
@@ -201,3 +204,36 @@ def signed_by_device(fleet: Fleet, device_id: str) -> Signer:
 
 def cache_path(root: Path) -> Path:
     return root / "fleet-state.json"
+
+
+class ThreadedFeed:
+    """A :class:`FeedServer` on its own event loop in a thread, for a hub in another process."""
+
+    def __init__(self, fleet: Fleet, signer: Signer, first: FeedState) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="feed server",
+                                        daemon=True)
+        self._thread.start()
+        self.server = self.run(_make(fleet, signer, first))
+        self.url = self.server.url
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = 30.0) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def publish(self, new: FeedState) -> None:
+        self.loop.call_soon_threadsafe(self.server.publish, new)
+
+    def stop_server(self) -> None:
+        self.run(self.server.stop())
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop_server()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+async def _make(fleet: Fleet, signer: Signer, first: FeedState) -> FeedServer:
+    return await FeedServer(fleet, signer, first).start()
