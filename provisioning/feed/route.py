@@ -20,6 +20,7 @@ before any device). What gets audited is :mod:`provisioning.feed.auditing`'s cho
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -41,6 +42,7 @@ from provisioning.registry.feeddoc import (
     document,
     encode_jws,
 )
+from provisioning.registry.view import FleetViewError
 
 __all__ = ["MAX_WAIT_SECONDS", "AuditNote", "FeedRoute"]
 
@@ -127,7 +129,8 @@ class FeedRoute:
         if isinstance(found, Refusal):
             return found
         if found.serial not in follower.gateways:  # issued a moment ago? read once more
-            await follower.refresh_gateways()
+            with contextlib.suppress(FleetViewError):  # logged by the follower's own reads
+                await follower.refresh_gateways()
         return issued_by_ca(found, follower.gateways) or found
 
     def _issued_now(self, gateway: str) -> str:
