@@ -18,7 +18,8 @@ from hub.gatekeeper import Gatekeeper
 from hub.identity import DeviceIdentity
 from hub.metrics import Metrics, MetricsServer
 from hub.revocation import RevocationWatcher, Snapshot, SourceState, load_ca_bundle
-from hub.revocation.feed import FeedSource, FeedStatus
+from hub.revocation.feed import FeedSource
+from hub.revocation.feed_state import FeedStatus
 from hub.trust import TrustDomain, feed_gateway, resolve_trust_domain
 
 log = logging.getLogger("hub")

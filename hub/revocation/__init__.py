@@ -26,8 +26,9 @@ Modules:
   :mod:`~hub.revocation.crl`: CRL verification and the rollback / stale-on-arrival rules;
 - :mod:`~hub.revocation.feed`: FeedSource (the long-poll, state, age, health), with
   :mod:`~hub.revocation.feed_client` (HTTPS with the gateway certificate),
-  :mod:`~hub.revocation.feed_verify` (the acceptance rules, each refusal named) and
-  :mod:`~hub.revocation.feed_cache` (the last good state on disk);
+  :mod:`~hub.revocation.feed_verify` (the acceptance rules, each refusal named),
+  :mod:`~hub.revocation.feed_cache` (the last good state on disk) and
+  :mod:`~hub.revocation.feed_state` (the state as the watcher and /healthz take it);
 - :mod:`~hub.revocation.memory`: MemorySource, an in-memory source for tests;
 - :mod:`~hub.revocation.watcher`: RevocationWatcher, which polls them and publishes the union.
 """

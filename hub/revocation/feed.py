@@ -27,25 +27,20 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
-from cryptography import x509
-
-from hub.config import RevocationConfig
-from hub.errors import ConfigError, FeedGapError, FeedRefusedError, SourceError
+from hub.errors import FeedGapError, FeedRefusedError, SourceError
 from hub.revocation.feed_cache import FeedCache
 from hub.revocation.feed_client import FeedClient
+from hub.revocation.feed_state import FeedStatus, source_data
 from hub.revocation.feed_verify import REASONS, FeedVerifier, issued_time
 from hub.revocation.model import SourceData, SourceHealth, SourceState, one_line
 from hub.revocation.sources import PolledSource
-from hub.trust import gateway_identity
 from provisioning.registry.feeddoc import Document, FeedState, apply
 
-__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "START_BUDGET_S", "WAIT_SECONDS", "FeedSource",
-           "FeedStatus", "feed_source", "source_data"]
+__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "START_BUDGET_S", "WAIT_SECONDS", "FeedSource"]
 
 logger = logging.getLogger("hub.revocation")
 
@@ -55,7 +50,6 @@ BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 10.0
 CACHE_REFRESH_S: Final = 3600.0  # a heartbeat rewrites the cache when its issued is this old
 REFUSAL_LOG_S: Final = 60.0  # one WARNING per refusal reason per minute, however many
-_CERT_REASONS: Final = {"revoked": "revoked", "on_hold": "on-hold"}
 # What a refusal says in health and audit: fixed per reason, so one line per change of state.
 _REFUSED_TEXT: Final = {
     "envelope": "not the feed's JWS envelope (truncated?)",
@@ -67,46 +61,6 @@ _REFUSED_TEXT: Final = {
     "rollback": "its version goes back",
     "replay": "it was issued no later than the last one accepted",
 }
-
-
-def source_data(state: FeedState, *, certificates: bool) -> SourceData:
-    """The hub's view of a feed state, as the registry source gives it (worker thread)."""
-    revoked = {serial: _CERT_REASONS.get(entry.status, "revoked")
-               for serial, entry in state.revoked.items()}
-    devices: dict[str, str] = {}
-    hashes: dict[str, str] = {}
-    groups: dict[str, str] = {}
-    listed: dict[str, frozenset[int]] | None = {} if certificates else None
-    for device_id, device in state.devices.items():
-        if device.status != "active":
-            devices[device_id] = "revoked" if device.status == "revoked" else "suspended"
-        if device.password_hash is not None:
-            hashes[device_id] = device.password_hash
-        if device.group is not None:
-            groups[device_id] = device.group
-        if listed is not None and device.certificates:
-            listed[device_id] = frozenset(device.certificates)
-    return SourceData(revoked, devices, hashes, groups, certificates=listed)
-
-
-@dataclass(frozen=True, slots=True)
-class FeedStatus:
-    """The feed as ``/healthz`` and ``/metrics`` show it."""
-
-    url: str
-    gateway: str
-    version: int  # of the state in force; 0: none
-    issued: str | None  # of the last document accepted
-    state_age_seconds: float | None
-    max_age_seconds: float
-    stale: bool
-    refused: Mapping[str, int]  # reason -> documents refused
-
-    def as_json(self) -> dict[str, object]:
-        return {"url": self.url, "gateway": self.gateway, "version": self.version,
-                "issued": self.issued, "state_age_seconds": self.state_age_seconds,
-                "max_age_seconds": self.max_age_seconds, "stale": self.stale,
-                "refused": dict(self.refused)}
 
 
 class _Taken(NamedTuple):
@@ -314,19 +268,3 @@ class FeedSource(PolledSource):
                                exc.strerror or exc)
                 return
             self._cached_at = issued_at
-
-
-def feed_source(config: RevocationConfig, ca_certs: Sequence[x509.Certificate], cadata: str,
-                *, certificates: bool) -> FeedSource:
-    """The ``feed`` source of *config*, as the gateway its ``feed_cert`` names."""
-    assert config.feed is not None  # noqa: S101 - the caller checks
-    cert, key = config.feed_cert, config.feed_key
-    if cert is None or key is None or (found := gateway_identity(cert)) is None:
-        raise ConfigError(None, "revocation.feed_cert", f"{cert} carries no (single) SAN URI "
-                          "spiffe://<trust-domain>/gateway/<name>")
-    domain, gateway = found
-    cache = (None if config.feed_cache is None
-             else FeedCache(config.feed_cache, domain, gateway))
-    return FeedSource(FeedClient(config.feed, cert, key, cadata),
-                      FeedVerifier(ca_certs, domain, gateway), cache,
-                      max_age_seconds=config.max_age_seconds, certificates=certificates)

@@ -20,13 +20,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from hub.config import RevocationConfig
-from hub.errors import RevocationError
+from hub.errors import ConfigError, RevocationError
 from hub.revocation.crl import CrlVerifier
 from hub.revocation.crl_sources import CrlFileSource, CrlUrlSource
-from hub.revocation.feed import FeedSource, feed_source
+from hub.revocation.feed import FeedSource
+from hub.revocation.feed_cache import FeedCache
+from hub.revocation.feed_client import FeedClient
+from hub.revocation.feed_verify import FeedVerifier
 from hub.revocation.model import EMPTY_SNAPSHOT, Snapshot, SourceCallback, SourceHealth, one_line
 from hub.revocation.registry import RegistrySource
 from hub.revocation.sources import RevocationSource
+from hub.trust import gateway_identity
 
 __all__ = ["FAST_POLL_SECONDS", "RevocationWatcher", "configured_sources"]
 
@@ -53,8 +57,24 @@ def configured_sources(config: RevocationConfig, ca_certs: Sequence[x509.Certifi
     if config.crl_url is not None:
         sources.append(CrlUrlSource(config.crl_url, verifier, cadata))
     if config.feed is not None:
-        sources.append(feed_source(config, ca_certs, cadata, certificates=certificates))
+        sources.append(feed_source(config, config.feed, ca_certs, cadata,
+                                   certificates=certificates))
     return sources
+
+
+def feed_source(config: RevocationConfig, feed: str, ca_certs: Sequence[x509.Certificate],
+                cadata: str, *, certificates: bool) -> FeedSource:
+    """The ``feed`` source of *config*, as the gateway its ``feed_cert`` names."""
+    cert, key = config.feed_cert, config.feed_key
+    if cert is None or key is None or (found := gateway_identity(cert)) is None:
+        raise ConfigError(None, "revocation.feed_cert", f"{cert} carries no (single) SAN URI "
+                          "spiffe://<trust-domain>/gateway/<name>")
+    domain, gateway = found
+    cache = (None if config.feed_cache is None
+             else FeedCache(config.feed_cache, domain, gateway))
+    return FeedSource(FeedClient(feed, cert, key, cadata),
+                      FeedVerifier(ca_certs, domain, gateway), cache,
+                      max_age_seconds=config.max_age_seconds, certificates=certificates)
 
 
 class RevocationWatcher:
