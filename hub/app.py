@@ -56,7 +56,11 @@ async def serve_hub(config: HubConfig, *, ready: Callable[[HubBroker], None] | N
 
 
 def _reload_tls(broker: HubBroker, config: HubConfig) -> None:
-    """SIGHUP: re-read server.pem/server.key/client_ca for new connections (rotation)."""
+    """SIGHUP: re-read server.pem/server.key/client_ca for new connections (rotation), and
+    feed_cert/feed_key for the feed's next request."""
+    feed = broker.hub_runtime.feed
+    if feed is not None:
+        feed.reload_tls()
     try:
         broker.listener.replace_context(server_context(config.listener))
     except (OSError, ssl.SSLError) as exc:

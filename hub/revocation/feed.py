@@ -142,6 +142,10 @@ class FeedSource(PolledSource):
                 await saver
         await self._client.close()
 
+    def reload_tls(self) -> None:
+        """Re-read feed_cert/feed_key (a rotated gateway certificate) for the next request."""
+        self._client.reload()
+
     def stale(self, now: float) -> bool:
         return self._issued_at is not None and now - self._issued_at > self._max_age
 

@@ -45,9 +45,18 @@ class FeedClient:
         self.url = url
         self._cert, self._key, self._cadata = cert, key, cadata
         self._session: aiohttp.ClientSession | None = None
+        self._reload = False
+
+    def reload(self) -> None:
+        """The next request reads the certificate, key and trust again (a request in flight
+        finishes on its connection)."""
+        self._reload = True
 
     async def fetch(self, since: int, wait: float) -> bytes:
         """The body of a 200 answer to ``since``/``wait``; SourceError for anything else."""
+        if self._reload:
+            self._reload = False
+            await self.close()
         if self._session is None:
             context = await asyncio.to_thread(_tls_context, self._cadata, self._cert,
                                               self._key)

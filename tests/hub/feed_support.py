@@ -127,6 +127,7 @@ class FeedServer:
         self.forced: list[bytes | int] = []  # sent before the model answers: a body, or a status
         self.requests: list[tuple[int, str]] = []  # (since, wait) as the hub asked
         self.peers: list[str | None] = []  # each request's client certificate's SPIFFE URI
+        self.serials: list[str | None] = []  # and its serial number (hex, as ssl gives it)
         self._changed = asyncio.Event()
         self._asked = asyncio.Condition()
         self._tls = server_tls(fleet)
@@ -154,6 +155,7 @@ class FeedServer:
         peer = request.transport.get_extra_info("peercert") if request.transport else None
         self.peers.append(next((value for kind, value in (peer or {}).get("subjectAltName", ())
                                 if kind == "URI"), None))
+        self.serials.append((peer or {}).get("serialNumber"))
         async with self._asked:
             self.requests.append((since, request.query.get("wait", "")))
             self._asked.notify_all()

@@ -35,6 +35,7 @@ from hub.revocation.feed import FeedSource
 from hub.revocation.feed_cache import FeedCache
 from hub.revocation.feed_client import FeedClient
 from hub.revocation.feed_verify import FeedVerifier
+from provisioning.authority import Authority
 from provisioning.registry.feeddoc import Device, b64url, b64url_decode
 from tests.hub.feed_support import (
     GATEWAY,
@@ -67,9 +68,11 @@ def ca(fleet: Fleet) -> Signer:
 
 
 def make_source(fleet: Fleet, url: str, cache: Path | None, *, max_age: float = 86400,
-                start_budget: float = 10.0) -> FeedSource:
-    """The hub's feed source as configured from hub.toml, with a short wait."""
-    client = FeedClient(url, fleet.pki / "server.pem", fleet.pki / "server.key",
+                start_budget: float = 10.0, identity: Path | None = None) -> FeedSource:
+    """The hub's feed source as configured from hub.toml, with a short wait; its gateway
+    certificate is the PKI's server.pem/server.key, or those in the folder *identity*."""
+    folder = identity or fleet.pki
+    client = FeedClient(url, folder / "server.pem", folder / "server.key",
                         fleet.ca.read_text())
     verifier = FeedVerifier(load_ca_bundle(fleet.ca), TRUST_DOMAIN, GATEWAY)
     return FeedSource(client, verifier,
@@ -337,5 +340,34 @@ def test_past_max_age_the_state_is_stale_and_still_enforced(
                 assert watch.watcher.healthy
         finally:
             await server.stop()
+
+    _run(scenario())
+
+
+def test_reload_tls_presents_a_rotated_gateway_certificate_on_the_next_request(
+        fleet: Fleet, ca: Signer, tmp_path: Path) -> None:
+    """SIGHUP's part for the feed: server.pem/server.key re-issued, reload_tls(), and the next
+    request carries the new certificate (the one in flight finishes on its connection)."""
+    identity = tmp_path / "gw"
+    identity.mkdir()
+    with Authority(fleet.pki) as authority:
+        authority.server_cert(GATEWAY, ["127.0.0.1"], identity)
+
+    async def scenario() -> None:
+        server = await FeedServer(fleet, ca, V1).start()
+        try:
+            source = make_source(fleet, server.url, None, identity=identity)
+            async with watching(source) as watch:
+                await server.wait_requests(2)
+                with Authority(fleet.pki) as authority:
+                    authority.server_cert(GATEWAY, ["127.0.0.1"], identity)
+                source.reload_tls()
+                server.publish(V2)
+                await watch.change()
+                await server.wait_requests(3)
+        finally:
+            await server.stop()
+        assert server.serials[0] == server.serials[1]
+        assert server.serials[2] != server.serials[1]
 
     _run(scenario())
