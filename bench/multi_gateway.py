@@ -10,15 +10,17 @@ load in its own process) are dealt out round-robin (device i to gateway i mod N,
 1. idle: the CA service's CPU (its process and its CA worker) over ``--idle-seconds`` with
    every gateway long-polling, less its CPU alone before the gateways came, per gateway and
    idle hour; the heartbeat's size.
-2. revoke ``--revoke`` devices spread over every gateway in one ``fleet-provision revoke``
+2. ``--changes`` times ``group set`` of one device (a feed change, no kick): how long until
+   every gateway's /healthz shows it, and the gateways' CPU per change at this fleet size.
+3. revoke ``--revoke`` devices spread over every gateway in one ``fleet-provision revoke``
    call (its code path, ``provisioning.cli.main``, in this process, so that its return is
    stamped right after the commit): time from the call's return to each device's EOF (p50,
    p99, max; negative when a gateway kicked before the command had printed), every one cut
    off, no other device disconnected; the delta document's size per revoked device (read
    by an extra gateway certificate, ``gw-observer``, as every gateway reads it).
-3. suspend then resume ``--suspend`` devices, one at a time: suspend -> EOF, resume -> the
+4. suspend then resume ``--suspend`` devices, one at a time: suspend -> EOF, resume -> the
    first admitted reconnect (retried at once while refused); the max of each.
-4. CA outage of ``--outage-seconds``: the CA service stopped (``--outage-mode stop``, SIGTERM;
+5. CA outage of ``--outage-seconds``: the CA service stopped (``--outage-mode stop``, SIGTERM;
    ``pause``: SIGSTOP, connections hang). Twice during it, at each gateway, a device never
    connected yet must be admitted and a revoked one refused. Then a new CA service on the
    same port and, as soon as it is ready, one device per gateway revoked in one call: the
@@ -43,17 +45,27 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from _brokers import TRUST_DOMAIN, FeedReader, enroll, tree_cpu_seconds
-from _mqtt_load import DeviceCreds, LoadProcess, percentile, raise_nofile, summarize
+from _mqtt_load import (
+    DeviceCreds,
+    LoadProcess,
+    cpu_seconds,
+    percentile,
+    raise_nofile,
+    summarize,
+)
 
 from device_sim.brokers import assign
 from device_sim.lab import (
     CAServiceProcess,
     Gateways,
+    HubProcess,
     gateway_name,
     make_pki,
     write_gateway_config,
@@ -138,6 +150,7 @@ class Bench:
                       f"{self.figures['gateways_start_s']} s")
                 self.connect(hubs.endpoints)
                 self.idle(baseline)
+                self.change_cost(hubs.hubs)
                 revoked = self.revoke()
                 self.suspend_resume(revoked)
                 self.outage(revoked)
@@ -199,6 +212,38 @@ class Bench:
               f"{self.figures['ca_cpu_s_per_gateway_idle_hour']} s per gateway per idle hour; "
               f"snapshot {snapshot} B, heartbeat {heartbeat} B")
 
+    def change_cost(self, hubs: list[HubProcess]) -> None:
+        """``group set`` of one connected device, --changes times (no kick, one feed change
+        each): the time until every gateway's /healthz shows it, and the gateways' CPU per
+        change (verify, apply, cache write: what grows with the fleet's size)."""
+        times: list[float] = []
+        for k in range(self.args.changes):
+            versions = [revocation_version(h) for h in hubs]
+            returned = provision("group", "set", "--pki", str(self.pki), "--group",
+                                 f"bench-{k}", self.devices[k].device_id)
+            pending = dict(enumerate(versions))
+            while pending and time.monotonic() - returned < 10:
+                time.sleep(0.005)
+                pending = {i: v for i, v in pending.items()
+                           if revocation_version(hubs[i]) <= v}
+            times.append(time.monotonic() - returned if not pending else math.inf)
+        # The CPU apart, without /healthz polls: the same changes again, a second apart.
+        cpu_before = sum(cpu_seconds(h.pid) for h in hubs)
+        for k in range(self.args.changes):
+            provision("group", "set", "--pki", str(self.pki), "--group", f"bench-again-{k}",
+                      self.devices[k].device_id)
+            time.sleep(1.0)
+        per_change = (sum(cpu_seconds(h.pid) for h in hubs) - cpu_before) / self.args.changes
+        self.figures.update({
+            "change_to_all_gateways_max_s": _s(max(times)),
+            "change_to_all_gateways_p50_s": _s(percentile(times, 50)),
+            "gateway_cpu_ms_per_change": round(1000 * per_change / len(hubs), 1)})
+        print(f"{len(times)} group changes: every gateway had each within p50 "
+              f"{self.figures['change_to_all_gateways_p50_s']} s, max "
+              f"{self.figures['change_to_all_gateways_max_s']} s (healthz polled); gateway CPU "
+              f"{self.figures['gateway_cpu_ms_per_change']} ms per change each "
+              f"({len(self.devices)} devices in the state)")
+
     def revoke(self) -> list[DeviceCreds]:
         assert self.load is not None
         victims = spread(self.devices, self.args.gateways, self.args.revoke, set())
@@ -257,6 +302,7 @@ class Bench:
             admits.append(self.admitted(device, returned, within=5.0))
         self.figures.update({
             "suspended": len(chosen),
+            "suspend_kick_s": [_s(k) for k in kicks], "resume_admit_s": [_s(a) for a in admits],
             "suspend_kick_max_s": _s(max(kicks)), "resume_admit_max_s": _s(max(admits)),
             "suspend_kicked": sum(k != math.inf for k in kicks),
             "resume_admitted": sum(a != math.inf for a in admits)})
@@ -333,6 +379,17 @@ class Bench:
               f"{self.figures['catch_up_max_s']} s from the revoke's return")
 
 
+def revocation_version(hub: HubProcess) -> int:
+    """The hub's revocation version on /healthz (it grows with every change it takes)."""
+    url = f"http://127.0.0.1:{hub.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(json.loads(response.read())["revocation_version"])
+    except urllib.error.HTTPError as failure:  # 503 still has the body
+        with failure:
+            return int(json.loads(failure.read())["revocation_version"])
+
+
 def _s(value: float | None) -> float | None:
     return None if value is None or math.isinf(value) else round(value, 3)
 
@@ -359,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=5000)
     parser.add_argument("--revoke", type=int, default=100)
     parser.add_argument("--suspend", type=int, default=10)
+    parser.add_argument("--changes", type=int, default=5, help="group changes timed")
     parser.add_argument("--outage-seconds", type=float, default=30.0)
     parser.add_argument("--outage-mode", choices=("stop", "pause"), default="stop")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
