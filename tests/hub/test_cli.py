@@ -139,3 +139,20 @@ def test_check_refuses_a_feed_cert_without_a_gateway_uri(pki: Path, tmp_path: Pa
     assert done.stderr.startswith(f"error: revocation.feed_cert: {pki}/ca-chain.pem carries no "
                                   "(single) SAN URI spiffe://<trust-domain>/gateway/<name>")
     assert done.stderr.count("\n") == 1
+
+
+def test_serve_refuses_a_trust_domain_that_is_not_the_feed_certificates(
+        pki: Path, tmp_path: Path) -> None:
+    """The feed's documents are checked against feed_cert's domain: another configured
+    domain is exit 2 naming auth.trust_domain, before the CA is asked anything."""
+    with Authority(pki) as authority:
+        authority.server_cert("localhost", ["127.0.0.1"], pki)
+    config = _config(tmp_path, pki, '[auth]\ntrust_domain = "other.test"\n').read_text()
+    config = config.replace(f'registry = "{pki}/registry.db"',
+                            'feed = "https://127.0.0.1:9/feed"')
+    (tmp_path / "hub.toml").write_text(config)
+    done = _hub("serve", "--config", tmp_path / "hub.toml")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        "error: auth.trust_domain: other.test (from auth.trust_domain) is not the trust domain "
+        f"of revocation.feed_cert (fleet.test) ({tmp_path / 'hub.toml'})")
