@@ -371,3 +371,46 @@ def test_reload_tls_presents_a_rotated_gateway_certificate_on_the_next_request(
         assert server.serials[2] != server.serials[1]
 
     _run(scenario())
+
+
+V3 = state(3, dict(V2.devices), {**V2.revoked, 0xC3: revoked("d3")})
+
+
+@pytest.mark.parametrize(("answer", "down"), [
+    pytest.param("http-403", "the CA answered HTTP 403: forced refusal", id="http-403"),
+    pytest.param("truncated", "refused a document (envelope): not the feed's JWS envelope "
+                 "(truncated?)", id="truncated"),
+    pytest.param("rollback", "refused a document (rollback): its version goes back",
+                 id="rollback"),
+    pytest.param("other-gateway", "refused a document (gateway): it was served to another "
+                 "gateway", id="other-gateway"),
+])
+def test_a_bad_answer_keeps_the_state_and_the_next_good_one_is_taken(
+        fleet: Fleet, ca: Signer, answer: str, down: str) -> None:
+    """Whatever is wrong with one answer, the state in force stays (here: version 3, d3's
+    revocation) and the source says why, once; the next good answer brings it back up."""
+
+    async def scenario() -> None:
+        server = await FeedServer(fleet, ca, V2).start()
+        try:
+            async with watching(make_source(fleet, server.url, None)) as watch:
+                await server.wait_requests(2)
+                bad: dict[str, bytes | int] = {
+                    "http-403": 403,
+                    "truncated": ca.sign(snapshot(V3, server.issued.next()))[:-20],
+                    "rollback": ca.sign(snapshot(V1, server.issued.next())),
+                    "other-gateway": ca.sign(snapshot(V3, server.issued.next(), "gw-2")),
+                }
+                server.forced.append(bad[answer])
+                server.publish(V3)  # the waiting request takes 2 -> 3; the next is the bad one
+                assert refusal(await watch.change(), 0xC3, "d3") == "revoked"
+                assert await watch.state(SourceState.DOWN) == down
+                assert refusal(watch.watcher.snapshot, 0xC3, "d3") == "revoked"
+                assert watch.source.version == 3
+                await watch.state(SourceState.UP)
+                counted = sum(watch.source.refused.values())
+                assert counted == (0 if answer == "http-403" else 1)
+        finally:
+            await server.stop()
+
+    _run(scenario())
