@@ -50,3 +50,32 @@ def test_quickstart_keep_leaves_the_folder_with_the_hub_audit(tmp_path: Path) ->
         assert len(kicked) == result.report["revocation"]["revoked"]
     finally:
         shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_quickstart_with_gateways_fed_by_the_ca(tmp_path: Path) -> None:
+    """--gateways 2: the CA service and two hubs that know the fleet only from its feed;
+    the devices are spread over both, the attacks run at each, every revoked device is cut
+    off by its own gateway; the report names each gateway."""
+    result = fleet_sim("quickstart", "--devices", "12", "--gateways", "2", "--keep",
+                       report=tmp_path / "q.json")
+    assert result.code == 0, result.stdout + result.stderr
+    report = result.report
+    assert report is not None
+    kept = Path(report["enrollment"]["fleet_dir"]).parent.parent
+    try:
+        assert report["passed"] is True
+        rows = report["brokers"]
+        assert [r["gateway"] for r in rows] == ["gw-1", "gw-2"]
+        assert [(r["devices"], r["connected"]) for r in rows] == [(6, 6), (6, 6)]
+        assert sum(r["revoked"] for r in rows) == report["revocation"]["revoked"] == 1
+        assert all(r["revoked"] == r["disconnected"] == r["reconnects_refused"] for r in rows)
+        names = {s["name"] for s in report["scenarios"]}
+        for row in rows:
+            assert f"revoked-before-connect@{row['broker']}" in names
+            config = (kept / row["gateway"] / "hub.toml").read_text()
+            assert "feed = " in config
+            assert "registry" not in config
+        assert "gw-1 (127.0.0.1:" in result.stdout
+        assert "stopping the CA service" in result.stderr
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
