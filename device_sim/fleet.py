@@ -41,6 +41,7 @@ from device_sim.worker import (
     Counters,
     WorkerPlan,
     WorkerResult,
+    apportion,
     new_loop,
     on_loopback,
     raise_nofile,
@@ -323,16 +324,7 @@ class _Parent:
 
     def _shares(self, total: int) -> list[int]:
         """Split *total* over the workers in proportion to their live devices."""
-        live = [k.counters.connected for k in self.links]
-        whole = sum(live)
-        if whole == 0:
-            return [0] * len(live)
-        exact = [total * n / whole for n in live]
-        shares = [int(x) for x in exact]
-        order = sorted(range(len(live)), key=lambda i: exact[i] - shares[i], reverse=True)
-        for i in order[:total - sum(shares)]:
-            shares[i] += 1
-        return shares
+        return apportion(total, [k.counters.connected for k in self.links])
 
     async def _revocation(self) -> None:
         s = self.settings

@@ -130,6 +130,20 @@ def source_address(ordinal: int) -> str:
     return f"127.{1 + (net >> 8)}.{net & 255}.{host + 1}"
 
 
+def apportion(total: int, sizes: list[int]) -> list[int]:
+    """*total* (at most sum(sizes)) split in proportion to *sizes*, largest remainders first."""
+    whole = sum(sizes)
+    total = min(total, whole)
+    if total <= 0:
+        return [0] * len(sizes)
+    exact = [total * n / whole for n in sizes]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in order[:total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def watch_pipe(loop: asyncio.AbstractEventLoop, conn: Connection,
                callback: Callable[[], None]) -> None:
     """Call *callback* when *conn* is readable, keeping the pipe blocking.
@@ -203,14 +217,17 @@ class _Worker:
             self.stop.set()
 
     def pick(self, want: int) -> list[str]:
-        # In fleet order: evenly spread over the ordinals is evenly spread over the brokers.
-        connected = sorted((d for d, dev in self.live.items() if dev.connected),
-                           key=lambda d: self.ordinals[d])
-        want = min(want, len(connected))
-        if want <= 0:
-            return []
-        step = len(connected) / want
-        chosen = [connected[int(i * step)] for i in range(want)]
+        """*want* connected devices: each broker's share in proportion to its connected
+        devices, evenly spread over its devices in fleet order."""
+        groups: dict[str, list[str]] = {}
+        for device_id in sorted((d for d, dev in self.live.items() if dev.connected),
+                                key=lambda d: self.ordinals[d]):
+            groups.setdefault(self.records[device_id].broker, []).append(device_id)
+        chosen: list[str] = []
+        for ids, share in zip(groups.values(), apportion(want, [len(g) for g in
+                                                                groups.values()]),
+                              strict=True):
+            chosen += [ids[int(i * len(ids) / share)] for i in range(share)]
         for device_id in chosen:
             self.revoking.add(device_id)
             self.records[device_id].revoked = True

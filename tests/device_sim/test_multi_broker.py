@@ -19,6 +19,7 @@ import pytest
 from device_sim.brokers import assign, parse_brokers
 from device_sim.errors import UsageError
 from device_sim.lab import HubProcess, write_hub_config
+from device_sim.worker import apportion
 from tests.device_sim.conftest import Lab, SimRun, fleet_sim
 
 
@@ -43,6 +44,15 @@ def test_devices_are_dealt_out_round_robin() -> None:
     """Device i goes to broker i mod n, whatever process plays it."""
     brokers = [("a", 1), ("b", 2), ("c", 3)]
     assert [assign(i, brokers)[0] for i in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_revocations_are_apportioned_over_the_brokers() -> None:
+    """A worker's picks are split over its brokers in proportion to their live devices,
+    largest remainders first (25 of 10 x 50: five brokers give 3, five give 2)."""
+    assert apportion(25, [50] * 10) == [3] * 5 + [2] * 5
+    assert apportion(3, [1, 0, 5]) == [1, 0, 2]
+    assert apportion(9, [2, 2]) == [2, 2]
+    assert apportion(0, [4]) == [0]
 
 
 def test_cli_rejects_a_broker_named_twice(lab: Lab, tmp_path: Path) -> None:
