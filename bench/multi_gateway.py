@@ -58,6 +58,7 @@ from _mqtt_load import (
     cpu_seconds,
     percentile,
     raise_nofile,
+    rss_kib,
     summarize,
 )
 
@@ -112,7 +113,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace, root: Path) -> None:
         self.args = args
         self.root = root
-        self.figures: dict[str, Any] = {"gateways": args.gateways, "devices": args.devices}
+        self.figures: dict[str, Any] = {"gateways": args.gateways, "devices": args.devices,
+                                        "registered_extra": args.registered_extra}
         self.pki = make_pki(root, trust_domain=TRUST_DOMAIN, organisation="Bench Org",
                             actor=None)
         (root / "devices").mkdir()
@@ -122,8 +124,14 @@ class Bench:
         self.spares = enroll(self.pki, root / "devices",
                              [f"spare-{g}-{k}" for g in range(args.gateways)
                               for k in range(SPARES)])
-        print(f"fleet: {len(self.devices)} devices and {len(self.spares)} spares enrolled in "
+        for start in range(0, args.registered_extra, 10_000):  # in the state, never online
+            enroll(self.pki, root / "devices",
+                   [f"idle-{i:07d}" for i in range(start, min(args.registered_extra,
+                                                             start + 10_000))])
+        print(f"fleet: {len(self.devices)} devices, {len(self.spares)} spares and "
+              f"{args.registered_extra} never connected enrolled in "
               f"{time.monotonic() - started:.1f} s (not timed)")
+        self.state_devices = len(self.devices) + len(self.spares) + args.registered_extra
         with Authority(self.pki, actor="bench") as authority:
             authority.server_cert("gw-observer", ["127.0.0.1"], root / "observer")
         self.ca: CAServiceProcess | None = None
@@ -150,6 +158,8 @@ class Bench:
                       f"{self.figures['gateways_start_s']} s")
                 self.connect(hubs.endpoints)
                 self.idle(baseline)
+                self.figures["gateway_rss_mib"] = round(
+                    sum(rss_kib(h.pid) for h in hubs) / len(hubs) / 1024, 1)
                 self.change_cost(hubs.hubs)
                 revoked = self.revoke()
                 self.suspend_resume(revoked)
@@ -205,7 +215,7 @@ class Bench:
             "ca_cpu_s_per_idle_hour": round(per_hour, 2),
             "ca_cpu_s_per_gateway_idle_hour": round(max(0.0, per_hour - baseline) / g, 3),
             "snapshot_bytes": snapshot, "snapshot_status": status,
-            "snapshot_bytes_per_device": round(snapshot / len(self.devices), 1),
+            "snapshot_bytes_per_device": round(snapshot / self.state_devices, 1),
             "heartbeat_bytes": heartbeat})
         print(f"idle {self.args.idle_seconds:g} s: CA CPU {per_hour:.1f} s per hour with {g} "
               f"gateways ({baseline:.1f} s alone): "
@@ -242,7 +252,9 @@ class Bench:
               f"{self.figures['change_to_all_gateways_p50_s']} s, max "
               f"{self.figures['change_to_all_gateways_max_s']} s (healthz polled); gateway CPU "
               f"{self.figures['gateway_cpu_ms_per_change']} ms per change each "
-              f"({len(self.devices)} devices in the state)")
+              f"({self.state_devices} devices in the state, gateway RSS "
+              f"{self.figures['gateway_rss_mib']} MiB with {len(self.devices) // len(hubs)} "
+              "connected)")
 
     def revoke(self) -> list[DeviceCreds]:
         assert self.load is not None
@@ -417,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revoke", type=int, default=100)
     parser.add_argument("--suspend", type=int, default=10)
     parser.add_argument("--changes", type=int, default=5, help="group changes timed")
+    parser.add_argument("--registered-extra", type=int, default=0, metavar="N",
+                        help="N more devices enrolled, never connected: a bigger fleet state")
     parser.add_argument("--outage-seconds", type=float, default=30.0)
     parser.add_argument("--outage-mode", choices=("stop", "pause"), default="stop")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
