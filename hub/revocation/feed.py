@@ -47,7 +47,7 @@ logger = logging.getLogger("hub.revocation")
 WAIT_SECONDS: Final = 30.0  # the long-poll's wait; tests pass a shorter one
 START_BUDGET_S: Final = 30.0  # with no cache: how long start waits for the first snapshot
 BACKOFF_MIN_S: Final = 0.5
-BACKOFF_MAX_S: Final = 10.0
+BACKOFF_MAX_S: Final = 1.0  # a CA back after an outage is followed within ~1 s
 CACHE_REFRESH_S: Final = 3600.0  # a heartbeat rewrites the cache when its issued is this old
 REFUSAL_LOG_S: Final = 60.0  # one WARNING per refusal reason per minute, however many
 # What a refusal says in health and audit: fixed per reason, so one line per change of state.
