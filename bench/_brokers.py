@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _mqtt_load import DeviceCreds, cpu_seconds
+from _mqtt_load import DeviceCreds, cpu_seconds, rss_kib
 
 from device_sim.lab import (
     AMQTT_READY,
@@ -163,6 +163,17 @@ def tree_cpu_seconds(pid: int) -> float:
         try:
             total += cpu_seconds(one)
         except (OSError, ValueError):
+            continue
+    return total
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of *pid* and every live descendant, KiB."""
+    total = 0
+    for one in [pid, *_children(pid)]:
+        try:
+            total += rss_kib(one)
+        except (OSError, RuntimeError):
             continue
     return total
 

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _brokers import TRUST_DOMAIN, FeedReader, enroll, tree_cpu_seconds
+from _brokers import TRUST_DOMAIN, FeedReader, enroll, tree_cpu_seconds, tree_rss_kib
 from _mqtt_load import (
     DeviceCreds,
     LoadProcess,
@@ -161,6 +161,7 @@ class Bench:
                 self.idle(baseline)
                 self.figures["gateway_rss_mib"] = round(
                     sum(rss_kib(h.pid) for h in hubs) / len(hubs) / 1024, 1)
+                self.figures["ca_rss_mib"] = round(tree_rss_kib(self.ca.pid) / 1024, 1)
                 self.change_cost(hubs.hubs)
                 revoked = self.revoke()
                 self.suspend_resume(revoked)
@@ -258,7 +259,7 @@ class Bench:
               f"{self.figures['gateway_cpu_ms_per_change']} ms per change each "
               f"({self.state_devices} devices in the state, gateway RSS "
               f"{self.figures['gateway_rss_mib']} MiB with {len(self.devices) // len(hubs)} "
-              "connected)")
+              f"connected, CA service and worker {self.figures['ca_rss_mib']} MiB)")
 
     def revoke(self) -> list[DeviceCreds]:
         assert self.load is not None
