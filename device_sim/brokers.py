@@ -5,7 +5,9 @@ played as one fleet whose devices are dealt out round-robin by their index in th
 device *i* connects to broker ``i % n``, in every run and every process, so a device always
 meets the same gateway and a revoked device is expected to be cut off by its own. The
 attack scenarios run at every broker (each gateway must refuse on its own), named
-``scenario@HOST:PORT`` when there are several; with one broker nothing changes.
+``scenario@HOST:PORT`` when there are several; with one broker nothing changes. A
+revocation's picks are apportioned over the brokers (:func:`apportion`), so that each
+gateway cuts off its share.
 """
 
 from __future__ import annotations
@@ -70,3 +72,17 @@ def check_broker(host: str, port: int, timeout: float = 5.0) -> None:
 def scenario_name(name: str, broker: str, several: bool) -> str:
     """A scenario's name in the report: ``name@HOST:PORT`` when a run has several brokers."""
     return f"{name}@{broker}" if several else name
+
+
+def apportion(total: int, sizes: list[int]) -> list[int]:
+    """*total* (at most sum(sizes)) split in proportion to *sizes*, largest remainders first."""
+    whole = sum(sizes)
+    total = min(total, whole)
+    if total <= 0:
+        return [0] * len(sizes)
+    exact = [total * n / whole for n in sizes]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in order[:total - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from device_sim.abuse import AbuseKit, AbuseRunner, Limits
-from device_sim.brokers import Endpoint, check_broker, label, scenario_name
+from device_sim.brokers import Endpoint, apportion, check_broker, label, scenario_name
 from device_sim.display import Display
 from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
 from device_sim.errors import UsageError
@@ -41,7 +41,6 @@ from device_sim.worker import (
     Counters,
     WorkerPlan,
     WorkerResult,
-    apportion,
     new_loop,
     on_loopback,
     raise_nofile,

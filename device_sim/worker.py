@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from device_sim.brokers import assign, label
+from device_sim.brokers import apportion, assign, label
 from device_sim.device import SUBACK_FAILURE, Device, Outcome
 from device_sim.enroll import DeviceFiles
 from device_sim.transport import ClientTLS, Credentials, client_context
@@ -128,20 +128,6 @@ def source_address(ordinal: int) -> str:
     block = ordinal // DEVICES_PER_SOURCE
     net, host = divmod(block, 254)
     return f"127.{1 + (net >> 8)}.{net & 255}.{host + 1}"
-
-
-def apportion(total: int, sizes: list[int]) -> list[int]:
-    """*total* (at most sum(sizes)) split in proportion to *sizes*, largest remainders first."""
-    whole = sum(sizes)
-    total = min(total, whole)
-    if total <= 0:
-        return [0] * len(sizes)
-    exact = [total * n / whole for n in sizes]
-    shares = [int(x) for x in exact]
-    order = sorted(range(len(sizes)), key=lambda i: exact[i] - shares[i], reverse=True)
-    for i in order[:total - sum(shares)]:
-        shares[i] += 1
-    return shares
 
 
 def watch_pipe(loop: asyncio.AbstractEventLoop, conn: Connection,

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from device_sim.brokers import assign, parse_brokers
+from device_sim.brokers import apportion, assign, parse_brokers
 from device_sim.errors import UsageError
 from device_sim.lab import HubProcess, write_hub_config
-from device_sim.worker import apportion
 from tests.device_sim.conftest import Lab, SimRun, fleet_sim
 
 
