@@ -31,6 +31,14 @@ event: written once by ``fleet-provision init`` and sealed in the hash chain.
 :meth:`FleetView.gateways` lists the server (gateway) certificates the CA issued, from their
 ``server.issue`` events: the fleet-state feed serves only those (DESIGN section 9).
 
+:meth:`FleetView.follow` is the feed's incremental read: in one read transaction, the audit
+events after the head the caller last saw, classified by action (``QUIET_ACTIONS`` change
+nothing a gateway decides with; ``DEVICE_ACTIONS`` change only the rows of the event's
+device), then the current rows of just the devices they name (:class:`DeviceRows`), or the
+whole state when an event is of an action it does not know, names no device, the chain does
+not continue the caller's head, or too many devices moved. :attr:`FleetView.reads` counts
+what was read, for tests and benchmarks.
+
 The view does not watch the file itself: a registry replaced or overwritten under an open
 connection (another inode, size or mtime) must be reopened by the caller, as
 ``hub/revocation.py`` does. Every failure to read is a :class:`FleetViewError`.
@@ -40,8 +48,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, NamedTuple, TypeVar
@@ -58,13 +66,28 @@ from provisioning.registry.schema import (
 )
 from provisioning.serial import parse_serial
 
-__all__ = ["FleetState", "FleetView", "FleetViewError", "Position", "Revocation"]
+__all__ = ["DEVICE_ACTIONS", "QUIET_ACTIONS", "DeviceRows", "FleetState", "FleetView",
+           "FleetViewError", "Moves", "Position", "Reads", "Revocation"]
 
 TIMEOUT_S: Final = 5.0  # waiting for a writer's lock; a reader in WAL mode rarely waits
 _REFUSED: Final = "', '".join(REFUSED_CERT_STATUSES)  # constants: the f-string SQL is safe
 _VALID: Final = f"{CERT_ACTIVE}', '{CERT_SUPERSEDED}"
 SERVER_ISSUE_ACTION: Final = "server.issue"  # provisioning/servercert.py's audit event
 _T = TypeVar("_T")
+_CHUNK: Final = 500  # devices per "IN (...)" query (SQLite allows 999 parameters at least)
+
+# Every action the code base audits (grep "audit" provisioning/), by what it changes of the
+# state a gateway decides with. An enrollment's request record (est.enroll) changes nothing
+# itself: its rows come with their own device.* and certificate.* events, in the same
+# transaction. An action in neither set makes the feed read everything (a safe default).
+QUIET_ACTIONS: Final = frozenset({
+    PKI_INIT_ACTION, SERVER_ISSUE_ACTION, "crl.publish", "token.create", "token.revoke",
+    "http.request", "est.cacerts", "est.csrattrs", "est.enroll", "est.reenroll", "crl.fetch",
+    "ocsp.query", "feed.fetch"})
+DEVICE_ACTIONS: Final = frozenset({
+    "device.create", "device.group", "device.suspend", "device.resume", "device.revoke",
+    "device.password.set", "device.password.clear", "certificate.issue",
+    "certificate.supersede", "certificate.revoke"})
 
 
 class FleetViewError(RegistryError):
@@ -101,6 +124,36 @@ class FleetState:
     certificates: MappingProxyType[str, MappingProxyType[int, str]] | None = None
 
 
+class DeviceRows(NamedTuple):
+    """One device's rows as the feed lists them (a device with no row: active, nothing)."""
+
+    status: str
+    group: str | None
+    password_hash: str | None
+    certificates: MappingProxyType[int, str]  # valid serial -> active|superseded, issue order
+    refused: MappingProxyType[int, Revocation]  # its revoked or held serials
+
+
+@dataclass(frozen=True, slots=True)
+class Moves:
+    """What the audit events after a head changed, read in one transaction."""
+
+    position: Position
+    devices: Mapping[str, DeviceRows] | None  # the rows of each device named; None: everything
+    state: FleetState | None  # the whole state (certificates=True): when devices is None,
+    # or asked for (then both are of the same commit)
+
+
+@dataclass(slots=True)
+class Reads:
+    """What :meth:`FleetView.follow` read so far (counts only grow)."""
+
+    events: int = 0  # audit events read and classified
+    devices: int = 0  # devices whose rows were read one by one
+    full: int = 0  # reads of the whole state
+    by_action: dict[str, int] = field(default_factory=dict)  # events per action
+
+
 class FleetView:
     """A read-only connection to ``registry.db``; one thread at a time uses it."""
 
@@ -111,6 +164,7 @@ class FleetView:
                                          timeout=timeout, isolation_level=None,
                                          check_same_thread=False)
             self._conn.execute("PRAGMA query_only = ON")
+            self.reads = Reads()
         except sqlite3.Error as exc:
             raise FleetViewError(f"registry cannot be opened read-only: {exc}",
                                  str(path)) from exc
@@ -133,6 +187,20 @@ class FleetView:
         """The position now and the fleet's state, or None when no CA action moved the
         audit head since *since* (None: read in any case)."""
         return self._guarded(lambda: self._read(since, certificates=certificates))
+
+    def moved(self, since: Position) -> bool:
+        """Whether another connection committed since *since* (one ``PRAGMA data_version``,
+        no transaction): cheap enough to ask on an event loop."""
+        return self._guarded(self._data_version) != since.data_version
+
+    def follow(self, since: Position | None, *, whole: bool = False,
+               most: int = 10_000) -> tuple[Position, Moves | None]:
+        """The position now and what the audit events after ``since.audit_head`` changed,
+        or None when the head has not moved. The whole state (``certificates=True``) comes
+        instead of the devices' rows when *since* is None or names a head that is not in
+        this chain, when an event's action is not known or names no device that it should,
+        or when more than *most* devices moved; with *whole*, always (and the rows too)."""
+        return self._guarded(lambda: self._follow(since, whole=whole, most=most))
 
     def trust_domain(self) -> str | None:
         """``trust_domain`` of the first ``pki.init`` event; None when it names none."""
@@ -231,6 +299,77 @@ class FleetView:
         return FleetState(position, MappingProxyType(revoked), MappingProxyType(statuses),
                           MappingProxyType(hashes), MappingProxyType(groups),
                           self._certificates() if certificates else None)
+
+    def _follow(self, since: Position | None, *, whole: bool,
+                most: int) -> tuple[Position, Moves | None]:
+        version = self._data_version()
+        if since is not None and since.data_version == version:
+            return since, None
+        conn = self._conn
+        conn.execute("BEGIN")  # the events, the head and the rows of one commit
+        try:
+            position = Position(version, self._head())
+            if since is not None and since.audit_head == position.audit_head:
+                return position, None  # a write that was no CA action
+            touched = self._touched(since.audit_head if since else None, most)
+            rows = None if touched is None else self._rows(touched)
+            state = None
+            if rows is None or whole:
+                self.reads.full += 1
+                state = self._state(position, certificates=True)
+            return position, Moves(position, rows, state)
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    def _touched(self, head: str | None, most: int) -> set[str] | None:
+        """The devices the events after *head* name; None: read everything."""
+        after, _, digest = (head or "").partition(":")
+        if not after.isdigit():
+            return None
+        row = self._conn.execute("SELECT hash FROM events WHERE id = ?", (int(after),)).fetchone()
+        if row is None or row[0] != digest:
+            return None  # not this chain's event: a registry replaced under the view
+        touched: set[str] = set()
+        counts = self.reads.by_action
+        for action, device_id in self._conn.execute(
+                "SELECT action, device_id FROM events WHERE id > ? ORDER BY id", (int(after),)):
+            self.reads.events += 1
+            counts[action] = counts.get(action, 0) + 1
+            if action in QUIET_ACTIONS:
+                continue
+            if action not in DEVICE_ACTIONS or device_id is None:
+                return None
+            touched.add(device_id)
+        return touched if len(touched) <= most else None
+
+    def _rows(self, devices: Iterable[str]) -> dict[str, DeviceRows]:
+        conn = self._conn
+        ids = sorted(devices)
+        self.reads.devices += len(ids)
+        found: dict[str, tuple[str, str | None, str | None]] = {}
+        valid: dict[str, dict[int, str]] = {}
+        refused: dict[str, dict[int, Revocation]] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for device_id, status, password_hash, group in conn.execute(
+                    'SELECT device_id, status, password_hash, "group" FROM devices '  # noqa: S608
+                    f"WHERE device_id IN ({marks})", chunk):
+                found[device_id] = (status, group, password_hash)
+            for device_id, serial, status, reason, revoked_at in conn.execute(
+                    "SELECT device_id, serial, status, reason, revoked_at "  # noqa: S608
+                    f"FROM certificates WHERE device_id IN ({marks}) "
+                    "ORDER BY issued_at, rowid", chunk):
+                if status in (CERT_ACTIVE, CERT_SUPERSEDED):
+                    valid.setdefault(device_id, {})[parse_serial(serial)] = status
+                elif status in REFUSED_CERT_STATUSES:
+                    refused.setdefault(device_id, {})[parse_serial(serial)] = Revocation(
+                        status, reason, revoked_at, device_id)
+        return {device_id: DeviceRows(*found.get(device_id, (DEVICE_ACTIVE, None, None)),
+                                      MappingProxyType(valid.get(device_id, {})),
+                                      MappingProxyType(refused.get(device_id, {})))
+                for device_id in ids}
 
     def _certificates(self) -> MappingProxyType[str, MappingProxyType[int, str]]:
         valid: dict[str, dict[int, str]] = {}
