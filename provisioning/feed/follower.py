@@ -1,21 +1,32 @@
 """The CA's current fleet state for the feed: the registry followed through a read-only
 :class:`~provisioning.registry.view.FleetView`, on the HTTP process's event loop.
 
-Every ``POLL_SECONDS`` a worker thread asks the view what moved; an unchanged registry costs
-one ``PRAGMA data_version``. When the audit head moved, the state is read whole (with every
-device's valid serials) and compared with the current one: most CA actions (every EST request
-is audited) change nothing a gateway decides with, and the version stays. When something did
-change, the version becomes the audit event id of the head (never less than the last version
-plus one, even if the registry file was replaced by an older copy), the change set goes into
-the :class:`~provisioning.feed.history.History`, and every long-poll waiting on the old
-version wakes at once.
+Every ``POLL_SECONDS`` the loop asks the view whether anything was committed (one ``PRAGMA
+data_version``, on the loop itself: no thread, no transaction). When something was, a worker
+thread reads what moved incrementally (:meth:`FleetView.follow`): the audit events since the
+last head, classified by action. Most CA actions change nothing a gateway decides with (every
+EST request and every ``feed.fetch`` is audited): nothing more is read. A device action
+(issue, revoke, suspend, group, password...) reads only the rows of the devices it names,
+which are compared with what the state holds for them and patched in place. An action the
+view does not know, or a chain that does not continue the last head, reads the whole state
+as before. So an action costs the follower what it touched, not the fleet.
 
-A full read of a large fleet takes milliseconds; the next poll then waits at least
-``READ_SHARE`` times as long as that read took, so following the registry never takes more
-than a tenth of a core from the HTTP loop, however busy enrollment keeps the audit head.
+When something did change, the version becomes the audit event id of the head (never less
+than the last version plus one, even if the registry file was replaced by an older copy), the
+change set goes into the :class:`~provisioning.feed.history.History`, and every long-poll
+waiting on the old version wakes at once.
 
-The same poll reads the gateway certificates the CA issued (``server.issue`` events, only
-the new ones each time) for :mod:`provisioning.feed.gateway`.
+A safety net: at most every ``CHECK_SECONDS`` (and no more than one percent of the time,
+``CHECK_SHARE``), when the head moved, the whole state is read in the same transaction as the
+events and compared with the patched one. A difference is a bug (or a row changed with no
+audit event): it is logged once as a WARNING and the whole state is taken. An unplanned full
+read still makes the next poll wait ``READ_SHARE`` times as long as it took, so following
+the registry never takes more than a tenth of a core from the HTTP loop.
+
+The state's mappings are the follower's own, patched in place on the event loop when the
+version moves: read them without awaiting in between (the route builds each document at
+once). The same poll reads the gateway certificates the CA issued (``server.issue``
+events, only the new ones each time) for :mod:`provisioning.feed.gateway`.
 """
 
 from __future__ import annotations
@@ -25,22 +36,35 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Final
 
 from provisioning.feed.history import KEEP_VERSIONS, History
-from provisioning.registry.feeddoc import Changes, FeedState, changes, state_from_view
-from provisioning.registry.view import FleetState, FleetView, FleetViewError, Position
+from provisioning.registry.feeddoc import Changes, Device, FeedState, changes, state_from_view
+from provisioning.registry.view import (
+    DeviceRows,
+    FleetView,
+    FleetViewError,
+    Moves,
+    Position,
+    Revocation,
+)
 
-__all__ = ["POLL_SECONDS", "STALE_SECONDS", "Follower"]
+__all__ = ["CHECK_SECONDS", "POLL_SECONDS", "STALE_SECONDS", "Follower"]
 
 log = logging.getLogger("provisioning.feed")
 
 POLL_SECONDS: Final = 0.025
-READ_SHARE: Final = 10.0  # wait at least this many times a full read's duration
+READ_SHARE: Final = 10.0  # after an unplanned full read, wait this many times its duration
+CHECK_SECONDS: Final = 60.0  # the safety net: a full read compared with the patched state
+CHECK_SHARE: Final = 100.0  # ... and at least this many times its duration apart
+MOST_SHARE: Final = 4  # more devices moved than a 1/MOST_SHARE of the state: read it whole
+MOST_FLOOR: Final = 1000
 # Reads failing this long: the service stops vouching for its last state (/feed answers 503,
 # a hub keeps its own last good state and ages it) rather than heartbeat a stale one.
 STALE_SECONDS: Final = 5.0
+_PLAIN: Final = Device()
 
 
 def head_id(position: Position) -> int:
@@ -49,18 +73,38 @@ def head_id(position: Position) -> int:
     return int(head.split(":", 1)[0]) if head else 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Update:
+    """What one read found, prepared in the worker thread: *moved* turns the current state
+    into the new one; *whole*, when set, replaces the state (a full read was taken)."""
+
+    moved: Changes
+    whole: tuple[dict[str, Device], dict[int, Revocation]] | None = None
+    full: bool = False  # the whole state was read
+    planned: bool = False  # ... as the safety net asked (no READ_SHARE pause after it)
+    diverged: bool = False  # the safety net found the patched state wrong
+
+
 class Follower:
     """The feed's state and version, kept up with the registry; one per service."""
 
     def __init__(self, view: FleetView, trust_domain: str, *, interval: float = POLL_SECONDS,
-                 keep: int = KEEP_VERSIONS, stale_seconds: float = STALE_SECONDS) -> None:
+                 keep: int = KEEP_VERSIONS, stale_seconds: float = STALE_SECONDS,
+                 check_seconds: float = CHECK_SECONDS) -> None:
         self.view = view
         self.trust_domain = trust_domain
         self._interval = interval
         self._keep = keep
         self._stale_seconds = stale_seconds
+        self._check_seconds = check_seconds  # 0: check on every read (tests)
+        self._next_check = 0.0  # monotonic time the safety net is due (when the head moves)
+        self._diverged = False  # the safety net's WARNING, logged once
         self._position: Position | None = None
         self._state: FeedState | None = None
+        # The state's mappings, patched in place; _refused_by: device -> its refused serials
+        self._devices: dict[str, Device] = {}
+        self._revoked: dict[int, Revocation] = {}
+        self._refused_by: dict[str, set[int]] = {}
         self._history: History | None = None
         self._events_read = 0
         self._gateways: dict[int, str | None] = {}
@@ -70,6 +114,7 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
         self._trouble: str | None = None  # the last read's failure, logged once
         self._failing_since: float | None = None  # monotonic time of the first failed read
+        self._pause = 0.0  # the last unplanned full read's duration (READ_SHARE)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -130,20 +175,30 @@ class Follower:
     # -- following -----------------------------------------------------------------------
 
     async def _follow(self) -> None:
-        delay = self._interval
         while True:
-            await asyncio.sleep(delay)
-            took = 0.0
+            await asyncio.sleep(max(self._interval, READ_SHARE * self._pause))
+            if self._unmoved():
+                continue
             with contextlib.suppress(FleetViewError):  # logged once by sync
-                took = await self.sync()
-            delay = max(self._interval, READ_SHARE * took)
+                await self.sync()
+
+    def _unmoved(self) -> bool:
+        """Nothing committed since the last read: asked on the loop (no thread hop), while no
+        read holds the connection. A failure is left to sync, which logs it."""
+        if self._position is None or self._lock.locked() or self._trouble is not None:
+            return False
+        try:
+            return not self.view.moved(self._position)
+        except FleetViewError:
+            return False
 
     async def sync(self) -> float:
         """Read what moved now; returns how long the read took (seconds)."""
         async with self._lock:
             started = time.perf_counter()
+            check = time.monotonic() >= self._next_check
             try:
-                position, read, gateways = await asyncio.to_thread(self._read)
+                position, update, gateways = await asyncio.to_thread(self._read, check)
             except FleetViewError as exc:
                 self._failed(exc)
                 raise
@@ -155,8 +210,13 @@ class Follower:
             if gateways is not None:
                 self._events_read, issued = gateways
                 self._gateways.update(issued)
-            if read is not None:
-                self._take(position, read)
+            self._pause = 0.0
+            if update is not None:
+                self._take(position, update)
+                if update.full and self._check_seconds > 0:  # as good as a check: wait
+                    self._next_check = time.monotonic() + max(self._check_seconds,
+                                                              CHECK_SHARE * took)
+                    self._pause = 0.0 if update.planned else took
             return took
 
     def _failed(self, exc: FleetViewError) -> None:
@@ -174,29 +234,99 @@ class Follower:
                                                                 self._events_read)
             self._gateways.update(issued)
 
-    def _read(self) -> tuple[Position, FleetState | None,
-                             tuple[int, dict[int, str | None]] | None]:
-        """In a worker thread: the state when the audit head moved, and new gateways."""
-        position, read = self.view.read(self._position, certificates=True)
-        if read is None:
-            return position, None, None
-        return position, read, self.view.gateways(self._events_read)
+    # -- in the worker thread: reads, and what they change (the state is only read here) ----
 
-    def _take(self, position: Position, read: FleetState) -> None:
+    def _read(self, check: bool) -> tuple[Position, _Update | None,
+                                          tuple[int, dict[int, str | None]] | None]:
+        """What moved since the last read, and the new gateways."""
+        most = max(MOST_FLOOR, len(self._devices) // MOST_SHARE)
+        position, moves = self.view.follow(self._position, whole=check, most=most)
+        if moves is None:
+            return position, None, None
+        return position, self._prepare(position, moves), self.view.gateways(self._events_read)
+
+    def _prepare(self, position: Position, moves: Moves) -> _Update:
+        if moves.state is None:
+            assert moves.devices is not None  # noqa: S101  (FleetView.follow: one or both)
+            return _Update(self._patch(moves.devices))
+        new = state_from_view(moves.state, max(1, head_id(position)), self.trust_domain)
+        whole = dict(new.devices), dict(new.revoked)
+        total = changes(self._state, new) if self._state is not None else Changes()
+        if moves.devices is None:
+            return _Update(total, whole, full=True)
+        moved = self._patch(moves.devices)
+        if total.devices == moved.devices and total.revoked == moved.revoked:
+            return _Update(moved, full=True, planned=True)  # the patched state is right
+        return _Update(total, whole, full=True, planned=True, diverged=True)
+
+    def _patch(self, rows: Mapping[str, DeviceRows]) -> Changes:
+        """What the devices' current *rows* change in the state."""
+        moved = Changes()
+        for device_id, row in rows.items():
+            device: Device | None = Device(row.status, row.group, row.password_hash,
+                                           row.certificates)
+            if device == _PLAIN:
+                device = None
+            if self._devices.get(device_id) != device:
+                moved.devices[device_id] = device
+            for serial in self._refused_by.get(device_id, ()):
+                if serial not in row.refused:
+                    moved.revoked[serial] = None
+            for serial, entry in row.refused.items():
+                if self._revoked.get(serial) != entry:
+                    moved.revoked[serial] = entry
+        return moved
+
+    # -- on the loop: the new state ------------------------------------------------------
+
+    def _take(self, position: Position, update: _Update) -> None:
         current = self._state
         version = max(1, head_id(position))
-        new = state_from_view(read, version, self.trust_domain)
+        if update.diverged and not self._diverged:
+            self._diverged = True
+            log.warning("feed: the state followed event by event differs from the registry "
+                        "read whole at event %d (%d devices, %d serials; a bug, or a row "
+                        "changed without an audit event): taking the whole state", version,
+                        len(update.moved.devices), len(update.moved.revoked))
+        if current is not None and not update.moved:
+            return
+        if update.whole is not None:
+            self._devices, self._revoked = update.whole
+            self._refused_by = {}
+            for serial, entry in self._revoked.items():
+                self._refused_by.setdefault(entry.device_id, set()).add(serial)
+        else:
+            self._apply(update.moved)
         if current is None:
-            self._state, self._history = new, History(version, keep=self._keep)
+            self._state = FeedState(version, self.trust_domain,
+                                    MappingProxyType(self._devices),
+                                    MappingProxyType(self._revoked))
+            self._history = History(version, keep=self._keep)
             return
-        moved = changes(current, new)
-        if not moved:
-            return
-        new = replace(new, version=max(version, current.version + 1))
+        version = max(version, current.version + 1)
+        new = FeedState(version, self.trust_domain, MappingProxyType(self._devices),
+                        MappingProxyType(self._revoked))
         assert self._history is not None  # noqa: S101  (made with the first state)
-        self._history.record(new.version, moved)
+        self._history.record(version, update.moved)
         self._state = new
         changed, self._changed = self._changed, asyncio.Event()
         if self._closing:
             self._changed.set()
         changed.set()
+
+    def _apply(self, moved: Changes) -> None:
+        for device_id, device in moved.devices.items():
+            if device is None:
+                self._devices.pop(device_id, None)
+            else:
+                self._devices[device_id] = device
+        for serial, entry in moved.revoked.items():
+            old = self._revoked.pop(serial, None)
+            if old is not None:
+                serials = self._refused_by.get(old.device_id, set())
+                serials.discard(serial)
+                if not serials:
+                    self._refused_by.pop(old.device_id, None)
+            if entry is not None:
+                self._revoked[serial] = entry
+                self._refused_by.setdefault(entry.device_id, set()).add(serial)

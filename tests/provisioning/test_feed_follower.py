@@ -1,12 +1,16 @@
 """The feed's follower on a real registry: the version moves only when what a gateway
 decides with changes (to the audit event id of that change), a waiting long-poll wakes as
 soon as the follower reads the change, and reads that keep failing stop the CA vouching for
-its last state."""
+its last state. It follows incrementally: a device action reads that device's rows only, a
+request record reads nothing more, an unknown action reads everything; after any mix of CA
+actions the state equals a full read, and the periodic full read catches a state that went
+wrong (a row changed with no audit event)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -15,8 +19,10 @@ from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.feed.follower import Follower, head_id
 from provisioning.issuer import SignOptions
-from provisioning.registry.view import FleetView, FleetViewError
-from tests.provisioning.csrs import make_csr
+from provisioning.registry.feeddoc import FeedState, state_from_view
+from provisioning.registry.view import FleetView, FleetViewError, Reads
+from provisioning.timefmt import iso, utcnow
+from tests.provisioning.csrs import make_csr, make_key
 
 
 def _follow(authority: Authority, test: Callable[[Follower], Awaitable[None]], **options: float,
@@ -31,10 +37,36 @@ def _follow(authority: Authority, test: Callable[[Follower], Awaitable[None]], *
     asyncio.run(main())
 
 
-def _issue(authority: Authority, device_id: str) -> None:
-    [made] = authority.issuer().sign([CSRInput(f"{device_id}.csr", make_csr(cn=device_id))],
-                                     SignOptions())
-    assert made.status == "issued"
+def _issue(authority: Authority, device_id: str, *, renew: bool = False,
+           group: str | None = None) -> None:
+    [made] = authority.issuer().sign(
+        [CSRInput(f"{device_id}.csr", make_csr(cn=device_id, key=make_key()))],
+        SignOptions(renew=renew, group=group))
+    assert made.status == "issued", made.reason
+
+
+def _audit(authority: Authority, action: str, device_id: str | None = None) -> None:
+    """One audit event with nothing else written (as the service records a request)."""
+    with authority.registry.write("test") as tx:
+        tx.audit(iso(utcnow()), action, device_id, None, {"path": "/test"})
+
+
+def _counts(reads: Reads) -> tuple[int, int]:
+    return reads.devices, reads.full
+
+
+def _whole(authority: Authority, version: int) -> FeedState:
+    with FleetView(authority.paths.registry) as view:
+        _, read = view.read(certificates=True)
+    assert read is not None
+    return state_from_view(read, version, "fleet.test")
+
+
+def _same(state: FeedState, whole: FeedState) -> None:
+    assert dict(state.devices) == dict(whole.devices)
+    assert dict(state.revoked) == dict(whole.revoked)
+    for device_id, device in whole.devices.items():  # the documents list serials alike
+        assert list(state.devices[device_id].certificates) == list(device.certificates)
 
 
 def test_the_version_moves_only_when_the_state_changes(authority: Authority) -> None:
@@ -98,3 +130,149 @@ def test_failing_reads_stop_the_ca_vouching(authority: Authority,
         assert len([r for r in caplog.records if "cannot read" in r.message]) == 1
 
     _follow(authority, test, interval=60, stale_seconds=0)
+
+
+def test_a_device_action_reads_that_device_only(authority: Authority) -> None:
+    """A suspension reads the one device it names (no full read) and lands in the state
+    and the history as the device's whole new entry and its held serial."""
+    _issue(authority, "dev-a")
+    _issue(authority, "dev-b")
+
+    async def test(follower: Follower) -> None:
+        reads = follower.view.reads
+        before, version = _counts(reads), follower.state.version
+        authority.suspend("dev-a")
+        await follower.sync()
+        assert _counts(reads) == (before[0] + 1, before[1])
+        assert follower.state.devices["dev-a"].status == "suspended"
+        assert follower.state.devices["dev-b"].status == "active"
+        moved = follower.since(version)
+        assert moved is not None
+        assert set(moved.devices) == {"dev-a"}
+        assert [r.status for r in moved.revoked.values()] == ["on_hold"]
+        _same(follower.state, _whole(authority, follower.state.version))
+
+    _follow(authority, test, interval=3600)
+
+
+def test_request_records_read_nothing_more(authority: Authority) -> None:
+    """EST requests, feed fetches, tokens and CRLs are audited but list nothing: the events
+    are read, no device's rows nor the whole state, and the version stays."""
+    _issue(authority, "dev-a")
+
+    async def test(follower: Follower) -> None:
+        reads = follower.view.reads
+        before, version, events = _counts(reads), follower.state.version, reads.events
+        for action in ("est.enroll", "feed.fetch", "http.request", "ocsp.query"):
+            _audit(authority, action, "dev-a" if action == "est.enroll" else None)
+        authority.create_token("line-1")
+        authority.publish_crl()
+        await follower.sync()
+        assert _counts(reads) == before
+        assert reads.events == events + 6
+        assert follower.state.version == version
+
+    _follow(authority, test, interval=3600)
+
+
+def test_an_unknown_action_reads_everything(authority: Authority) -> None:
+    """An action the view does not know, or a device action naming no device, is followed
+    by a full read: whatever it changed is then in the state."""
+    _issue(authority, "dev-a")
+
+    async def test(follower: Follower) -> None:
+        reads = follower.view.reads
+        for action, device_id in (("fleet.experiment", "dev-a"), ("device.group", None)):
+            full = reads.full
+            _audit(authority, action, device_id)
+            await follower.sync()
+            assert reads.full == full + 1
+        _same(follower.state, _whole(authority, follower.state.version))
+
+    _follow(authority, test, interval=3600)
+
+
+def test_the_followed_state_equals_a_full_read_after_any_mix(authority: Authority) -> None:
+    """A seeded random mix of issue, renew (supersede), revoke (device or one serial),
+    suspend, resume, group and password set/clear, with syncs in between: the state
+    patched event by event equals a full read each time, and nothing was read whole."""
+    rng = random.Random(13)
+    devices = [f"mix-{i}" for i in range(8)]
+    for device_id in devices[:4]:
+        _issue(authority, device_id, group="g0")
+
+    def revoke_one(device_id: str) -> None:
+        with FleetView(authority.paths.registry) as view:
+            _, read = view.read(certificates=True)
+        assert read is not None
+        assert read.certificates is not None
+        serials = list(read.certificates.get(device_id, {}))
+        if serials:
+            authority.revoke(device_id, f"{rng.choice(serials):x}", "superseded")
+
+    def act(step: int) -> None:
+        device_id = rng.choice(devices)
+        status = authority.registry.device(device_id)
+        if status is None:
+            _issue(authority, device_id, group=rng.choice([None, "g1"]))
+            return
+        if status.status == "revoked":
+            return  # nothing more happens to a revoked device
+        actions: dict[str, Callable[[], object]] = {
+            "renew": lambda: status.status == "active" and _issue(authority, device_id,
+                                                                  renew=True),
+            "revoke": lambda: authority.revoke(device_id, None, "keyCompromise"),
+            "revoke-serial": lambda: revoke_one(device_id),
+            "suspend": lambda: authority.suspend(device_id),
+            "resume": lambda: authority.resume(device_id),
+            "group": lambda: authority.set_group([device_id], f"g{step % 3}"),
+            "password": lambda: authority.set_password(device_id, f"pw-{step}"),
+            "clear": lambda: authority.set_password(device_id, None),
+        }
+        kind = rng.choice(sorted(actions))
+        if status.status == "suspended" and rng.random() < 0.5:
+            kind = "resume"
+        actions[kind]()
+
+    async def test(follower: Follower) -> None:
+        full = follower.view.reads.full
+        for step in range(80):
+            act(step)
+            if rng.random() < 0.5:
+                await follower.sync()
+                _same(follower.state, _whole(authority, follower.state.version))
+        await follower.sync()
+        _same(follower.state, _whole(authority, follower.state.version))
+        assert follower.view.reads.full == full
+        assert set(follower.view.reads.by_action) >= {
+            "device.create", "certificate.issue", "certificate.supersede", "certificate.revoke",
+            "device.revoke", "device.suspend", "device.resume", "device.group",
+            "device.password.set", "device.password.clear"}
+
+    _follow(authority, test, interval=3600)
+
+
+def test_the_safety_net_takes_the_whole_state_when_they_differ(
+        authority: Authority, caplog: pytest.LogCaptureFixture) -> None:
+    """A group changed with raw SQL (no audit event) is invisible event by event; the next
+    periodic full read finds it, logs one WARNING, takes the whole state and moves the
+    version, with the difference in the history."""
+    _issue(authority, "dev-a")
+
+    async def test(follower: Follower) -> None:
+        version = follower.state.version
+        for n, group in enumerate(("smuggled", "again")):
+            with authority.registry.write("test") as tx:
+                tx.execute('UPDATE devices SET "group" = ? WHERE device_id = ?',
+                           (group, "dev-a"))
+            authority.create_token(f"move-the-head-{n}")
+            with caplog.at_level(logging.WARNING, "provisioning.feed"):
+                await follower.sync()
+            assert follower.state.devices["dev-a"].group == group
+        assert follower.state.version > version
+        moved = follower.since(version)
+        assert moved is not None
+        assert set(moved.devices) == {"dev-a"}
+        assert len([r for r in caplog.records if "differs" in r.message]) == 1
+
+    _follow(authority, test, interval=3600, check_seconds=0)
