@@ -15,7 +15,9 @@ measured is a real CA action with its audit event:
 For each, ``--repeat`` times: the action (not timed), then one ``Follower.sync()``, timed as
 CPU of the whole process (the read runs in a worker thread) and wall time. Also timed: one
 full read of the state (what the old follower did on every action, and the new one does on
-an unknown action and as its periodic safety net).
+an unknown action), and a device action's sync with the follower's safety net due (the full
+read in the same transaction, turned into the feed's state and compared with the patched
+one: what the follower spends at most once a minute while the registry moves).
 
 With ``--idle SECONDS`` it also runs ``fleet-provision serve`` on a registry of
 ``--idle-devices`` devices with ``--gateways`` gateways long-polling ``/feed`` (``wait=30``,
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +96,7 @@ async def measure(authority: Authority, count: int, repeat: int) -> dict[str, An
     first = time.perf_counter() - started
     figures: dict[str, Any] = {"devices": count, "first_read_s": round(first, 4),
                                "state_devices": len(follower.state.devices)}
-    actions = {
+    actions: dict[str, Callable[[int], object]] = {
         "harmless": lambda i: feed_fetch(authority, i),
         "device": lambda i: authority.set_group([f"dev-{(i * 7919) % count:07d}"],
                                                 f"moved-{i}"),
@@ -121,7 +124,32 @@ async def measure(authority: Authority, count: int, repeat: int) -> dict[str, An
         figures["full_read_cpu_ms"] = round(1000 * (time.process_time() - c0), 3)
     print(f"{count:>8,} devices  full read of the state: CPU "
           f"{figures['full_read_cpu_ms']:.1f} ms", flush=True)
+    check = await safety_net(authority, count, repeat)
+    if check is not None:
+        figures["check_cpu_ms"] = check
+        print(f"{count:>8,} devices  a device action with the safety net due (full read, "
+              f"compared): CPU {check:.1f} ms, once a minute at most", flush=True)
     return figures
+
+
+async def safety_net(authority: Authority, count: int, repeat: int) -> float | None:
+    """CPU of one sync with the periodic full read due (None: a follower without one)."""
+    try:
+        follower = Follower(FleetView(authority.paths.registry), TRUST_DOMAIN,
+                            interval=3600.0, check_seconds=0)
+    except TypeError:
+        return None
+    await follower.start()
+    cpu: list[float] = []
+    try:
+        for i in range(max(3, repeat // 4)):
+            authority.set_group([f"dev-{(i * 104729) % count:07d}"], f"checked-{i}")
+            c0 = time.process_time()
+            await follower.sync()
+            cpu.append(time.process_time() - c0)
+    finally:
+        await follower.close()
+    return round(1000 * statistics.median(cpu), 3)
 
 
 def idle(root: Path, devices: int, gateways: int, seconds: float) -> dict[str, Any]:
@@ -195,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateways", type=int, default=3)
     parser.add_argument("--idle-devices", type=int, default=1000)
     args = parser.parse_args(argv)
-    results = []
+    results: list[dict[str, Any]] = []
     out: dict[str, Any] = {"bench": "feed_follow", "results": results}
     with tempfile.TemporaryDirectory(prefix="feed-follow-") as tmp:
         if args.idle > 0:
