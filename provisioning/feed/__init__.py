@@ -1,7 +1,7 @@
 """The fleet-state feed's CA side: ``GET /feed`` on ``fleet-provision serve`` (DESIGN section 9).
 
-    follower.py  Follower: the registry read through a FleetView every few milliseconds, the
-                 current FeedState and its version, long-poll waiters woken on a change
+    follower.py  Follower: the registry followed event by event through a FleetView (every
+                 25 ms), the current FeedState and its version, long-poll waiters woken
     history.py   History: the last change sets, so ``since`` gets one merged delta
     gateway.py   who may read the feed: a gateway certificate the CA issued (SPIFFE URI,
                  clientAuth, validity, a ``server.issue`` event)
