@@ -36,8 +36,8 @@ events after the head the caller last saw, classified by action (``QUIET_ACTIONS
 nothing a gateway decides with; ``DEVICE_ACTIONS`` change only the rows of the event's
 device), then the current rows of just the devices they name (:class:`DeviceRows`), or the
 whole state when an event is of an action it does not know, names no device, the chain does
-not continue the caller's head, or too many devices moved. :attr:`FleetView.reads` counts
-what was read, for tests and benchmarks.
+not continue the caller's head, or too many devices moved. :meth:`FleetView.statistics`
+counts what was read, for tests and benchmarks.
 
 The view does not watch the file itself: a registry replaced or overwritten under an open
 connection (another inode, size or mtime) must be reopened by the caller, as
@@ -67,7 +67,7 @@ from provisioning.registry.schema import (
 from provisioning.serial import parse_serial
 
 __all__ = ["DEVICE_ACTIONS", "QUIET_ACTIONS", "DeviceRows", "FleetState", "FleetView",
-           "FleetViewError", "Moves", "Position", "Reads", "Revocation"]
+           "FleetViewError", "Moves", "Position", "ReadStatistics", "Revocation"]
 
 TIMEOUT_S: Final = 5.0  # waiting for a writer's lock; a reader in WAL mode rarely waits
 _REFUSED: Final = "', '".join(REFUSED_CERT_STATUSES)  # constants: the f-string SQL is safe
@@ -144,14 +144,14 @@ class Moves:
     # or asked for (then both are of the same commit)
 
 
-@dataclass(slots=True)
-class Reads:
-    """What :meth:`FleetView.follow` read so far (counts only grow)."""
+@dataclass(frozen=True, slots=True)
+class ReadStatistics:
+    """What :meth:`FleetView.follow` read so far, as of one moment (counts only grow)."""
 
     events: int = 0  # audit events read and classified
     devices: int = 0  # devices whose rows were read one by one
     full: int = 0  # reads of the whole state
-    by_action: dict[str, int] = field(default_factory=dict)  # events per action
+    by_action: Mapping[str, int] = field(default_factory=dict)  # events per action
 
 
 class FleetView:
@@ -164,7 +164,8 @@ class FleetView:
                                          timeout=timeout, isolation_level=None,
                                          check_same_thread=False)
             self._conn.execute("PRAGMA query_only = ON")
-            self.reads = Reads()
+            self._reads = [0, 0, 0]  # events, devices, full (ReadStatistics)
+            self._by_action: dict[str, int] = {}
         except sqlite3.Error as exc:
             raise FleetViewError(f"registry cannot be opened read-only: {exc}",
                                  str(path)) from exc
@@ -201,6 +202,11 @@ class FleetView:
         this chain, when an event's action is not known or names no device that it should,
         or when more than *most* devices moved; with *whole*, always (and the rows too)."""
         return self._guarded(lambda: self._follow(since, whole=whole, most=most))
+
+    def statistics(self) -> ReadStatistics:
+        """A snapshot of what :meth:`follow` read since the view was opened."""
+        events, devices, full = self._reads
+        return ReadStatistics(events, devices, full, MappingProxyType(dict(self._by_action)))
 
     def trust_domain(self) -> str | None:
         """``trust_domain`` of the first ``pki.init`` event; None when it names none."""
@@ -315,7 +321,7 @@ class FleetView:
             rows = None if touched is None else self._rows(touched)
             state = None
             if rows is None or whole:
-                self.reads.full += 1
+                self._reads[2] += 1
                 state = self._state(position, certificates=True)
             return position, Moves(position, rows, state)
         finally:
@@ -331,10 +337,10 @@ class FleetView:
         if row is None or row[0] != digest:
             return None  # not this chain's event: a registry replaced under the view
         touched: set[str] = set()
-        counts = self.reads.by_action
+        counts = self._by_action
         for action, device_id in self._conn.execute(
                 "SELECT action, device_id FROM events WHERE id > ? ORDER BY id", (int(after),)):
-            self.reads.events += 1
+            self._reads[0] += 1
             counts[action] = counts.get(action, 0) + 1
             if action in QUIET_ACTIONS:
                 continue
@@ -346,7 +352,7 @@ class FleetView:
     def _rows(self, devices: Iterable[str]) -> dict[str, DeviceRows]:
         conn = self._conn
         ids = sorted(devices)
-        self.reads.devices += len(ids)
+        self._reads[1] += len(ids)
         found: dict[str, tuple[str, str | None, str | None]] = {}
         valid: dict[str, dict[int, str]] = {}
         refused: dict[str, dict[int, Revocation]] = {}

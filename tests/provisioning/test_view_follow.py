@@ -52,7 +52,7 @@ def test_follow_reads_only_the_devices_the_events_name(authority: Authority) -> 
         assert moves is not None
         assert moves.devices is None
         assert moves.state is not None
-        assert view.reads.full == 1
+        assert view.statistics().full == 1
         authority.suspend("d1")
         _audit(authority, "est.enroll", "d2")
         seen, moves = view.follow(seen)
@@ -68,7 +68,7 @@ def test_follow_reads_only_the_devices_the_events_name(authority: Authority) -> 
         assert dict(row.refused) == {s: r for s, r in whole.revoked.items()
                                      if r.device_id == "d1"}
         assert dict(row.certificates) == dict(whole.certificates.get("d1", {}))
-        assert (view.reads.full, view.reads.devices) == (1, 1)
+        assert (view.statistics().full, view.statistics().devices) == (1, 1)
         assert view.follow(seen) == (seen, None)
 
 
