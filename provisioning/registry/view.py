@@ -159,6 +159,7 @@ class FleetView:
 
     def __init__(self, path: Path, *, timeout: float = TIMEOUT_S) -> None:
         self.path = path
+        self._timeout_ms = int(timeout * 1000)
         try:
             self._conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
                                          timeout=timeout, isolation_level=None,
@@ -191,8 +192,15 @@ class FleetView:
 
     def moved(self, since: Position) -> bool:
         """Whether another connection committed since *since* (one ``PRAGMA data_version``,
-        no transaction): cheap enough to ask on an event loop."""
-        return self._guarded(self._data_version) != since.data_version
+        no transaction): cheap enough to ask on an event loop, and it never waits for a
+        lock (a busy registry raises FleetViewError: ask :meth:`follow` in a thread)."""
+        def probe() -> int:
+            self._conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                return self._data_version()
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout = {self._timeout_ms}")
+        return self._guarded(probe) != since.data_version
 
     def follow(self, since: Position | None, *, whole: bool = False,
                most: int = 10_000) -> tuple[Position, Moves | None]:
