@@ -16,10 +16,16 @@ from json.encoder import encode_basestring_ascii
 
 from provisioning.registry.audit import detail_json
 from provisioning.registry.issuance import ChunkRows
-from provisioning.registry.schema import CERT_SUPERSEDED, DEVICE_ACTIVE, REFUSED_CERT_STATUSES
+from provisioning.registry.schema import (
+    CERT_ACTIVE,
+    CERT_SUPERSEDED,
+    DEVICE_ACTIVE,
+    REFUSED_CERT_STATUSES,
+)
 from provisioning.registry.transactions import Transaction
 from provisioning.signing import Candidate, SignOptions, SignResult, Window
 
+RENEW_REFUSE_ACTION = "certificate.renew.refuse"  # audited: a renewal refused, and why
 Mint = Callable[[Candidate, Window], None]  # a (new) serial and certificate for a candidate
 
 
@@ -58,18 +64,28 @@ def record(tx: Transaction, view: ChunkView, cand: Candidate, options: SignOptio
         cand.result = reject(cand, f"device-{device[0]}: device {cand.device_id!r} is "
                              f"{device[0]}; want an active device")
         return
-    if cand.renews is not None and not _renewable(tx, view, cand):
+    renewal = options.renew or cand.renews is not None
+    target = _renewal_target(tx, view, cand) if cand.renews is not None else None
+    if cand.result is not None:
+        _refuse_renewal(tx, window, cand)
         return
     same = view.newest_with_key(cand.device_id, cand.key_sha256)
-    # RFC 7030 4.2.2: re-enrolling with the key of the certificate being renewed renews
-    # it. A retry after that renewal finds the newer certificate first: "existing".
-    if same is not None and same[0] == cand.renews:
-        same = None
     if same is not None:
         serial, status, pem = same
         if status in REFUSED_CERT_STATUSES:
             cand.result = reject(cand, f"key-{status.replace('_', '-')}: the certificate "
                                  f"for this key ({serial}) is {status}; make a new key")
+            return
+        # DESIGN section 10: a renewal needs a key the device has never used. The same CSR
+        # again (its certificate still the device's active one: a retry, the answer lost)
+        # returns that certificate; the key of the certificate being renewed, or of any
+        # superseded one, is refused. A plain sign of an old CSR keeps returning its
+        # certificate, superseded or not: re-submission is idempotent (DESIGN section 3).
+        if renewal and (status != CERT_ACTIVE or serial == cand.renews):
+            cand.result = reject(cand, f"renew-key-reused: this key is the key of the "
+                                 f"device's certificate {serial} ({status}); a renewal "
+                                 "needs a key the device has never used: make a new key")
+            _refuse_renewal(tx, window, cand)
             return
         cand.result = SignResult(cand.source, cand.device_id, "existing", serial, pem=pem,
                                  note=group_note(cand.device_id, device, options))
@@ -80,6 +96,19 @@ def record(tx: Transaction, view: ChunkView, cand: Candidate, options: SignOptio
         cand.result = reject(cand, f"has-certificate: device {cand.device_id!r} already "
                              f"has active certificate {current[0]} for another key; "
                              "use --renew (EST: simplereenroll) to replace it")
+        return
+    # The certificate being renewed must be the device's active one: a superseded one was
+    # renewed already, a held or revoked one is not the device's to renew.
+    if target is not None:
+        inactive = [] if target == CERT_ACTIVE else [(cand.renews or "", target)]
+    else:
+        inactive = [(s, st) for s, st in view.current_statuses(cand.device_id)
+                    if st != CERT_ACTIVE]
+    if renewal and inactive:
+        serial, status = inactive[0]
+        cand.result = reject(cand, f"renew-not-active: certificate {serial} is {status}; "
+                             "want the device's active certificate")
+        _refuse_renewal(tx, window, cand)
         return
     if cand.der is None:  # the pre-check saw this key, but it has gone since: mint now
         mint(cand, window)
@@ -104,7 +133,7 @@ def _issue(tx: Transaction, view: ChunkView, cand: Candidate, options: SignOptio
     if current:
         view.flush()  # an old certificate's row may be one of this chunk's pending rows
     for old in current:
-        tx.supersede(old)
+        tx.supersede(old, stamp)
         view.set_status(cand.device_id, old, CERT_SUPERSEDED)
         tx.audit(stamp, "certificate.supersede", cand.device_id, old, {"by": "renewal"},
                  actor=cand.actor)
@@ -119,8 +148,9 @@ def _issue(tx: Transaction, view: ChunkView, cand: Candidate, options: SignOptio
     view.promise(cand.device_id, serial, cand.pem, writes)
 
 
-def _renewable(tx: Transaction, view: ChunkView, cand: Candidate) -> bool:
-    """Re-checked under the write lock: the renewed certificate is the device's and live."""
+def _renewal_target(tx: Transaction, view: ChunkView, cand: Candidate) -> str | None:
+    """Re-read under the write lock: the certificate being renewed is the device's; its
+    status (None, with ``cand.result`` set, when it is not)."""
     view.flush()  # its row may be one of this chunk's pending rows
     assert cand.renews is not None  # noqa: S101 (only renewals are checked)
     row = tx.renewal_target(cand.renews)
@@ -134,7 +164,17 @@ def _renewable(tx: Transaction, view: ChunkView, cand: Candidate) -> bool:
     elif row[1] in REFUSED_CERT_STATUSES:
         cand.result = reject(cand, f"renew-{row[1].replace('_', '-')}: certificate "
                              f"{cand.renews} is {row[1]}; it cannot be renewed")
-    return cand.result is None
+    else:
+        return row[1]
+    return None
+
+
+def _refuse_renewal(tx: Transaction, window: Window, cand: Candidate) -> None:
+    """A refused renewal is audited (a refused first enrollment is only answered): who
+    tried to replace which device's certificate, and why."""
+    assert cand.result is not None  # noqa: S101
+    tx.audit(window.stamp, RENEW_REFUSE_ACTION, cand.device_id, cand.renews,
+             {"reason": cand.result.reason, "source": cand.source}, actor=cand.actor)
 
 
 def _store(tx: Transaction, view: ChunkView, cand: Candidate, window: Window,

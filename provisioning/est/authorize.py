@@ -114,7 +114,10 @@ def enrollment_reply(result: SignResult, who: Principal) -> Issued | Reply:
     if result.status != "rejected" and result.pem is not None:
         return Issued(result.pem, who.actor, result.device_id, result.serial, result.status)
     reason = result.reason or "rejected"
-    # A renewal refused because the presented certificate is revoked or held is a 403.
-    status = 403 if reason.startswith(("renew-revoked", "renew-on-hold")) else 400
+    # A renewal refused because the presented certificate is revoked, held or no longer the
+    # device's active one (superseded: renewed already) is a 403; the CSR's fault (a key
+    # the device has used before, another device id) a 400.
+    status = 403 if reason.startswith(("renew-revoked", "renew-on-hold",
+                                       "renew-not-active")) else 400
     return text_reply(status, reason, actor=who.actor, result="rejected",
                  device_id=result.device_id)

@@ -79,10 +79,11 @@ class IssuanceWrites:
             return False
         return True
 
-    def supersede(self, serial: str) -> None:
-        """A renewed certificate: valid until it expires or is revoked."""
-        self.conn.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?",
-                          (serial,))
+    def supersede(self, serial: str, stamp: str) -> None:
+        """A renewed certificate: valid for the fleet's ``renew_grace`` from *stamp*, then
+        revoked with reason superseded (:mod:`provisioning.grace`), unless it expires first."""
+        self.conn.execute("UPDATE certificates SET status = 'superseded', superseded_at = ? "
+                          "WHERE serial = ?", (stamp, serial))
 
     def renewal_target(self, serial: str) -> tuple[str, str] | None:
         """(device id, status) of the certificate a renewal replaces; None when unknown."""
@@ -130,6 +131,11 @@ class ChunkRows:
     def live_serials(self, device_id: str) -> list[str]:
         """The device's current certificates (:data:`CURRENT_CERT_STATUSES`), oldest first."""
         return [c[0] for c in self.certs.get(device_id, []) if c[1] in CURRENT_CERT_STATUSES]
+
+    def current_statuses(self, device_id: str) -> list[tuple[str, str]]:
+        """(serial, status) of the device's current certificates, oldest first."""
+        return [(c[0], c[1]) for c in self.certs.get(device_id, [])
+                if c[1] in CURRENT_CERT_STATUSES]
 
     def set_status(self, device_id: str, serial: str, status: str) -> None:
         for cert in self.certs.get(device_id, []):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import sqlite_utils
 
 from provisioning.registry.schema import SCHEMA_VERSION
+from provisioning.timefmt import iso, utcnow
 
 
 def _migrate_v1(db: sqlite_utils.Database) -> None:
@@ -52,7 +53,18 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """``certificates.superseded_at``: when a renewal superseded it, the start of its
+    ``renew_grace`` (:mod:`provisioning.grace`). Certificates superseded before this version
+    had no grace to keep: theirs starts now, at the upgrade, rather than revoking them all
+    at the first sweep under a policy they were never issued against."""
+    db.table("certificates").add_column("superseded_at", str)
+    db.conn.execute("UPDATE certificates SET superseded_at = ? WHERE status = 'superseded' "
+                    "OR hold_prior_status = 'superseded'", (iso(utcnow()),))
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
 
 
 def upgrade(db: sqlite_utils.Database, version: int) -> None:

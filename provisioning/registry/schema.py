@@ -15,7 +15,9 @@ so the read-only view imports it without the CA. The tables are created by
     (references ``devices``), ``fingerprint`` (SHA-256 of the DER, hex, unique),
     ``public_key_sha256`` (of the DER SubjectPublicKeyInfo), ``not_before``, ``not_after``,
     ``status`` (:data:`CERT_STATUSES`), ``revoked_at``, ``reason`` (RFC 5280 name),
-    ``hold_prior_status`` (the status a hold returns to), ``issued_at``, ``pem``.
+    ``hold_prior_status`` (the status a hold returns to), ``issued_at``, ``pem``,
+    ``superseded_at`` (v3: when a renewal superseded it; its ``renew_grace`` counts from
+    then, :mod:`provisioning.grace`).
 ``events``
     The audit chain (:mod:`provisioning.registry.audit`): ``id``, ``time``, ``actor``,
     ``action``, ``device_id``, ``serial``, ``detail`` (JSON), ``prev_hash``, ``hash``.
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 # devices.status
 DEVICE_ACTIVE: Final = "active"
@@ -45,7 +47,7 @@ DEVICE_STATUSES: Final = (DEVICE_ACTIVE, DEVICE_SUSPENDED, DEVICE_REVOKED)
 
 # certificates.status
 CERT_ACTIVE: Final = "active"
-CERT_SUPERSEDED: Final = "superseded"  # renewed; valid until it expires or is revoked
+CERT_SUPERSEDED: Final = "superseded"  # renewed; valid for renew_grace, then revoked
 CERT_ON_HOLD: Final = "on_hold"  # suspended (certificateHold); resume restores the status before
 CERT_REVOKED: Final = "revoked"
 CERT_STATUSES: Final = (CERT_ACTIVE, CERT_SUPERSEDED, CERT_ON_HOLD, CERT_REVOKED)
@@ -55,6 +57,8 @@ REFUSED_CERT_STATUSES: Final = (CERT_REVOKED, CERT_ON_HOLD)
 CURRENT_CERT_STATUSES: Final = (CERT_ACTIVE, CERT_ON_HOLD)
 # certificates.reason of a certificate on hold (RFC 5280 §5.3.1).
 HOLD_REASON: Final = "certificateHold"
+# certificates.reason of a superseded certificate revoked once its renew_grace has passed.
+SUPERSEDED_REASON: Final = "superseded"
 
 # meta keys
 HEAD_KEY: Final = "audit_head"  # "<last event id>:<its hash>": moved by every CA action

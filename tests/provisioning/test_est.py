@@ -232,16 +232,48 @@ def test_a_device_certificate_is_not_a_station(fleet: Fleet) -> None:
     assert "is not a factory station" in answer.text
 
 
-def test_reenroll_with_the_same_key_renews_once(fleet: Fleet) -> None:
-    """RFC 7030 4.2.2 renewal with the same key: a new certificate; a retry gets it again."""
+def test_reenroll_with_the_same_key_is_refused(fleet: Fleet) -> None:
+    """DESIGN 10: a renewal needs a key the device has never used; the current certificate's
+    key is refused with 400 renew-key-reused, nothing issued, the refusal audited."""
     old, key = fleet.enroll("est-same")
     ctx = fleet.identity("est-same", old, key)
-    body = enroll_body(make_csr(cn="est-same", key=key))
-    renewed = issued(fleet.post(REENROLL, body, PKCS10, ctx))
-    assert renewed.serial_number != old.serial_number
-    assert renewed.public_key() == old.public_key()
-    retried = issued(fleet.post(REENROLL, body, PKCS10, ctx))  # the answer was lost
-    assert retried == renewed
+    answer = fleet.post(REENROLL, enroll_body(make_csr(cn="est-same", key=key)), PKCS10, ctx)
+    assert answer.status == 400
+    assert answer.text.startswith("renew-key-reused: this key is the key of the device's "
+                                  f"certificate {format_serial(old.serial_number)} (active)")
+    with Authority(fleet.pki) as authority:
+        assert [c.status for c in authority.registry.certificates("est-same")] == ["active"]
+        refused = authority.registry.conn.execute(
+            "SELECT actor, serial, detail FROM events WHERE action = "
+            "'certificate.renew.refuse' AND device_id = 'est-same'").fetchall()
+    assert len(refused) == 1
+    assert refused[0][:2] == ("est:cert:est-same", format_serial(old.serial_number))
+    assert json.loads(refused[0][2])["reason"].startswith("renew-key-reused")
+
+
+def test_reenroll_retry_gets_the_renewal_and_old_keys_stay_refused(fleet: Fleet) -> None:
+    """The answer lost, the same request again (the superseded certificate, the new key)
+    returns the certificate already issued; renewing again from the superseded certificate
+    with a fresh key is 403 renew-not-active; the new certificate with the first key is
+    400 renew-key-reused."""
+    first, first_key = fleet.enroll("est-030")
+    old_ctx = fleet.identity("est-030", first, first_key)
+    new_key = make_key()
+    body = enroll_body(make_csr(cn="est-030", key=new_key))
+    renewed = issued(fleet.post(REENROLL, body, PKCS10, old_ctx))
+    assert issued(fleet.post(REENROLL, body, PKCS10, old_ctx)) == renewed  # the retry
+    again = fleet.post(REENROLL, enroll_body(make_csr(cn="est-030", key=make_key())), PKCS10,
+                       old_ctx)
+    assert again.status == 403
+    assert again.text.startswith(f"renew-not-active: certificate "
+                                 f"{format_serial(first.serial_number)} is superseded")
+    new_ctx = fleet.identity("est-030", renewed, new_key)
+    reused = fleet.post(REENROLL, enroll_body(make_csr(cn="est-030", key=first_key)), PKCS10,
+                        new_ctx)
+    assert reused.status == 400
+    assert reused.text.startswith("renew-key-reused: this key is the key of the device's "
+                                  f"certificate {format_serial(first.serial_number)} "
+                                  "(superseded)")
 
 
 def test_reenroll_for_another_device_is_refused(fleet: Fleet) -> None:

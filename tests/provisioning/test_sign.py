@@ -66,6 +66,50 @@ def test_new_key_for_a_device_with_a_certificate_needs_renew(
     assert listed[0]["serial"] == renewed["serial"]
 
 
+def test_renew_refuses_a_key_the_device_has_used(
+        pki_dir: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
+    """DESIGN 10: --renew with the key of a superseded certificate is rejected
+    (renew-key-reused, audited); the same CSRs again stay idempotent: the renewal's CSR
+    with --renew, the first CSR without, each returns its own certificate."""
+    old, new = tmp_path / "old.csr", tmp_path / "new.csr"
+    old.write_bytes(make_csr(cn="dev-k", key=make_key()))
+    new.write_bytes(make_csr(cn="dev-k", key=make_key()))
+    _, [first] = _sign(cli, pki_dir, "--out", tmp_path / "o", old)
+    _, [renewed] = _sign(cli, pki_dir, "--out", tmp_path / "o", "--renew", new)
+    assert renewed["status"] == "issued"
+    code, [reused] = _sign(cli, pki_dir, "--out", tmp_path / "o", "--renew", old)
+    assert code == 1
+    assert reused["status"] == "rejected"
+    assert reused["reason"] == (
+        "renew-key-reused: this key is the key of the device's certificate "
+        f"{first['serial']} (superseded); a renewal needs a key the device has never used: "
+        "make a new key")
+    code, [again] = _sign(cli, pki_dir, "--out", tmp_path / "o", "--renew", new)
+    assert (code, again["status"], again["serial"]) == (0, "existing", renewed["serial"])
+    code, [resubmitted] = _sign(cli, pki_dir, "--out", tmp_path / "o", old)
+    assert (code, resubmitted["status"], resubmitted["serial"]) == (0, "existing",
+                                                                     first["serial"])
+    events = sqlite3.connect(pki_dir / "registry.db").execute(
+        "SELECT device_id, detail FROM events WHERE action = 'certificate.renew.refuse'"
+    ).fetchall()
+    assert [(d, json.loads(detail)["reason"]) for d, detail in events] == [
+        ("dev-k", reused["reason"])]
+
+
+def test_renew_needs_the_current_certificate_active(authority: Authority) -> None:
+    """A device whose current certificate is held (its hold lifted by hand, the device
+    active again) cannot renew it: renew-not-active."""
+    [made] = authority.issuer().sign([CSRInput("a.csr", make_csr(cn="dev-h"))], SignOptions())
+    with authority.registry.write("test") as tx:
+        tx.execute("UPDATE certificates SET status = 'on_hold' WHERE serial = ?",
+                   (made.serial,))
+    [refused] = authority.issuer().sign([CSRInput("b.csr", make_csr(cn="dev-h"))],
+                                        SignOptions(renew=True))
+    assert refused.status == "rejected"
+    assert refused.reason == (f"renew-not-active: certificate {made.serial} is on_hold; "
+                              "want the device's active certificate")
+
+
 def test_revoked_and_suspended_devices_cannot_enroll(
         pki_dir: Path, tmp_path: Path, cli: Callable[..., CliResult]) -> None:
     """A revoked device is refused new certificates; so is a suspended one until resumed."""
