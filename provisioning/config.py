@@ -1,22 +1,35 @@
-"""``pki.toml``: the settings of one fleet's PKI, read into a frozen dataclass."""
+"""``pki.toml``: the settings of one fleet's PKI, read into a frozen dataclass.
+
+The fleet's policy lives here too (DESIGN section 10): ``validity`` (how long a device
+certificate lives, ``365d`` by default) and ``renew_grace`` (how long a certificate replaced by
+a renewal stays valid, ``1h``), both durations as :mod:`provisioning.duration` reads them.
+Files written before issue 14 say ``default_days = N``; they load as ``validity = "Nd"``.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioning.errors import PKIError
+from provisioning.duration import check_grace, check_validity, format_duration, parse_duration
+from provisioning.errors import PKIError, UsageError
 from provisioning.identity import is_valid_trust_domain
 
 DEFAULT_DAYS = 365
+DEFAULT_VALIDITY = dt.timedelta(days=DEFAULT_DAYS)
+DEFAULT_GRACE = dt.timedelta(hours=1)
 DEFAULT_CRL_HOURS = 24
 _KNOWN = {
     "trust_domain",
     "organisation",
-    "default_days",
+    "validity",
+    "renew_grace",
+    "default_days",  # before issue 14; read as validity
     "crl_url",
     "ocsp_url",
     "crl_lifetime_hours",
@@ -31,7 +44,11 @@ class PKIConfig:
 
     trust_domain: str
     organisation: str
-    default_days: int = DEFAULT_DAYS
+    # How long a device certificate lives (not-after - issue time); 1m to 36500d.
+    validity: dt.timedelta = DEFAULT_VALIDITY
+    # How long a certificate replaced by a renewal stays valid before it is revoked with reason
+    # superseded; 0s to the validity.
+    renew_grace: dt.timedelta = DEFAULT_GRACE
     crl_url: str | None = None
     ocsp_url: str | None = None
     crl_lifetime_hours: int = DEFAULT_CRL_HOURS
@@ -48,8 +65,14 @@ class PKIConfig:
             )
         if not self.organisation.strip():
             raise PKIError("organisation: must not be empty")
-        if not 1 <= self.default_days <= 36500:
-            raise PKIError(f"default_days: {self.default_days} is out of range (want 1-36500)")
+        for key in ("validity", "renew_grace"):
+            if not isinstance(getattr(self, key), dt.timedelta):
+                raise PKIError(f"{key}: want a duration, got {type(getattr(self, key)).__name__}")
+        try:
+            check_validity(self.validity, "validity")
+            check_grace(self.renew_grace, self.validity, "renew_grace")
+        except UsageError as exc:
+            raise PKIError(f"{exc.where}: {exc.message}") from None
         if not 1 <= self.crl_lifetime_hours <= 24 * 366:
             raise PKIError(
                 f"crl_lifetime_hours: {self.crl_lifetime_hours} is out of range (want 1-8784)"
@@ -64,6 +87,12 @@ class PKIConfig:
         if self.manifest is not None and not self.manifest.strip():
             raise PKIError("manifest: must not be empty (leave the key out for no manifest)")
 
+    @property
+    def default_days(self) -> int:
+        """The validity in whole days, rounded up: for callers not yet converted to
+        :attr:`validity` (a ``10m`` fleet reads 1 here; use :attr:`validity`)."""
+        return max(1, math.ceil(self.validity / dt.timedelta(days=1)))
+
     def manifest_path(self, root: Path) -> Path | None:
         """The manifest file for EST enrollments, relative paths taken from the PKI folder."""
         return root / self.manifest if self.manifest is not None else None
@@ -74,7 +103,9 @@ class PKIConfig:
             "# Fleet PKI settings; read by every fleet-provision command.",
             f"trust_domain = {json.dumps(self.trust_domain)}",
             f"organisation = {json.dumps(self.organisation)}",
-            f"default_days = {self.default_days}",
+            "# Device certificate lifetime and how long a renewed one stays valid (DESIGN 10).",
+            f"validity = {json.dumps(format_duration(self.validity))}",
+            f"renew_grace = {json.dumps(format_duration(self.renew_grace))}",
             f"crl_lifetime_hours = {self.crl_lifetime_hours}",
         ]
         for key in ("crl_url", "ocsp_url"):
@@ -105,10 +136,13 @@ def load_config(path: Path) -> PKIConfig:
     if unknown:
         raise PKIError(f"unknown key {unknown[0]!r} in pki.toml", str(path))
     try:
+        validity = _validity(raw)
+        grace = _duration(raw, "renew_grace")
         return PKIConfig(
             trust_domain=_get(raw, "trust_domain", str),
             organisation=_get(raw, "organisation", str),
-            default_days=_get(raw, "default_days", int, DEFAULT_DAYS),
+            validity=validity,
+            renew_grace=grace if grace is not None else default_grace(validity),
             crl_url=_get(raw, "crl_url", str, None),
             ocsp_url=_get(raw, "ocsp_url", str, None),
             crl_lifetime_hours=_get(raw, "crl_lifetime_hours", int, DEFAULT_CRL_HOURS),
@@ -117,6 +151,33 @@ def load_config(path: Path) -> PKIConfig:
         )
     except PKIError as exc:
         raise PKIError(exc.message, str(path)) from None
+
+
+def default_grace(validity: dt.timedelta) -> dt.timedelta:
+    """renew_grace when none is given: 1h, or the whole validity when that is shorter."""
+    return min(DEFAULT_GRACE, validity)
+
+
+def _validity(raw: dict[str, Any]) -> dt.timedelta:
+    if "validity" in raw and "default_days" in raw:
+        raise PKIError("default_days: give validity or the older default_days, not both")
+    if "default_days" in raw:
+        days = _get(raw, "default_days", int)
+        if not 1 <= days <= 36500:
+            raise PKIError(f"default_days: {days} is out of range (want 1-36500)")
+        return dt.timedelta(days=days)
+    value = _duration(raw, "validity")
+    return value if value is not None else DEFAULT_VALIDITY
+
+
+def _duration(raw: dict[str, Any], key: str) -> dt.timedelta | None:
+    text = _get(raw, key, str, None)
+    if text is None:
+        return None
+    try:
+        return parse_duration(text, key)
+    except UsageError as exc:
+        raise PKIError(f"{key}: {exc.message}") from None
 
 
 _MISSING = object()

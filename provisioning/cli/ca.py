@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 from pathlib import Path
 from typing import Annotated
@@ -19,11 +20,11 @@ from provisioning.cli._common import (
     open_authority,
     read_passphrase,
 )
-from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig
+from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig, default_grace
 from provisioning.errors import ProvisioningError, UsageError
 
 _INIT_OPTIONS = {"trust_domain": "--trust-domain", "organisation": "--org",
-                 "default_days": "--days", "crl_url": "--crl-url", "ocsp_url": "--ocsp-url",
+                 "validity": "--days", "crl_url": "--crl-url", "ocsp_url": "--ocsp-url",
                  "crl_lifetime_hours": "--crl-hours"}
 
 def init(
@@ -47,8 +48,10 @@ def init(
     Example: fleet-provision init --pki fleet-pki --org "Acme" --trust-domain fleet.acme.com
     """
     try:
-        config = PKIConfig(trust_domain=trust_domain, organisation=org, default_days=days,
-                           crl_url=crl_url, ocsp_url=ocsp_url, crl_lifetime_hours=crl_hours)
+        validity = dt.timedelta(days=days)
+        config = PKIConfig(trust_domain=trust_domain, organisation=org, validity=validity,
+                           renew_grace=default_grace(validity), crl_url=crl_url,
+                           ocsp_url=ocsp_url, crl_lifetime_hours=crl_hours)
     except ProvisioningError as exc:
         key = exc.message.split(":", 1)[0]
         raise UsageError(exc.message.split(": ", 1)[-1], _INIT_OPTIONS.get(key, "init")) from None
