@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,6 +16,7 @@ from provisioning.config import PKIConfig
 from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
 from provisioning.errors import NotFoundError, UsageError
 from provisioning.fsutil import atomic_write
+from provisioning.grace import POLICY_ACTOR, Superseded, any_due, revoke_due
 from provisioning.identity import device_id_problem, hash_password
 from provisioning.issuer import Issuer
 from provisioning.pki import PKI, IssuingCA, PKIPaths, init_pki
@@ -174,6 +176,22 @@ class Authority:
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
         return Change(device_id, tuple(serials), _crl_number(crl))
 
+    def sweep_superseded(self, now: dt.datetime | None = None) -> list[Superseded]:
+        """Revoke the superseded certificates whose ``renew_grace`` is over (reason
+        superseded, actor ``policy``, :mod:`provisioning.grace`) in one transaction, and
+        rewrite ``crl.pem`` when there were any. Looks first without the write lock, so an
+        idle sweep costs one indexed read."""
+        now = now or utcnow()
+        grace = self.config.renew_grace
+        if not any_due(self.registry, grace, now):
+            return []
+        ca = self.ca
+        with self.registry.write(POLICY_ACTOR) as tx:
+            swept = revoke_due(tx, grace, now)
+            if swept:
+                publish_crl(tx, ca, self.config, self.paths.crl, now)
+        return swept
+
     @staticmethod
     def _device_status(tx: Transaction, device_id: str) -> str:
         status = tx.device_status(device_id)
@@ -182,9 +200,12 @@ class Authority:
         return status
 
     def publish_crl(self, out: Path | None = None) -> x509.CertificateRevocationList:
+        """A fresh CRL; superseded certificates whose grace is over are revoked first, in
+        the same transaction (:mod:`provisioning.grace`)."""
         ca = self.ca
         now = utcnow()
         with self.registry.write(self.actor) as tx:
+            revoke_due(tx, self.config.renew_grace, now)
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now, extra_out=out)
             tx.audit(iso(now), "crl.publish", None, None, {"crl_number": _crl_number(crl)})
         return crl

@@ -49,6 +49,7 @@ from provisioning.est.messages import (
     write_audit_events,
 )
 from provisioning.feed.jws import raw_signature
+from provisioning.grace import sweep_interval
 from provisioning.issuer import CHUNK, SignOptions
 from provisioning.ocsp import Responder
 from provisioning.registry.transactions import Transaction
@@ -57,7 +58,7 @@ from provisioning.tokens import TokenBook
 
 log = logging.getLogger("provisioning.est")
 
-HOUSEKEEPING_SECONDS = 30.0
+HOUSEKEEPING_SECONDS = 30.0  # at most; the superseded sweep may want it sooner
 # Request events wait this long for the next signing transaction to ride along with, rather
 # than paying a commit (an fsync) of their own; an idle worker then writes them on their own.
 EVENT_DELAY_SECONDS = 0.05
@@ -119,6 +120,10 @@ class Engine:
         self._events: list[AuditEvent] = []
         self._crl = CRLFile(authority.paths.crl)
         self._last_housekeeping = 0.0
+        # DESIGN section 10: superseded certificates are revoked at most a quarter of the
+        # grace late (provisioning.grace.sweep_interval: 1 s to 30 s).
+        self._housekeeping_s = min(HOUSEKEEPING_SECONDS,
+                                   sweep_interval(authority.config.renew_grace))
         self._batches = self._jobs = self._largest = self._signed = 0
         self._parent_gone = False
         self.tokens.refresh(self._registry)
@@ -161,10 +166,10 @@ class Engine:
         while not stopping:
             try:
                 first = self._queue.get(
-                    timeout=EVENT_DELAY_SECONDS if self._events else HOUSEKEEPING_SECONDS)
+                    timeout=EVENT_DELAY_SECONDS if self._events else self._housekeeping_s)
             except queue.Empty:
                 self._flush_events()
-                if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
+                if time.monotonic() - self._last_housekeeping >= self._housekeeping_s:
                     self._housekeeping()
                 continue
             batch: list[_Item] = []
@@ -187,7 +192,7 @@ class Engine:
                     failed = Failed(f"{type(exc).__name__}: {exc}")
                     self._reply(("done", [(job_id, failed) for _, job_id in batch
                                           if job_id is not None], self.statistics()))
-            if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_SECONDS:
+            if time.monotonic() - self._last_housekeeping >= self._housekeeping_s:
                 self._housekeeping()
         self._flush_events()
         self._reply(("stopped", self.statistics()))
@@ -269,8 +274,18 @@ class Engine:
     # -- revocation status ---------------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        """Re-sign the CRL once half its lifetime has passed, so /crl never serves a stale one."""
+        """Revoke superseded certificates whose grace is over (the CRL re-signed when any
+        were), then re-sign the CRL once half its lifetime has passed, so /crl never serves
+        a stale one."""
         self._last_housekeeping = time.monotonic()
+        try:
+            swept = self.authority.sweep_superseded()
+            if swept:
+                log.info("revoked %d superseded certificate(s) whose renew_grace is over: %s",
+                         len(swept), ", ".join(f"{s.device_id} {s.serial}" for s in swept[:5])
+                         + (" ..." if len(swept) > 5 else ""))
+        except ProvisioningError as exc:
+            log.warning("cannot revoke superseded certificates yet: %s", exc)
         try:
             snapshot = self._crl.snapshot()
             if snapshot.next_update is not None and (

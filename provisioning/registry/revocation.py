@@ -12,6 +12,18 @@ from provisioning.registry.schema import CRL_NUMBER_KEY
 
 # (serial, status, revoked_at, reason) of a CRL entry
 CRLEntry = tuple[str, str, str, str | None]
+# (serial, device id, superseded_at) of a superseded certificate whose grace is over
+SupersededRow = tuple[str, str, str]
+# Written so the partial index of migration v3 (status = 'superseded') serves it.
+_SUPERSEDED_DUE = ("SELECT serial, device_id, superseded_at FROM certificates "
+                   "WHERE status = 'superseded' AND superseded_at < ? "
+                   "ORDER BY superseded_at, serial LIMIT ?")
+
+
+def superseded_due(conn: sqlite3.Connection, cutoff: str, limit: int = -1,
+                   ) -> list[SupersededRow]:
+    """Superseded certificates superseded before *cutoff* (ISO text), oldest first."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(_SUPERSEDED_DUE, (cutoff, limit))]
 
 
 class RevocationWrites:
@@ -40,6 +52,10 @@ class RevocationWrites:
         self.conn.execute("UPDATE certificates SET status = 'revoked', revoked_at = ?, "
                           "reason = ?, hold_prior_status = NULL WHERE serial = ?",
                           (stamp, reason, serial))
+
+    def superseded_due(self, cutoff: str) -> list[SupersededRow]:
+        """Under the write lock: the superseded certificates whose grace ended by *cutoff*."""
+        return superseded_due(self.conn, cutoff)
 
     def hold(self, device_id: str, stamp: str) -> list[str]:
         """certificateHold on the device's active and superseded certificates; their serials.

@@ -18,6 +18,7 @@ from provisioning.errors import RegistryError
 from provisioning.registry._sql import in_batches
 from provisioning.registry.audit import ChainReport, verify_chain
 from provisioning.registry.migrations import upgrade
+from provisioning.registry.revocation import SupersededRow, superseded_due
 from provisioning.registry.schema import SCHEMA_VERSION
 from provisioning.registry.transactions import Transaction
 
@@ -197,6 +198,11 @@ class Registry:
         row = self.conn.execute("SELECT status, revoked_at, reason FROM certificates WHERE "
                                 "serial = ?", (serial,)).fetchone()
         return (row[0], row[1], row[2]) if row else None
+
+    def superseded_due(self, cutoff: str, limit: int = -1) -> list[SupersededRow]:
+        """(serial, device id, superseded_at) of superseded certificates superseded before
+        *cutoff*; the sweep's look before it takes the write lock."""
+        return superseded_due(self.conn, cutoff, limit)
 
     def pending_outputs(self) -> list[tuple[str, str]]:
         """(path, pem) of the files a committed ``sign`` promised and has not written."""
