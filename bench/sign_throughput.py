@@ -88,7 +88,7 @@ def time_floor(authority: Authority, csrs: list[bytes]) -> float:
     """Seconds for load + verify + build + sign + PEM of every CSR, nothing else."""
     ca, config = authority.ca, authority.config
     now = dt.datetime.now(dt.UTC)
-    not_before, not_after = validity(ca, config.default_days, now)
+    not_before, not_after = validity(ca, config.validity, now)
     pems: list[bytes] = []
     start = time.perf_counter()
     for data in csrs:

@@ -95,7 +95,7 @@ class Issuer:
                     written: list[str] | None = None,
                     ) -> tuple[list[SignResult], list[tuple[str, str]]]:
         window = self._window = chunk_window(self.ca, self.config,
-                                             options.days or self.config.default_days,
+                                             options.validity or self.config.validity,
                                              utcnow(), self._window)
         slots: list[SignResult | Candidate] = [self._screen(item, options) for item in inputs]
         candidates = [s for s in slots if isinstance(s, Candidate)]

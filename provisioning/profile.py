@@ -29,12 +29,15 @@ from provisioning.config import PKIConfig
 from provisioning.identity import gateway_spiffe_id, spiffe_id
 from provisioning.pki import IssuingCA
 
-__all__ = ["BACKDATE", "IssuablePublicKey", "certificate_pem",
+__all__ = ["BACKDATE", "IssuablePublicKey", "backdate", "certificate_pem",
            "device_certificate", "key_identifier", "public_key_der", "random_serial",
            "server_certificate", "validity"]
 
-# Devices with slightly slow clocks must accept a certificate minted moments ago.
+# Devices with slightly slow clocks must accept a certificate minted moments ago; but by no
+# more than a tenth of its life: a 4-minute certificate back-dated 5 minutes would span 9, and
+# a device renewing at 2/3 of that span would renew the moment it got it (issue 14).
 BACKDATE = dt.timedelta(minutes=5)
+BACKDATE_SHARE = 10
 
 _DEVICE_KU = x509.KeyUsage(
     digital_signature=True,
@@ -54,12 +57,19 @@ def random_serial() -> int:
     return x509.random_serial_number()
 
 
+def backdate(lifetime: dt.timedelta) -> dt.timedelta:
+    """How far not-before goes back: :data:`BACKDATE`, at most a tenth of *lifetime*, in
+    whole seconds (a certificate's times have no finer unit)."""
+    return min(BACKDATE, dt.timedelta(seconds=lifetime.total_seconds() // BACKDATE_SHARE))
+
+
 def validity(
-    ca: IssuingCA, days: int, now: dt.datetime
+    ca: IssuingCA, lifetime: dt.timedelta, now: dt.datetime
 ) -> tuple[dt.datetime, dt.datetime]:
-    """Back-dated start; the end never outlives the issuing CA (it could not verify then)."""
-    not_after = min(now + dt.timedelta(days=days), ca.cert.not_valid_after_utc)
-    return now - BACKDATE, not_after
+    """Back-dated start; the end *lifetime* after *now*, never past the issuing CA's end
+    (it could not verify then)."""
+    not_after = min(now + lifetime, ca.cert.not_valid_after_utc)
+    return now - backdate(lifetime), not_after
 
 
 def _common(
@@ -149,7 +159,7 @@ def server_certificate(
     host: str,
     ips: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
     public_key: ec.EllipticCurvePublicKey,
-    days: int,
+    lifetime: dt.timedelta,
     now: dt.datetime,
 ) -> x509.Certificate:
     """A hub's certificate (DESIGN section 4): SAN DNS name, IP addresses and the gateway's
@@ -158,7 +168,7 @@ def server_certificate(
 
     The hub refuses it as a device: it names no ``/device/`` SPIFFE ID.
     """
-    not_before, not_after = validity(ca, days, now)
+    not_before, not_after = validity(ca, lifetime, now)
     names: list[x509.GeneralName] = [x509.DNSName(host)]
     names.extend(x509.IPAddress(ip) for ip in ips)
     names.append(x509.UniformResourceIdentifier(gateway_spiffe_id(config.trust_domain, host)))

@@ -4,6 +4,7 @@ their issue. The server's key is made here; a device's never is.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +24,19 @@ from provisioning.timefmt import iso, utcnow
 
 
 def issue_server_cert(registry: Registry, ca: IssuingCA, config: PKIConfig, actor: str,
-                      host: str, addresses: list[IPAddress], out_dir: Path, days: int | None,
-                      basename: str) -> tuple[Path, Path]:
+                      host: str, addresses: list[IPAddress], out_dir: Path,
+                      validity: dt.timedelta | int | None, basename: str) -> tuple[Path, Path]:
     """:meth:`provisioning.authority.Authority.server_cert` once *host* and *addresses*
-    passed :func:`server_names`: the key, the certificate, both files and the audit event."""
+    passed :func:`server_names`: the key, the certificate, both files and the audit event.
+
+    *validity* None is the fleet's; an int is days (``Authority.server_cert``'s ``days``).
+    """
+    if isinstance(validity, int):
+        validity = dt.timedelta(days=validity)
     now = utcnow()
     key = ec.generate_private_key(ec.SECP256R1())
     cert = server_certificate(ca, config, host, addresses, key.public_key(),
-                              days or config.default_days, now)
+                              validity or config.validity, now)
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{basename}.pem", out_dir / f"{basename}.key"
     key_pem = key.private_bytes(serialization.Encoding.PEM,

@@ -47,9 +47,13 @@ class SignResult:
 class SignOptions:
     manifest: frozenset[str] | None = None
     group: str | None = None
-    days: int | None = None
+    validity: dt.timedelta | None = None  # None: the fleet's (PKIConfig.validity)
     out_dir: Path | None = None
     renew: bool = False
+
+
+# From this lifetime up, validity counts from the minute: at most 0.07% of it is lost.
+MINUTE_GRAIN = dt.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,17 @@ class Window:
     template: DeviceTemplate  # device_certificate for this validity, fixed parts made once
 
 
-def chunk_window(ca: IssuingCA, config: PKIConfig, days: int, now: dt.datetime,
+def chunk_window(ca: IssuingCA, config: PKIConfig, lifetime: dt.timedelta, now: dt.datetime,
             previous: Window | None = None) -> Window:
     """Validity counts from the minute (DESIGN: back-dated "by a few minutes"), so every
     chunk of that minute shares the *previous* window's template, proven once: the enrollment
     service signs many small chunks, and building and proving a template costs about two
-    certificates."""
-    not_before, not_after = validity(ca, days, now.replace(second=0, microsecond=0))
+    certificates. A certificate of less than a day counts from the second instead: cut to
+    the minute, a 1-minute certificate issued at :59 would live one second (issue 14)."""
+    start = now.replace(microsecond=0)
+    if lifetime >= MINUTE_GRAIN:
+        start = start.replace(second=0)
+    not_before, not_after = validity(ca, lifetime, start)
     if (previous is not None and previous.template.not_before == not_before
             and previous.template.not_after == not_after):
         template = previous.template

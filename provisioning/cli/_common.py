@@ -6,6 +6,7 @@ The commands live in ca.py, issue.py, devices.py, service.py and audit.py; the p
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import json
 import os
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from fleetcli import new_app
 from provisioning.authority import Authority
+from provisioning.duration import check_validity, parse_duration
 from provisioning.errors import PassphraseError, UsageError
 from provisioning.pki import ENV_PKI, PKIPaths
 
@@ -38,6 +40,11 @@ PassEnvOpt = Annotated[str | None, typer.Option(
     "--passphrase-env", metavar="VAR",
     help="Environment variable holding the CA key passphrase (prompted for when absent "
          "and the key is encrypted).")]
+ValidityOpt = Annotated[str | None, typer.Option(
+    "--validity", metavar="DURATION",
+    help="Certificate lifetime: 90d, 12h, 10m (1m to 36500d) [default: from pki.toml]")]
+DaysOpt = Annotated[int | None, typer.Option(
+    "--days", metavar="N", help="Validity in days: the same as --validity Nd.")]
 DEFAULT_PKI = Path("fleet-pki")
 MAX_DAYS = 36500
 
@@ -76,6 +83,19 @@ def open_authority(pki: Path, passphrase_env: str | None) -> Authority:
 def check_days(days: int | None) -> None:
     if days is not None and not 1 <= days <= MAX_DAYS:
         raise UsageError(f"{days} days is out of range (want 1-{MAX_DAYS})", "--days")
+
+
+def chosen_validity(validity: str | None, days: int | None) -> dt.timedelta | None:
+    """``--validity DURATION`` or its alias ``--days N`` (both: a usage error); None for
+    neither, which means the fleet's validity from pki.toml."""
+    if validity is not None and days is not None:
+        raise UsageError("--days N is --validity Nd: give one of them", "--days")
+    if days is not None:
+        check_days(days)
+        return dt.timedelta(days=days)
+    if validity is not None:
+        return check_validity(parse_duration(validity, "--validity"), "--validity")
+    return None
 
 
 def emit_json(value: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 from pathlib import Path
 from typing import Annotated
@@ -10,29 +9,42 @@ from typing import Annotated
 import typer
 from cryptography import x509
 
-from provisioning.authority import initialize, server_names
+from provisioning.authority import initialize
 from provisioning.cli._common import (
     DEFAULT_PKI,
+    DaysOpt,
     PassEnvOpt,
     PkiOpt,
-    check_days,
+    ValidityOpt,
+    chosen_validity,
     err,
     open_authority,
     read_passphrase,
 )
-from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_DAYS, PKIConfig, default_grace
+from provisioning.config import DEFAULT_CRL_HOURS, DEFAULT_VALIDITY, PKIConfig, default_grace
+from provisioning.duration import parse_duration
 from provisioning.errors import ProvisioningError, UsageError
+from provisioning.servercert import issue_server_cert, server_names
 
 _INIT_OPTIONS = {"trust_domain": "--trust-domain", "organisation": "--org",
-                 "validity": "--days", "crl_url": "--crl-url", "ocsp_url": "--ocsp-url",
+                 "validity": "--validity", "renew_grace": "--renew-grace",
+                 "crl_url": "--crl-url", "ocsp_url": "--ocsp-url",
                  "crl_lifetime_hours": "--crl-hours"}
+
 
 def init(
     org: Annotated[str, typer.Option("--org", help="Organisation, the O of every subject.")],
     trust_domain: Annotated[str, typer.Option("--trust-domain",
                                               help="SPIFFE trust domain, e.g. fleet.example.com")],
     pki: PkiOpt = DEFAULT_PKI,
-    days: Annotated[int, typer.Option("--days", help="Default device validity.")] = DEFAULT_DAYS,
+    validity: Annotated[str | None, typer.Option(
+        "--validity", metavar="DURATION",
+        help="The fleet's device certificate lifetime: 90d, 12h, 10m [default: 365d]")] = None,
+    days: DaysOpt = None,
+    renew_grace: Annotated[str | None, typer.Option(
+        "--renew-grace", metavar="DURATION",
+        help="How long a renewed certificate stays valid [default: 1h, at most the "
+             "validity]")] = None,
     crl_url: Annotated[str | None, typer.Option("--crl-url", help="CRL distribution point "
                                                 "put into device certificates.")] = None,
     ocsp_url: Annotated[str | None, typer.Option("--ocsp-url", help="OCSP responder URL "
@@ -47,10 +59,12 @@ def init(
 
     Example: fleet-provision init --pki fleet-pki --org "Acme" --trust-domain fleet.acme.com
     """
+    lifetime = chosen_validity(validity, days) or DEFAULT_VALIDITY
+    grace = (parse_duration(renew_grace, "--renew-grace") if renew_grace is not None
+             else default_grace(lifetime))
     try:
-        validity = dt.timedelta(days=days)
-        config = PKIConfig(trust_domain=trust_domain, organisation=org, validity=validity,
-                           renew_grace=default_grace(validity), crl_url=crl_url,
+        config = PKIConfig(trust_domain=trust_domain, organisation=org, validity=lifetime,
+                           renew_grace=grace, crl_url=crl_url,
                            ocsp_url=ocsp_url, crl_lifetime_hours=crl_hours)
     except ProvisioningError as exc:
         key = exc.message.split(":", 1)[0]
@@ -76,18 +90,20 @@ def server_cert(
     pki: PkiOpt = DEFAULT_PKI,
     ip: Annotated[list[str] | None, typer.Option("--ip", help="IP address SAN; repeatable.")]
     = None,
-    days: Annotated[int | None, typer.Option("--days", help="Validity in days "
-                                             "[default: from pki.toml]")] = None,
+    validity: ValidityOpt = None,
+    days: DaysOpt = None,
     passphrase_env: PassEnvOpt = None,
 ) -> None:
     """Issue a TLS server certificate and key for a hub.
 
     Example: fleet-provision server-cert --name gw1.local --ip 127.0.0.1 --out fleet-pki
     """
-    check_days(days)
-    server_names(name, ip or [])  # a bad name or address fails before a passphrase prompt
+    lifetime = chosen_validity(validity, days)
+    host, addresses = server_names(name, ip or [])  # fails before a passphrase prompt
     with open_authority(pki, passphrase_env) as authority:
-        cert_path, key_path = authority.server_cert(name, ip or [], out_dir, days)
+        cert_path, key_path = issue_server_cert(authority.registry, authority.ca,
+                                                authority.config, authority.actor, host,
+                                                addresses, out_dir, lifetime, "server")
     err.print(f"wrote {cert_path} (with chain) and {key_path}")
 
 

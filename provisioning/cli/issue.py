@@ -10,9 +10,11 @@ import typer
 from provisioning.authority import check_group
 from provisioning.cli._common import (
     DEFAULT_PKI,
+    DaysOpt,
     PassEnvOpt,
     PkiOpt,
-    check_days,
+    ValidityOpt,
+    chosen_validity,
     emit_json,
     err,
     open_authority,
@@ -30,8 +32,8 @@ def sign(
     manifest: Annotated[Path | None, typer.Option("--manifest",
                                                   help="Allowed device ids, one a line.")] = None,
     group: Annotated[str | None, typer.Option("--group", help="Device group.")] = None,
-    days: Annotated[int | None, typer.Option("--days", help="Validity in days "
-                                             "[default: from pki.toml]")] = None,
+    validity: ValidityOpt = None,
+    days: DaysOpt = None,
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for <device-id>.pem [default: PKI/certs]")] = None,
     renew: Annotated[bool, typer.Option("--renew", help="Replace a device's active "
@@ -43,7 +45,7 @@ def sign(
 
     Example: fleet-provision sign --manifest line7.txt --group sensors --out certs csrs/
     """
-    check_days(days)
+    lifetime = chosen_validity(validity, days)
     if group is not None:
         check_group(group)
     allowed = load_manifest(manifest) if manifest is not None else None
@@ -51,8 +53,8 @@ def sign(
     target = out_dir if out_dir is not None else pki / "certs"
     with open_authority(pki, passphrase_env) as authority:
         target.mkdir(parents=True, exist_ok=True)
-        options = SignOptions(manifest=allowed, group=group, days=days, out_dir=target,
-                              renew=renew)
+        options = SignOptions(manifest=allowed, group=group, validity=lifetime,
+                              out_dir=target, renew=renew)
         results = [SignResult(src, None, "rejected", reason=why) for src, why in problems]
         results += authority.issuer().sign(inputs, options)
     if as_json:

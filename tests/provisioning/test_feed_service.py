@@ -113,8 +113,8 @@ def _gateway_cert(authority: Authority, name: str, *, trust_domain: str | None =
     config = authority.config
     if trust_domain is not None:
         config = dataclasses.replace(config, trust_domain=trust_domain)
-    cert = server_certificate(authority.ca, config, name, [], key.public_key(), 1,
-                              now or utcnow())
+    cert = server_certificate(authority.ca, config, name, [], key.public_key(),
+                              dt.timedelta(days=1), now or utcnow())
     if recorded:
         with authority.registry.write("test") as tx:
             tx.audit(iso(utcnow()), "server.issue", None, format_serial(cert.serial_number),

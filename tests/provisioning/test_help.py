@@ -25,17 +25,18 @@ def _help(module: str, *args: str, columns: int) -> str:
 
 @pytest.mark.parametrize("columns", [80, 200])
 def test_fleet_provision_sign_help_shows_defaults(columns: int) -> None:
-    """sign --out and --days say what happens without them; --pki its default folder."""
+    """sign --out and --validity say what happens without them; --pki its default folder."""
     text = _help("provisioning.cli", "sign", columns=columns)
     assert "Folder for <device-id>.pem [default: PKI/certs]" in text
-    assert "Validity in days [default: from pki.toml]" in text
+    assert "10m (1m to 36500d) [default: from pki.toml]" in text
+    assert "Validity in days: the same as --validity Nd." in text
     assert "default: fleet-pki]" in text
 
 
 @pytest.mark.parametrize("columns", [80, 200])
 def test_fleet_provision_server_cert_help_shows_defaults(columns: int) -> None:
-    """server-cert --days, too."""
-    assert "Validity in days [default: from pki.toml]" in _help(
+    """server-cert --validity, too."""
+    assert "10m (1m to 36500d) [default: from pki.toml]" in _help(
         "provisioning.cli", "server-cert", columns=columns)
 
 

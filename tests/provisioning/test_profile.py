@@ -39,8 +39,9 @@ from tests.provisioning.csrs import make_csr, make_key
 
 def _issue(authority: Authority, out: Path, csr: bytes, days: int | None = None
            ) -> x509.Certificate:
+    lifetime = dt.timedelta(days=days) if days is not None else None
     [result] = authority.issuer().sign([CSRInput("t.csr", csr)],
-                                       SignOptions(out_dir=out, days=days))
+                                       SignOptions(out_dir=out, validity=lifetime))
     assert result.status == "issued", result.reason
     pems = (out / f"{result.device_id}.pem").read_bytes()
     return x509.load_pem_x509_certificates(pems)[0]
@@ -178,7 +179,7 @@ def _serials(count: int) -> list[int]:
 
 def _template(ca: IssuingCA, config: PKIConfig, **seams: Any,
               ) -> tuple[DeviceTemplate, dt.datetime, dt.datetime]:
-    not_before, not_after = validity(ca, 30, dt.datetime.now(dt.UTC))
+    not_before, not_after = validity(ca, dt.timedelta(days=30), dt.datetime.now(dt.UTC))
     return DeviceTemplate(ca, config, not_before, not_after, **seams), not_before, not_after
 
 
