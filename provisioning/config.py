@@ -8,10 +8,13 @@ Files written before issue 14 say ``default_days = N``; they load as ``validity 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
+import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +154,47 @@ def load_config(path: Path) -> PKIConfig:
         )
     except PKIError as exc:
         raise PKIError(exc.message, str(path)) from None
+
+
+# What ``fleet-provision policy set`` may change (DESIGN section 4), and what each one is.
+# The trust domain and organisation are in every certificate, station_groups and manifest
+# decide who may enroll: those are changed by editing pki.toml, not as policy.
+POLICY_KEYS: dict[str, str] = {
+    "validity": "device certificate lifetime (1m to 36500d)",
+    "renew_grace": "a renewed certificate stays valid this long, then is revoked (superseded)",
+    "crl_lifetime_hours": "CRL nextUpdate, in hours (1 to 8784)",
+}
+
+
+def policy_values(config: PKIConfig) -> dict[str, str | int]:
+    """The policy keys' values as pki.toml spells them: durations as ``90d``, hours as int."""
+    return {"validity": format_duration(config.validity),
+            "renew_grace": format_duration(config.renew_grace),
+            "crl_lifetime_hours": config.crl_lifetime_hours}
+
+
+def with_policy(config: PKIConfig, settings: Mapping[str, str]) -> PKIConfig:
+    """*config* with the policy *settings* (key -> text as typed) applied, checked as a whole.
+
+    Raises UsageError naming the key: an unknown or unchangeable key, a value that does not
+    parse, or one out of its range (renew_grace longer than the new validity included).
+    """
+    changes: dict[str, Any] = {}
+    for key, text in settings.items():
+        if key not in POLICY_KEYS:
+            raise UsageError(f"{key!r} is not a policy key; want one of "
+                             f"{', '.join(POLICY_KEYS)}", key)
+        if key == "crl_lifetime_hours":
+            if re.fullmatch(r"[0-9]{1,6}", text.strip()) is None:
+                raise UsageError(f"{text!r} is not a whole number of hours", key)
+            changes[key] = int(text)
+        else:
+            changes[key] = parse_duration(text, key)
+    try:
+        return dataclasses.replace(config, **changes)
+    except PKIError as exc:
+        key, _, message = exc.message.partition(": ")
+        raise UsageError(message, key) from None
 
 
 def default_grace(validity: dt.timedelta) -> dt.timedelta:

@@ -3,15 +3,23 @@
 Exit codes: 0 all done, 1 some input rejected (the rest still done), 2 usage.
 Every expected failure is one line on stderr: ``error: <what> (<where>)``.
 
-The commands live in ca.py, issue.py, devices.py, service.py and audit.py, the apps and the
-options they share in _common.py; they are registered here, in the order ``--help`` lists them.
+The commands live in ca.py, issue.py, devices.py, policy.py, service.py and audit.py, the
+apps and the options they share in _common.py; they are registered here, in the order
+``--help`` lists them.
 """
 
 from __future__ import annotations
 
 from fleetcli import run_cli
-from provisioning.cli import audit, ca, devices, issue, service
-from provisioning.cli._common import app, audit_app, group_app, password_app, token_app
+from provisioning.cli import audit, ca, devices, issue, policy, service
+from provisioning.cli._common import (
+    app,
+    audit_app,
+    group_app,
+    password_app,
+    policy_app,
+    token_app,
+)
 from provisioning.errors import ProvisioningError
 
 __all__ = ["app", "main"]
@@ -27,6 +35,8 @@ app.command()(devices.devices)
 app.command()(devices.device)
 audit_app.command("verify")(audit.audit_verify)
 group_app.command("set")(devices.group_set)
+policy_app.command("show")(policy.policy_show)
+policy_app.command("set")(policy.policy_set)
 token_app.command("create")(service.token_create)
 token_app.command("revoke")(service.token_revoke)
 password_app.command("set")(service.password_set)

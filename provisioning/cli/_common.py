@@ -1,6 +1,6 @@
 """What every ``fleet-provision`` command module shares: the typer apps, options, consoles.
 
-The commands live in ca.py, issue.py, devices.py, service.py and audit.py; the package's
+The commands live in ca.py, issue.py, devices.py, policy.py, service.py and audit.py; the package's
 ``__init__`` registers them on these apps in the order of ``--help``.
 """
 
@@ -33,6 +33,8 @@ password_app = new_app("A device's MQTT password: the hub's optional second fact
 app.add_typer(password_app, name="password")
 group_app = new_app("Device groups: the {group} of the hub's ACLs.")
 app.add_typer(group_app, name="group")
+policy_app = new_app("The fleet's policy in pki.toml: validity, renew_grace, CRL lifetime.")
+app.add_typer(policy_app, name="policy")
 
 PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
                                       show_default=True)]

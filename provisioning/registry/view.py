@@ -83,7 +83,7 @@ _CHUNK: Final = 500  # devices per "IN (...)" query (SQLite allows 999 parameter
 QUIET_ACTIONS: Final = frozenset({
     PKI_INIT_ACTION, SERVER_ISSUE_ACTION, "crl.publish", "token.create", "token.revoke",
     "http.request", "est.cacerts", "est.csrattrs", "est.enroll", "est.reenroll", "crl.fetch",
-    "ocsp.query", "feed.fetch", "certificate.renew.refuse"})
+    "ocsp.query", "feed.fetch", "certificate.renew.refuse", "policy.set"})
 DEVICE_ACTIONS: Final = frozenset({
     "device.create", "device.group", "device.suspend", "device.resume", "device.revoke",
     "device.password.set", "device.password.clear", "certificate.issue",
