@@ -147,3 +147,19 @@ def openssl_crl_reasons(text: str) -> dict[str, str | None]:
             reason = lines[lines.index("X509v3 CRL Reason Code:") + 1]
         entries[lines[0].lower()] = reason
     return entries
+
+
+def test_a_device_that_missed_its_renewal_enrolls_again(authority: Authority) -> None:
+    """The runbook's recovery: the grace over, the device holds only its revoked old
+    certificate; with the unclaimed new serial revoked, a first enrollment with a new key
+    is issued (no --renew: the device has no active certificate left)."""
+    old, new = _renew(authority, "dev-g6")
+    authority.sweep_superseded(utcnow() + authority.config.renew_grace
+                               + dt.timedelta(seconds=2))
+    authority.revoke("dev-g6", new, "superseded")
+    [again] = authority.issuer().sign([CSRInput("c.csr", make_csr(cn="dev-g6",
+                                                                  key=make_key()))],
+                                      SignOptions())
+    assert again.status == "issued", again.reason
+    statuses = {c.serial: c.status for c in authority.registry.certificates("dev-g6")}
+    assert statuses == {old: "revoked", new: "revoked", again.serial: "active"}
