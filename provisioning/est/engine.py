@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -284,7 +285,7 @@ class Engine:
                 log.info("revoked %d superseded certificate(s) whose renew_grace is over: %s",
                          len(swept), ", ".join(f"{s.device_id} {s.serial}" for s in swept[:5])
                          + (" ..." if len(swept) > 5 else ""))
-        except ProvisioningError as exc:
+        except (OSError, sqlite3.Error, ProvisioningError) as exc:  # the next sweep retries
             log.warning("cannot revoke superseded certificates yet: %s", exc)
         try:
             snapshot = self._crl.snapshot()
