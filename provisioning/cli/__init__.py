@@ -3,15 +3,15 @@
 Exit codes: 0 all done, 1 some input rejected (the rest still done), 2 usage.
 Every expected failure is one line on stderr: ``error: <what> (<where>)``.
 
-The commands live in ca.py, issue.py, devices.py, policy.py, service.py and audit.py, the
-apps and the options they share in _common.py; they are registered here, in the order
-``--help`` lists them.
+The commands live in ca.py, issue.py, devices.py, expiring.py, policy.py, service.py and
+audit.py, the apps and the options they share in _common.py; they are registered here, in the
+order ``--help`` lists them.
 """
 
 from __future__ import annotations
 
 from fleetcli import run_cli
-from provisioning.cli import audit, ca, devices, issue, policy, service
+from provisioning.cli import audit, ca, devices, expiring, issue, policy, service
 from provisioning.cli._common import (
     app,
     audit_app,
@@ -33,6 +33,7 @@ app.command()(devices.resume)
 app.command()(ca.crl)
 app.command()(devices.devices)
 app.command()(devices.device)
+app.command()(expiring.expiring)
 audit_app.command("verify")(audit.audit_verify)
 group_app.command("set")(devices.group_set)
 policy_app.command("show")(policy.policy_show)

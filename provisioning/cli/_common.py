@@ -1,7 +1,7 @@
 """What every ``fleet-provision`` command module shares: the typer apps, options, consoles.
 
-The commands live in ca.py, issue.py, devices.py, policy.py, service.py and audit.py; the package's
-``__init__`` registers them on these apps in the order of ``--help``.
+The commands live in ca.py, issue.py, devices.py, expiring.py, policy.py, service.py and
+audit.py; the package's ``__init__`` registers them on these apps in the order of ``--help``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
     migrations.py    the schema's migrations (sqlite-utils)
     audit.py         the hash chain: seal, verify
     store.py         Registry: the CA's connection, reads, ``write()`` transactions
+    expiry.py        the read of ``expiring``: certificates in service ending before a time
     transactions.py  Transaction: the audit chain plus the writes named for CA actions,
                      from issuance.py, revocation.py, devices.py, tokens.py
     view.py          FleetView: the read-only view of the fleet's state (stdlib-only)

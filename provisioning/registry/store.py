@@ -17,6 +17,7 @@ import sqlite_utils
 from provisioning.errors import RegistryError
 from provisioning.registry._sql import in_batches
 from provisioning.registry.audit import ChainReport, verify_chain
+from provisioning.registry.expiry import ExpiringRow, expiring_before
 from provisioning.registry.migrations import upgrade
 from provisioning.registry.revocation import SupersededRow, superseded_due
 from provisioning.registry.schema import SCHEMA_VERSION
@@ -203,6 +204,11 @@ class Registry:
         """(serial, device id, superseded_at) of superseded certificates superseded before
         *cutoff*; the sweep's look before it takes the write lock."""
         return superseded_due(self.conn, cutoff, limit)
+
+    def expiring(self, cutoff: str) -> list[ExpiringRow]:
+        """Active and superseded certificates with not-after at or before *cutoff* (ISO
+        text), the soonest first: ``fleet-provision expiring``."""
+        return expiring_before(self.conn, cutoff)
 
     def pending_outputs(self) -> list[tuple[str, str]]:
         """(path, pem) of the files a committed ``sign`` promised and has not written."""

@@ -61,5 +61,5 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     done = fleet_provision("--help", cwd=tmp_path)
     assert done.returncode == 0
     for name in ("init", "server-cert", "sign", "revoke", "suspend", "resume", "crl",
-                 "devices", "device", "audit", "policy"):
+                 "devices", "device", "audit", "policy", "expiring"):
         assert name in done.stdout
