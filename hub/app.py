@@ -56,13 +56,17 @@ async def serve_hub(config: HubConfig, *, ready: Callable[[HubBroker], None] | N
 
 
 def _reload_tls(broker: HubBroker, config: HubConfig) -> None:
-    """SIGHUP: re-read server.pem/server.key/client_ca for new connections (rotation), and
-    feed_cert/feed_key for the feed's next request."""
-    feed = broker.hub_runtime.feed
+    """SIGHUP: re-read server.pem/server.key for new connections (rotation), feed_cert/feed_key
+    for the feed's next request, and look at client_ca now (hub.cabundle checks it, as it does
+    every second; a bad bundle is refused there, the one in force used here)."""
+    runtime = broker.hub_runtime
+    runtime.client_ca.check_soon()
+    feed = runtime.feed
     if feed is not None:
         feed.reload_tls()
     try:
-        broker.listener.replace_context(server_context(config.listener))
+        broker.listener.replace_context(server_context(config.listener,
+                                                       runtime.client_ca.bundle.pem))
     except (OSError, ssl.SSLError) as exc:
         log.error("TLS reload failed, keeping the old certificate: %s", exc)  # noqa: TRY400
         return

@@ -11,6 +11,8 @@
     │       │                signer, signature, format, trust-domain, gateway, rollback, replay)
     │       └── FeedGapError a feed delta that does not build on the version in force: the
     │                        hub asks for a snapshot (not a refusal)
+    ├── BundleError          a changed client_ca bundle is refused (unreadable, no PEM
+    │                        certificate, one that is not a CA): the bundle in force stays
     ├── MetricsError         the metrics endpoint cannot be served (its address cannot be bound)
     └── AuditError           the audit store cannot be opened, read or written in time (names
                              the file); hub.audit re-exports it
@@ -74,6 +76,10 @@ class FeedRefusedError(SourceError):
 
 class FeedGapError(SourceError):
     """A feed delta that does not build on the version in force: ask for a snapshot."""
+
+
+class BundleError(HubError):
+    """A changed ``client_ca`` bundle cannot be put in force; the message says why, in one line."""
 
 
 class MetricsError(HubError):

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from hub.acl import AclPolicy
 from hub.config import AuthConfig
@@ -46,6 +47,8 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+# What fleet_hub_certificates_expiring{within} counts (issue 14): a week to plan, a day to act.
+EXPIRY_HORIZONS: Final = (("7d", 7 * 86400.0), ("1d", 86400.0))
 
 
 class Tracked(Protocol):
@@ -228,6 +231,20 @@ class Gatekeeper:
             return
         del self.live[client_id]
         self.metrics.connection_closed()
+
+    def expiring(self, horizons: Sequence[tuple[str, float]] = EXPIRY_HORIZONS
+                 ) -> dict[str, int]:
+        """How many live sessions' certificates expire within each horizon (label, seconds)
+        from now: one pass over the sessions when asked (a scrape), nothing on the connect
+        path. A certificate already past its not-after, not yet swept, counts in each."""
+        now = self.clock.time()
+        counts = dict.fromkeys((label for label, _ in horizons), 0)
+        for session in list(self.live.values()):
+            left = session.identity.not_after - now
+            for label, seconds in horizons:
+                if left <= seconds:
+                    counts[label] += 1
+        return counts
 
     def sweep(self) -> None:
         """Close every live session whose certificate has expired (called about twice a second:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 from hub.acl import AclPolicy
 from hub.audit import AuditStore
+from hub.cabundle import BundleWatcher
 from hub.config import HubConfig
 from hub.errors import ConfigError, RevocationError
 from hub.gatekeeper import Gatekeeper
@@ -37,12 +39,17 @@ class HubRuntime:
         self.gateway = feed_gateway(config) if config.revocation.feed is not None else None
         self.metrics = Metrics()
         self.audit = AuditStore(config.audit.path)
-        self.watcher = RevocationWatcher(config.revocation,
-                                         load_ca_bundle(config.listener.client_ca),
+        # client_ca, re-read when the file changes (issuing-CA rotation, DESIGN section 10).
+        self.client_ca = BundleWatcher(config.listener.client_ca, load_ca_bundle,
+                                       audit=self.audit)
+        self.watcher = RevocationWatcher(config.revocation, self.client_ca.bundle.certificates,
                                          on_change=self._revocation_changed,
                                          on_source=self._source_changed,
                                          certificates=config.auth.registered_only)
         self.feed = next((s for s in self.watcher.sources if isinstance(s, FeedSource)), None)
+        self.client_ca.subscribe(
+            lambda bundle: partial(self.watcher.replace_ca_certs, bundle.certificates,
+                                   bundle.pem))
         self.gatekeeper = Gatekeeper(config.auth, self.watcher, self.audit, self.metrics)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None
@@ -57,15 +64,18 @@ class HubRuntime:
             self._check_feed_domain(domain)
             self.gatekeeper.trust_domain = domain.name
             await self._start_watcher()
+            self.client_ca.start()
             if self.config.metrics.bind is not None:
                 self.metrics_server = MetricsServer(
                     self.config.metrics.bind, self.metrics, self.watcher.health,
                     extra=lambda: {"fleet_hub_audit_dropped_total":
                                    float(self.audit.statistics().dropped)},
                     revocation_version=lambda: self.watcher.snapshot.version,
-                    feed=self._feed_status if self.feed is not None else None)
+                    feed=self._feed_status if self.feed is not None else None,
+                    expiring=self.gatekeeper.expiring, client_ca=self.client_ca.status)
                 await self.metrics_server.start()
         except BaseException:
+            await self.client_ca.stop()
             await self.watcher.stop()
             self.audit.close()
             raise
@@ -102,6 +112,7 @@ class HubRuntime:
         await self.gatekeeper.drain()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        await self.client_ca.stop()
         await self.watcher.stop()
         self.audit.close()
 

@@ -37,12 +37,16 @@ class HandshakeRefusal:
     detail: str
 
 
-def server_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """Certificate required, verified against ``client_ca``; TLS 1.2 at the least."""
+def server_context(listener: ListenerConfig, cadata: str | None = None) -> ssl.SSLContext:
+    """Certificate required, verified against ``client_ca`` (or *cadata*, the PEM text of the
+    bundle in force: :mod:`hub.cabundle`); TLS 1.2 at the least."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = listener.min_tls_version
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cafile=str(listener.client_ca))
+    if cadata is None:
+        context.load_verify_locations(cafile=str(listener.client_ca))
+    else:
+        context.load_verify_locations(cadata=cadata)
     context.load_cert_chain(str(listener.server_cert), str(listener.server_key))
     context.options |= ssl.OP_NO_COMPRESSION
     # Every CA in client_ca is a trust anchor: the chain stops at the issuing CA instead of

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
@@ -35,6 +37,7 @@ from hub.tls import server_context
 if TYPE_CHECKING:
     from hub.broker.session import HubSession
     from hub.broker.surface import Handler, Reader, Session, Writer
+    from hub.cabundle import Bundle
 
 __all__ = ["HANG_UP_GRACE", "HubBroker"]
 
@@ -70,11 +73,20 @@ class HubBroker(RoutingBroker):
         self.delivery = Delivery(runtime, self.router, self._sessions, self._retained_messages,
                                  self._matches)
         listener = runtime.config.listener
-        self.listener = TLSListener(server_context(listener), self._on_stream,
+        # The bundle as the runtime read it; later bundles swap the context (hub.cabundle).
+        self.listener = TLSListener(server_context(listener, runtime.client_ca.bundle.pem),
+                                    self._on_stream,
                                     runtime.gatekeeper.handshake_refused,
                                     handshake_timeout=listener.handshake_timeout,
                                     max_pending_tls=runtime.config.limits.max_pending_tls,
                                     audit=runtime.audit)
+        runtime.client_ca.subscribe(self._prepare_context)
+
+    def _prepare_context(self, bundle: Bundle) -> Callable[[], None]:
+        """A changed client_ca (worker thread): the listener's context for it, swapped in on
+        the loop; handshakes under way and live connections keep theirs."""
+        context = server_context(self.hub_runtime.config.listener, bundle.pem)
+        return partial(self.listener.replace_context, context)
 
     async def start(self) -> None:
         await super().start()

@@ -14,6 +14,7 @@ from hub.metrics.counters import ACL_ACTIONS, KICK_REASONS, LIMITS, Metrics, Sta
 from hub.metrics.exposition import (
     CONTENT_TYPE,
     REVOCATION_VERSION,
+    BundleStatusLike,
     FeedStatusLike,
     HubCollector,
     SourceHealthLike,
@@ -26,6 +27,7 @@ __all__ = [
     "KICK_REASONS",
     "LIMITS",
     "REVOCATION_VERSION",
+    "BundleStatusLike",
     "FeedStatusLike",
     "HubCollector",
     "Metrics",

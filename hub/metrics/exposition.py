@@ -24,8 +24,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from hub.metrics.counters import Statistics
 
-__all__ = ["CONTENT_TYPE", "REVOCATION_VERSION", "FeedStatusLike", "HubCollector",
-           "SourceHealthLike", "render_text"]
+__all__ = ["CONTENT_TYPE", "REVOCATION_VERSION", "BundleStatusLike", "FeedStatusLike",
+           "HubCollector", "SourceHealthLike", "render_text"]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 # The revocation snapshot's version: +1 on every change of the refused serials, devices,
@@ -77,6 +77,18 @@ class FeedStatusLike(Protocol):
     def as_json(self) -> dict[str, object]: ...
 
 
+class BundleStatusLike(Protocol):
+    """What the metrics need of the client_ca bundle in force (hub.cabundle.BundleStatus)."""
+
+    @property
+    def generation(self) -> int: ...
+    @property
+    def certificates(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    def as_json(self) -> dict[str, object]: ...
+
+
 def age(source: SourceHealthLike, now: float) -> float:
     """Seconds since *source* last loaded; NaN if it never did."""
     return math.nan if source.last_success is None else max(0.0, now - source.last_success)
@@ -119,6 +131,8 @@ class HubCollector(Collector):
         clock: Callable[[], float] = time.time,
         revocation_version: Callable[[], int] | None = None,
         feed: Callable[[], FeedStatusLike | None] | None = None,
+        expiring: Callable[[], Mapping[str, int]] | None = None,
+        client_ca: Callable[[], BundleStatusLike] | None = None,
     ) -> None:
         self._statistics = statistics
         self._health = revocation_health
@@ -126,6 +140,8 @@ class HubCollector(Collector):
         self._clock = clock
         self._version = revocation_version
         self._feed = feed
+        self._expiring = expiring
+        self._client_ca = client_ca
 
     def collect(self) -> Iterator[Metric]:
         # Read first, so an integrator's bad extra name fails before anything is written.
@@ -142,6 +158,15 @@ class HubCollector(Collector):
         feed = self._feed() if self._feed is not None else None
         if feed is not None:
             yield from self._feed_figures(feed)
+        if self._expiring is not None:
+            family = GaugeMetricFamily("fleet_hub_certificates_expiring", "Connected devices "
+                                       "whose certificate expires within the window.",
+                                       labels=["within"])
+            for window, count in self._expiring().items():
+                family.add_metric([window], count)
+            yield family
+        if self._client_ca is not None:
+            yield from self._bundle_figures(self._client_ca())
         resident = _resident_bytes()
         if resident is not None:
             yield GaugeMetricFamily("fleet_hub_process_resident_bytes",
@@ -182,6 +207,17 @@ class HubCollector(Collector):
         yield GaugeMetricFamily("fleet_hub_feed_state_age_seconds", "Seconds since the CA "
                                 "issued the last feed document accepted (NaN: none).",
                                 value=math.nan if age_ is None else age_)
+
+    @staticmethod
+    def _bundle_figures(bundle: BundleStatusLike) -> Iterator[Metric]:
+        yield GaugeMetricFamily("fleet_hub_client_ca_generation", "Generation of the client_ca "
+                                "bundle in force: 1 at start, +1 for each changed bundle put "
+                                "in force.", value=bundle.generation)
+        yield GaugeMetricFamily("fleet_hub_client_ca_certificates", "CA certificates in the "
+                                "client_ca bundle in force.", value=bundle.certificates)
+        yield CounterMetricFamily("fleet_hub_client_ca_refused_total", "Changed client_ca "
+                                  "bundles refused; the one in force stayed.",
+                                  value=bundle.refused)
 
     @staticmethod
     def _revocation(sources: Sequence[SourceHealthLike], now: float) -> Iterator[Metric]:

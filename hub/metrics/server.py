@@ -19,6 +19,7 @@ from hub.errors import MetricsError
 from hub.metrics.counters import Metrics
 from hub.metrics.exposition import (
     CONTENT_TYPE,
+    BundleStatusLike,
     FeedStatusLike,
     HubCollector,
     SourceHealthLike,
@@ -38,7 +39,10 @@ class MetricsServer:
     last attempt (or is in its grace: the feed while its state is younger than
     max_age_seconds) and is fresh, else 503 ``"degraded"``; both list each source (its error or
     staleness warning) and, given *revocation_version*, the snapshot's version; given *feed*,
-    the fleet-state feed's status (``"feed"``: version, state age, refusals).
+    the fleet-state feed's status (``"feed"``: version, state age, refusals); given
+    *expiring*, the connected devices whose certificate expires within 7 days and 1 day
+    (``"certificates_expiring"``); given *client_ca*, the bundle in force (``"client_ca"``:
+    generation, certificates, refusals, last error).
     """
 
     def __init__(
@@ -51,6 +55,8 @@ class MetricsServer:
         clock: Callable[[], float] = time.time,
         revocation_version: Callable[[], int] | None = None,
         feed: Callable[[], FeedStatusLike | None] | None = None,
+        expiring: Callable[[], Mapping[str, int]] | None = None,
+        client_ca: Callable[[], BundleStatusLike] | None = None,
     ) -> None:
         self.bind = bind
         self.metrics = metrics
@@ -58,9 +64,12 @@ class MetricsServer:
         self._clock = clock
         self._version = revocation_version
         self._feed = feed
+        self._expiring = expiring
+        self._client_ca = client_ca
         self.registry = registry_of(HubCollector(
             metrics.statistics, revocation_health, extra, clock=clock,
-            revocation_version=revocation_version, feed=feed))
+            revocation_version=revocation_version, feed=feed, expiring=expiring,
+            client_ca=client_ca))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -126,4 +135,8 @@ class MetricsServer:
         feed = self._feed() if self._feed is not None else None
         if feed is not None:
             body["feed"] = feed.as_json()
+        if self._expiring is not None:
+            body["certificates_expiring"] = dict(self._expiring())
+        if self._client_ca is not None:
+            body["client_ca"] = self._client_ca().as_json()
         return web.json_response(body, status=200 if healthy else 503)

@@ -94,6 +94,11 @@ class CrlVerifier:
     def __init__(self, ca_certs: Sequence[x509.Certificate]) -> None:
         self._cas = tuple(ca_certs)
 
+    def replace(self, ca_certs: Sequence[x509.Certificate]) -> None:
+        """Check later CRLs against *ca_certs* (a reloaded client_ca); one reference swapped,
+        so a check running in a worker thread sees the old tuple or the new one."""
+        self._cas = tuple(ca_certs)
+
     def check(self, blob: bytes) -> SourceData:
         """Runs in a worker thread: parsing and signature checks are CPU work."""
         try:
@@ -109,7 +114,7 @@ class CrlVerifier:
         else:
             crl = x509.load_der_x509_crl(blob)
         issuer = crl.issuer.rfc4514_string()
-        signers = [ca for ca in self._cas if ca.subject == crl.issuer]
+        signers = [ca for ca in self._cas if ca.subject == crl.issuer]  # one read of _cas
         if not signers:
             raise SourceError(f"CRL issuer {issuer!r} is not a CA of the client_ca bundle")
         if not any(_signed_by(crl, ca) for ca in signers):

@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import aiohttp
+from cryptography import x509
 
 from hub.errors import SourceError
 from hub.revocation.crl import CrlLists, CrlVerifier
@@ -39,6 +41,11 @@ class _CrlSource(PolledSource):
     def _take(self, blob: bytes, lists: CrlLists) -> CrlLists:
         """Verify *blob* and fold it into *lists*; runs in a worker thread."""
         return lists.take(self._verifier.check(blob), time.time())
+
+    def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
+        """A reloaded client_ca: later CRLs are checked against its CAs."""
+        del cadata  # a file needs no TLS
+        self._verifier.replace(ca_certs)
 
     def _accept(self, lists: CrlLists) -> SourceData:
         """On the event loop: the new lists are the source's, their union its data."""
@@ -99,6 +106,13 @@ class CrlUrlSource(_CrlSource):
         self._session: aiohttp.ClientSession | None = None
         self._validators: dict[str, str] = {}  # conditional-GET headers of the accepted CRL
         self._inflight: asyncio.Task[CrlLists | Still] | None = None
+        self._reload = False
+
+    def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
+        """A reloaded client_ca: later CRLs are checked against its CAs, and the next fetch
+        trusts them for the CRL server's certificate."""
+        super().replace_ca_certs(ca_certs, cadata)
+        self._cadata, self._reload = cadata, True
 
     async def _attempt(self, budget: float | None) -> Outcome:
         if self._inflight is None:
@@ -111,6 +125,11 @@ class CrlUrlSource(_CrlSource):
         return outcome if isinstance(outcome, Still) else self._accept(outcome)
 
     async def _fetch(self) -> CrlLists | Still:
+        if self._reload:
+            self._reload = False  # one fetch at a time: no other request uses the session
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
         if self._session is None:
             context = await asyncio.to_thread(_tls_context, self._cadata)
             self._session = aiohttp.ClientSession(

@@ -27,9 +27,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Final, NamedTuple
+
+from cryptography import x509
 
 from hub.errors import FeedGapError, FeedRefusedError, SourceError
 from hub.revocation.feed_cache import FeedCache
@@ -145,6 +147,12 @@ class FeedSource(PolledSource):
     def reload_tls(self) -> None:
         """Re-read feed_cert/feed_key (a rotated gateway certificate) for the next request."""
         self._client.reload()
+
+    def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
+        """A reloaded client_ca: documents are checked against its CAs from now on, and the
+        next request trusts them for the CA service's certificate."""
+        self._verifier.replace(ca_certs)
+        self._client.reload(cadata)
 
     def stale(self, now: float) -> bool:
         return self._issued_at is not None and now - self._issued_at > self._max_age

@@ -47,9 +47,11 @@ class FeedClient:
         self._session: aiohttp.ClientSession | None = None
         self._reload = False
 
-    def reload(self) -> None:
+    def reload(self, cadata: str | None = None) -> None:
         """The next request reads the certificate, key and trust again (a request in flight
-        finishes on its connection)."""
+        finishes on its connection); *cadata*: the client_ca bundle now in force."""
+        if cadata is not None:
+            self._cadata = cadata
         self._reload = True
 
     async def fetch(self, since: int, wait: float) -> bytes:

@@ -69,6 +69,10 @@ def _is_ca(cert: x509.Certificate) -> bool:
     return False
 
 
+def _signers(ca_certs: Sequence[x509.Certificate]) -> dict[bytes, x509.Certificate]:
+    return {cert.public_bytes(Encoding.DER): cert for cert in ca_certs if _is_ca(cert)}
+
+
 class FeedVerifier:
     """Checks documents for one gateway of one trust domain against the ``client_ca`` CAs."""
 
@@ -76,8 +80,12 @@ class FeedVerifier:
                  gateway: str) -> None:
         self.trust_domain = trust_domain
         self.gateway = gateway
-        self._signers = {cert.public_bytes(Encoding.DER): cert
-                         for cert in ca_certs if _is_ca(cert)}
+        self._signers = _signers(ca_certs)
+
+    def replace(self, ca_certs: Sequence[x509.Certificate]) -> None:
+        """Accept signers from *ca_certs* from now on (a reloaded client_ca); one reference
+        swapped, so a check running in a worker thread sees the old set or the new one."""
+        self._signers = _signers(ca_certs)
 
     def check(self, body: bytes, version: int, last_issued: str | None) -> Document:
         """The document in *body* if it may follow *version* (0: none yet) and a document

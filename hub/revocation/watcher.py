@@ -173,6 +173,13 @@ class RevocationWatcher:
         """One refresh cycle now, waiting for every source; True if the content changed."""
         return await self._cycle(budget=None, notify=True)
 
+    def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
+        """A reloaded client_ca (:mod:`hub.cabundle`), on the loop: the CRL sources check
+        later CRLs, and the feed later documents, against *ca_certs*; the lists in force stay."""
+        for source in self._sources:
+            if isinstance(source, (CrlFileSource, CrlUrlSource, FeedSource)):
+                source.replace_ca_certs(ca_certs, cadata)
+
     def health(self) -> list[SourceHealth]:
         """Each configured source's state, in the order registry, crl-file, crl-url."""
         now = time.time()

@@ -194,3 +194,27 @@ def test_detaching_an_old_connection_leaves_the_new_one_tracked(
     gate.gatekeeper.attach(new)
     gate.gatekeeper.detach("gate-1", old)
     assert gate.gatekeeper.live == {"gate-1": new}
+
+
+def test_expiring_counts_live_sessions_by_how_soon_their_certificate_ends(
+        gate: Gate, identity: DeviceIdentity) -> None:
+    """The figures behind fleet_hub_certificates_expiring{within}: by the clock, a boundary
+    counts in its window; a session that left no longer counts; nothing is kicked."""
+    connection = FakeConnection("gate-1", identity)
+
+    async def main() -> None:
+        gatekeeper = gate.gatekeeper
+        assert gatekeeper.expiring() == {"7d": 0, "1d": 0}
+        gatekeeper.attach(connection)
+        gate.clock.now = identity.not_after - 7 * 86400 - 1
+        assert gatekeeper.expiring() == {"7d": 0, "1d": 0}
+        gate.clock.now = identity.not_after - 7 * 86400
+        assert gatekeeper.expiring() == {"7d": 1, "1d": 0}
+        gate.clock.now = identity.not_after - 86400
+        assert gatekeeper.expiring() == {"7d": 1, "1d": 1}
+        assert gatekeeper.expiring((("1h", 3600.0),)) == {"1h": 0}
+        gatekeeper.detach("gate-1", connection)
+        assert gatekeeper.expiring() == {"7d": 0, "1d": 0}
+
+    asyncio.run(main())
+    assert connection.kicks == []

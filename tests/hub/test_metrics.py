@@ -10,12 +10,14 @@ import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from hub.cabundle import BundleStatus
 from hub.config import BindAddress
 from hub.errors import HubError
 from hub.metrics import (
@@ -209,14 +211,16 @@ def serve(
     check: Callable[[aiohttp.ClientSession, str], Awaitable[None]],
     metrics: Metrics | None = None,
     version: Callable[[], int] | None = None,
+    **figures: Any,
 ) -> None:
-    """Start a MetricsServer on 127.0.0.1 port 0, run *check* against its base URL, stop it."""
+    """Start a MetricsServer on 127.0.0.1 port 0, run *check* against its base URL, stop it;
+    *figures*: MetricsServer's optional ones (expiring, client_ca)."""
 
     async def main() -> None:
         server = MetricsServer(
             LOOPBACK, metrics or Metrics(), lambda: sources,
             lambda: {"fleet_hub_audit_dropped_total": 0}, clock=lambda: NOW,
-            revocation_version=version,
+            revocation_version=version, **figures,
         )
         await server.start()
         try:
@@ -318,6 +322,36 @@ def test_the_revocation_version_is_in_metrics_and_healthz() -> None:
             assert body["revocation_version"] == expected
 
     serve([Health("registry")], check, version=lambda: next(versions))
+
+
+def test_expiring_certificates_and_the_client_ca_bundle_are_in_metrics_and_healthz() -> None:
+    """Given the gatekeeper's expiry counts and the bundle's status, /metrics has
+    fleet_hub_certificates_expiring{within}, fleet_hub_client_ca_generation, _certificates and
+    _refused_total, and /healthz "certificates_expiring" and "client_ca", read at each request."""
+    counts = [{"7d": 3, "1d": 1}, {"7d": 2, "1d": 0}]
+    status = BundleStatus("/etc/fleet-hub/ca-chain.pem", 2, 3, NOW, 1, None)
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/metrics") as response:
+            text = await response.text()
+        lines = text.splitlines()
+        assert "# TYPE fleet_hub_certificates_expiring gauge" in lines
+        assert "# TYPE fleet_hub_client_ca_refused_total counter" in lines
+        values = samples(text)
+        assert values['fleet_hub_certificates_expiring{within="7d"}'] == 3
+        assert values['fleet_hub_certificates_expiring{within="1d"}'] == 1
+        assert values["fleet_hub_client_ca_generation"] == 2
+        assert values["fleet_hub_client_ca_certificates"] == 3
+        assert values["fleet_hub_client_ca_refused_total"] == 1
+        counts.pop(0)
+        async with session.get(f"{base}/healthz") as response:
+            body = json.loads(await response.text())
+        assert body["certificates_expiring"] == {"7d": 2, "1d": 0}
+        assert body["client_ca"] == {"path": "/etc/fleet-hub/ca-chain.pem", "generation": 2,
+                                     "certificates": 3, "loaded_at": NOW, "refused": 1,
+                                     "last_error": None}
+
+    serve([Health("registry")], check, expiring=lambda: counts[0], client_ca=lambda: status)
 
 
 def test_any_other_path_is_404() -> None:
