@@ -314,3 +314,27 @@ def test_a_peer_that_resets_while_the_hub_writes_leaks_no_descriptor(
         assert errors == []
 
     run(main)
+
+
+def test_a_peer_that_closes_without_close_notify_is_a_connection_reset(
+        certs: tuple[Path, Path], run: Run) -> None:
+    """TCP closed under TLS (no close_notify) is told as ConnectionResetError, caused by the
+    SSL error: amqtt's packet writer handles ConnectionError, and an SSLEOFError escaped its
+    connection task (the fuzz test, seed 1111, once under load)."""
+    async def main() -> None:
+        transport, lost, peer = await _blocking_client_pair(certs)
+        transport.pause_reading()  # a busy handler: the EOF is not read, the next write meets it
+        fd = transport.get_extra_info("socket").fileno()
+        socket.socket.close(peer)  # the descriptor only: no SSL_shutdown, no close_notify
+        assert select.select([fd], [], [], 5)[0], "the FIN did not arrive"
+        for _ in range(1000):  # the first write may still fit the kernel's buffers
+            if lost.done():
+                break
+            transport.write(b"x" * 65536)
+            await asyncio.sleep(0)
+        exc = await asyncio.wait_for(lost, 5)
+        assert isinstance(exc, ConnectionResetError), repr(exc)
+        assert isinstance(exc.__cause__, ssl.SSLError), repr(exc.__cause__)
+        assert transport.is_closing()
+
+    run(main)
