@@ -21,6 +21,7 @@ from cryptography import x509
 
 from hub.errors import SourceError
 from hub.revocation.crl import CrlLists, CrlVerifier
+from hub.revocation.http import read_body
 from hub.revocation.model import SourceData
 from hub.revocation.sources import Outcome, PolledSource, Still
 
@@ -143,7 +144,7 @@ class CrlUrlSource(_CrlSource):
                     return Still.UNCHANGED
                 if response.status != 200:
                     raise SourceError(f"HTTP {response.status} {response.reason or ''}")
-                body = await _body(response)
+                body = await read_body(response, MAX_CRL_BYTES, "CRL")
                 validators = {
                     request: response.headers[reply]
                     for request, reply in (("If-None-Match", "ETag"),
@@ -168,12 +169,3 @@ class CrlUrlSource(_CrlSource):
         if session is not None:
             await session.close()
 
-
-async def _body(response: aiohttp.ClientResponse) -> bytes:
-    """The response's body, refused past MAX_CRL_BYTES before it is all buffered."""
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > MAX_CRL_BYTES:
-            raise SourceError(f"CRL larger than {MAX_CRL_BYTES} bytes")
-    return bytes(body)

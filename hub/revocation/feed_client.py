@@ -18,6 +18,7 @@ from typing import Final
 import aiohttp
 
 from hub.errors import SourceError
+from hub.revocation.http import read_body
 
 __all__ = ["MAX_FEED_BYTES", "REQUEST_SLACK_S", "FeedClient"]
 
@@ -71,7 +72,7 @@ class FeedClient:
                     text = (await answer.content.read(_REASON_BYTES)).decode("utf-8", "replace")
                     why = " ".join(text.split()) or answer.reason or ""
                     raise SourceError(f"the CA answered HTTP {answer.status}: {why}")
-                return await _body(answer)
+                return await read_body(answer, MAX_FEED_BYTES, "feed answer", 256 * 1024)
         except TimeoutError:
             raise SourceError(f"no answer within {wait + REQUEST_SLACK_S:g} s") from None
         except aiohttp.ClientError as exc:
@@ -82,12 +83,3 @@ class FeedClient:
         if session is not None:
             await session.close()
 
-
-async def _body(answer: aiohttp.ClientResponse) -> bytes:
-    """The answer's body, refused past MAX_FEED_BYTES before it is all buffered."""
-    body = bytearray()
-    async for chunk in answer.content.iter_chunked(256 * 1024):
-        body += chunk
-        if len(body) > MAX_FEED_BYTES:
-            raise SourceError(f"feed answer larger than {MAX_FEED_BYTES} bytes")
-    return bytes(body)
