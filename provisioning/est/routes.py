@@ -34,6 +34,7 @@ from provisioning.est.messages import (
 )
 from provisioning.identity import verify_password
 from provisioning.timefmt import utcnow
+from provisioning.tlspeer import peer_certificate
 
 MAX_BODY = 64 * 1024
 PKCS10 = "application/pkcs10"
@@ -69,13 +70,6 @@ def _reply(reply: Reply) -> web.Response:
     headers["Content-Type"] = reply.content_type
     return web.Response(status=reply.status, body=reply.body, headers=headers)
 
-
-def _peer_certificate(request: web.Request) -> bytes | None:
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
-        return None
-    return cast("bytes | None", ssl_object.getpeercert(binary_form=True))
 
 
 class Routes:
@@ -127,7 +121,7 @@ class Routes:
 
     def _credentials(self, request: web.Request, note: Note, *,
                      renew: bool) -> TokenAuth | CertAuth | web.Response:
-        peer = _peer_certificate(request)
+        peer = peer_certificate(request)
         if renew:
             if peer is None:
                 note.result, note.reason = "forbidden", "no client certificate"

@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -43,6 +43,7 @@ from provisioning.registry.feeddoc import (
     encode_jws,
 )
 from provisioning.registry.view import FleetViewError
+from provisioning.tlspeer import peer_certificate
 
 __all__ = ["MAX_WAIT_SECONDS", "AuditNote", "FeedRoute"]
 
@@ -124,7 +125,7 @@ class FeedRoute:
 
     async def _gateway(self, request: web.Request) -> Gateway | Refusal:
         follower = self.follower
-        found = identify(_peer_certificate(request), follower.trust_domain,
+        found = identify(peer_certificate(request), follower.trust_domain,
                          dt.datetime.now(dt.UTC))
         if isinstance(found, Refusal):
             return found
@@ -187,10 +188,3 @@ def _query(request: web.Request) -> tuple[int, float] | str:
         return f"wait: want a number of seconds, got {wait_text[:40]!r}"
     return int(since_text), min(max(wait, 0.0), MAX_WAIT_SECONDS)
 
-
-def _peer_certificate(request: web.Request) -> bytes | None:
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    if ssl_object is None:
-        return None
-    return cast("bytes | None", ssl_object.getpeercert(binary_form=True))
