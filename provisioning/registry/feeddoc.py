@@ -305,29 +305,27 @@ def _serial(text: str, where: str) -> int:
         raise FeedFormatError(f"not a hex serial: {text!r}", where) from None
 
 
+def _one_of(value: object, allowed: frozenset[str], where: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise FeedFormatError(f"want one of {sorted(allowed)}, got {value!r}", where)
+    return value
+
+
 def _device(value: object, where: str) -> Device:
     entry = _object(value, where)
-    status = entry.get("status")
-    if status not in DEVICE_STATUSES:
-        raise FeedFormatError(f"want one of {sorted(DEVICE_STATUSES)}, got {status!r}",
-                              f"{where}.status")
+    status = _one_of(entry.get("status"), DEVICE_STATUSES, f"{where}.status")
     certificates: dict[int, str] = {}
     for serial_text, cert_status in _object(entry.get("certificates", {}),
                                             f"{where}.certificates").items():
-        if cert_status not in CERT_STATUSES:
-            raise FeedFormatError(f"want one of {sorted(CERT_STATUSES)}, got {cert_status!r}",
-                                  f"{where}.certificates.{serial_text}")
-        certificates[_serial(serial_text, f"{where}.certificates")] = cert_status
+        certificates[_serial(serial_text, f"{where}.certificates")] = _one_of(
+            cert_status, CERT_STATUSES, f"{where}.certificates.{serial_text}")
     return Device(status, _optional_text(entry, "group", where),
                   _optional_text(entry, "password_hash", where), MappingProxyType(certificates))
 
 
 def _revocation(value: object, where: str) -> Revocation:
     entry = _object(value, where)
-    status = entry.get("status")
-    if status not in REFUSED_STATUSES:
-        raise FeedFormatError(f"want one of {sorted(REFUSED_STATUSES)}, got {status!r}",
-                              f"{where}.status")
+    status = _one_of(entry.get("status"), REFUSED_STATUSES, f"{where}.status")
     return Revocation(status, _optional_text(entry, "reason", where),
                       _optional_text(entry, "revoked_at", where),
                       _text(entry, "device_id", f"{where}.device_id"))
