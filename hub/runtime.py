@@ -18,7 +18,7 @@ from hub.config import HubConfig
 from hub.errors import ConfigError, RevocationError
 from hub.gatekeeper import Gatekeeper
 from hub.identity import DeviceIdentity
-from hub.metrics import Metrics, MetricsServer
+from hub.metrics import Metrics, MetricsServer, Readings
 from hub.revocation import RevocationWatcher, Snapshot, SourceState, load_ca_bundle
 from hub.revocation.feed import FeedSource
 from hub.revocation.feed_state import FeedStatus
@@ -67,12 +67,13 @@ class HubRuntime:
             self.client_ca.start()
             if self.config.metrics.bind is not None:
                 self.metrics_server = MetricsServer(
-                    self.config.metrics.bind, self.metrics, self.watcher.health,
-                    extra=lambda: {"fleet_hub_audit_dropped_total":
-                                   float(self.audit.statistics().dropped)},
-                    revocation_version=lambda: self.watcher.snapshot.version,
-                    feed=self._feed_status if self.feed is not None else None,
-                    expiring=self.gatekeeper.expiring, client_ca=self.client_ca.status)
+                    self.config.metrics.bind, self.metrics, Readings(
+                        self.watcher.health,
+                        extra=lambda: {"fleet_hub_audit_dropped_total":
+                                       float(self.audit.statistics().dropped)},
+                        revocation_version=lambda: self.watcher.snapshot.version,
+                        feed=self._feed_status if self.feed is not None else None,
+                        expiring=self.gatekeeper.expiring, client_ca=self.client_ca.status))
                 await self.metrics_server.start()
         except BaseException:
             await self.client_ca.stop()

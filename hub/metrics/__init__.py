@@ -3,7 +3,8 @@
 - :mod:`~hub.metrics.counters`: :class:`Metrics`, the plain counters the broker bumps
   synchronously (an int or dict increment, no lock: everything runs on one event loop);
 - :mod:`~hub.metrics.exposition`: :class:`HubCollector`, a prometheus-client custom collector
-  that reads them and the revocation sources' health at scrape time, and the 0.0.4 text;
+  that reads them and the status :class:`Readings` (the revocation sources' health, ...) at
+  scrape time, and the 0.0.4 text;
 - :mod:`~hub.metrics.server`: :class:`MetricsServer`, the aiohttp endpoint.
 """
 
@@ -17,6 +18,7 @@ from hub.metrics.exposition import (
     BundleStatusLike,
     FeedStatusLike,
     HubCollector,
+    Readings,
     SourceHealthLike,
 )
 from hub.metrics.server import MetricsServer
@@ -33,6 +35,7 @@ __all__ = [
     "Metrics",
     "MetricsError",
     "MetricsServer",
+    "Readings",
     "SourceHealthLike",
     "Statistics",
 ]

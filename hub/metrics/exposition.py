@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from hub.metrics.counters import Statistics
 
 __all__ = ["CONTENT_TYPE", "REVOCATION_VERSION", "BundleStatusLike", "FeedStatusLike",
-           "HubCollector", "SourceHealthLike", "render_text"]
+           "HubCollector", "Readings", "SourceHealthLike", "render_text"]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4  # "text/plain; version=0.0.4; charset=utf-8"
 # The revocation snapshot's version: +1 on every change of the refused serials, devices,
@@ -89,6 +90,27 @@ class BundleStatusLike(Protocol):
     def as_json(self) -> dict[str, object]: ...
 
 
+@dataclass(frozen=True)
+class Readings:
+    """The hub's status readers behind ``/metrics`` and ``/healthz``, called at each request.
+
+    *revocation_health*: each revocation source's health; *extra*: the integrator's figures by
+    metric name; *clock*: ``time.time()`` for the sources' ages. Each optional reader left None
+    leaves its figures out: *revocation_version* (the snapshot's), *feed* (the fleet-state
+    feed's status), *expiring* (connected devices by expiry window), *client_ca* (the bundle
+    in force).
+    """
+
+    revocation_health: Callable[[], Sequence[SourceHealthLike]]
+    extra: Callable[[], Mapping[str, float]] | None = None
+    _: KW_ONLY
+    clock: Callable[[], float] = time.time
+    revocation_version: Callable[[], int] | None = None
+    feed: Callable[[], FeedStatusLike | None] | None = None
+    expiring: Callable[[], Mapping[str, int]] | None = None
+    client_ca: Callable[[], BundleStatusLike] | None = None
+
+
 def age(source: SourceHealthLike, now: float) -> float:
     """Seconds since *source* last loaded; NaN if it never did."""
     return math.nan if source.last_success is None else max(0.0, now - source.last_success)
@@ -120,53 +142,38 @@ def _per_source(name: str, help_text: str, sources: Sequence[SourceHealthLike],
 
 
 class HubCollector(Collector):
-    """Every fleet-hub figure, read when the registry is collected (each scrape)."""
+    """Every fleet-hub figure, read when the registry is collected (each scrape): the
+    broker's *statistics* and the status *readings*."""
 
-    def __init__(
-        self,
-        statistics: Callable[[], Statistics],
-        revocation_health: Callable[[], Sequence[SourceHealthLike]],
-        extra: Callable[[], Mapping[str, float]] | None = None,
-        *,
-        clock: Callable[[], float] = time.time,
-        revocation_version: Callable[[], int] | None = None,
-        feed: Callable[[], FeedStatusLike | None] | None = None,
-        expiring: Callable[[], Mapping[str, int]] | None = None,
-        client_ca: Callable[[], BundleStatusLike] | None = None,
-    ) -> None:
+    def __init__(self, statistics: Callable[[], Statistics], readings: Readings) -> None:
         self._statistics = statistics
-        self._health = revocation_health
-        self._extra = extra
-        self._clock = clock
-        self._version = revocation_version
-        self._feed = feed
-        self._expiring = expiring
-        self._client_ca = client_ca
+        self._readings = readings
 
     def collect(self) -> Iterator[Metric]:
+        readings = self._readings
         # Read first, so an integrator's bad extra name fails before anything is written.
-        extra = sorted((self._extra() if self._extra is not None else {}).items())
+        extra = sorted((readings.extra() if readings.extra is not None else {}).items())
         for name, _ in extra:
             if not _NAME_RE.fullmatch(name):
                 raise ValueError(f"not a Prometheus metric name: {name!r}")
         yield from self._counters(self._statistics())
-        yield from self._revocation(self._health(), self._clock())
-        if self._version is not None:
+        yield from self._revocation(readings.revocation_health(), readings.clock())
+        if readings.revocation_version is not None:
             yield GaugeMetricFamily(REVOCATION_VERSION, "Version of the revocation snapshot in "
                                     "force; it grows by one on every change.",
-                                    value=self._version())
-        feed = self._feed() if self._feed is not None else None
+                                    value=readings.revocation_version())
+        feed = readings.feed() if readings.feed is not None else None
         if feed is not None:
             yield from self._feed_figures(feed)
-        if self._expiring is not None:
+        if readings.expiring is not None:
             family = GaugeMetricFamily("fleet_hub_certificates_expiring", "Connected devices "
                                        "whose certificate expires within the window.",
                                        labels=["within"])
-            for window, count in self._expiring().items():
+            for window, count in readings.expiring().items():
                 family.add_metric([window], count)
             yield family
-        if self._client_ca is not None:
-            yield from self._bundle_figures(self._client_ca())
+        if readings.client_ca is not None:
+            yield from self._bundle_figures(readings.client_ca())
         resident = _resident_bytes()
         if resident is not None:
             yield GaugeMetricFamily("fleet_hub_process_resident_bytes",
@@ -253,9 +260,10 @@ def render_text(
 ) -> str:
     """The exposition text, once (tests, :meth:`hub.metrics.Metrics.render`)."""
     version = None if revocation_version is None else _constant(revocation_version)
-    collector = HubCollector(statistics, revocation_health, extra,
-                             clock=time.time if now is None else _constant(now),
-                             revocation_version=version)
+    readings = Readings(revocation_health, extra,
+                        clock=time.time if now is None else _constant(now),
+                        revocation_version=version)
+    collector = HubCollector(statistics, readings)
     return generate_latest(registry_of(collector)).decode("utf-8")
 
 

@@ -8,8 +8,6 @@ no thread.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -17,15 +15,7 @@ from prometheus_client import generate_latest
 from hub.config import BindAddress
 from hub.errors import MetricsError
 from hub.metrics.counters import Metrics
-from hub.metrics.exposition import (
-    CONTENT_TYPE,
-    BundleStatusLike,
-    FeedStatusLike,
-    HubCollector,
-    SourceHealthLike,
-    age,
-    registry_of,
-)
+from hub.metrics.exposition import CONTENT_TYPE, HubCollector, Readings, age, registry_of
 
 __all__ = ["MetricsServer"]
 
@@ -38,38 +28,18 @@ class MetricsServer:
     ``/healthz`` is 200 ``{"status": "ok"}`` only while every revocation source loaded on its
     last attempt (or is in its grace: the feed while its state is younger than
     max_age_seconds) and is fresh, else 503 ``"degraded"``; both list each source (its error or
-    staleness warning) and, given *revocation_version*, the snapshot's version; given *feed*,
-    the fleet-state feed's status (``"feed"``: version, state age, refusals); given
-    *expiring*, the connected devices whose certificate expires within 7 days and 1 day
-    (``"certificates_expiring"``); given *client_ca*, the bundle in force (``"client_ca"``:
-    generation, certificates, refusals, last error).
+    staleness warning) and, from *readings*: given revocation_version, the snapshot's version;
+    given feed, the fleet-state feed's status (``"feed"``: version, state age, refusals); given
+    expiring, the connected devices whose certificate expires within 7 days and 1 day
+    (``"certificates_expiring"``); given client_ca, the bundle in force (``"client_ca"``:
+    generation, certificates, refusals, last error). ``/metrics`` reads the same *readings*.
     """
 
-    def __init__(
-        self,
-        bind: BindAddress,
-        metrics: Metrics,
-        revocation_health: Callable[[], Sequence[SourceHealthLike]],
-        extra: Callable[[], Mapping[str, float]] | None = None,
-        *,
-        clock: Callable[[], float] = time.time,
-        revocation_version: Callable[[], int] | None = None,
-        feed: Callable[[], FeedStatusLike | None] | None = None,
-        expiring: Callable[[], Mapping[str, int]] | None = None,
-        client_ca: Callable[[], BundleStatusLike] | None = None,
-    ) -> None:
+    def __init__(self, bind: BindAddress, metrics: Metrics, readings: Readings) -> None:
         self.bind = bind
         self.metrics = metrics
-        self._health = revocation_health
-        self._clock = clock
-        self._version = revocation_version
-        self._feed = feed
-        self._expiring = expiring
-        self._client_ca = client_ca
-        self.registry = registry_of(HubCollector(
-            metrics.statistics, revocation_health, extra, clock=clock,
-            revocation_version=revocation_version, feed=feed, expiring=expiring,
-            client_ca=client_ca))
+        self._readings = readings
+        self.registry = registry_of(HubCollector(metrics.statistics, readings))
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -113,8 +83,9 @@ class MetricsServer:
                             headers={"Content-Type": CONTENT_TYPE})
 
     async def _get_healthz(self, _request: web.Request) -> web.Response:
-        now = self._clock()
-        sources = self._health()
+        readings = self._readings
+        now = readings.clock()
+        sources = readings.revocation_health()
         healthy = all((source.ok or source.grace) and not source.stale for source in sources)
         report = [
             {
@@ -130,13 +101,13 @@ class MetricsServer:
         ]
         body: dict[str, object] = {"status": "ok" if healthy else "degraded",
                                    "revocation": report}
-        if self._version is not None:
-            body["revocation_version"] = self._version()
-        feed = self._feed() if self._feed is not None else None
+        if readings.revocation_version is not None:
+            body["revocation_version"] = readings.revocation_version()
+        feed = readings.feed() if readings.feed is not None else None
         if feed is not None:
             body["feed"] = feed.as_json()
-        if self._expiring is not None:
-            body["certificates_expiring"] = dict(self._expiring())
-        if self._client_ca is not None:
-            body["client_ca"] = self._client_ca().as_json()
+        if readings.expiring is not None:
+            body["certificates_expiring"] = dict(readings.expiring())
+        if readings.client_ca is not None:
+            body["client_ca"] = readings.client_ca().as_json()
         return web.json_response(body, status=200 if healthy else 503)

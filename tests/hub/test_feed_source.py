@@ -22,7 +22,7 @@ import pytest
 
 from hub.config import BindAddress
 from hub.errors import RevocationError
-from hub.metrics import Metrics, MetricsServer
+from hub.metrics import Metrics, MetricsServer, Readings
 from hub.revocation import (
     RevocationWatcher,
     Snapshot,
@@ -219,9 +219,9 @@ def test_an_unreachable_ca_keeps_the_state_and_healthz_200_until_max_age(
             health = source.health(dt.datetime.now(dt.UTC).timestamp())
             assert (health.ok, health.grace, health.stale) == (False, True, False)
             assert watch.watcher.healthy
-            metrics = MetricsServer(BindAddress("127.0.0.1", 0), Metrics(),
-                                    watch.watcher.health, feed=lambda: source.status(
-                                        dt.datetime.now(dt.UTC).timestamp()))
+            metrics = MetricsServer(BindAddress("127.0.0.1", 0), Metrics(), Readings(
+                watch.watcher.health,
+                feed=lambda: source.status(dt.datetime.now(dt.UTC).timestamp())))
             await metrics.start()
             try:
                 async with aiohttp.ClientSession() as http, http.get(

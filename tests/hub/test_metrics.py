@@ -26,6 +26,7 @@ from hub.metrics import (
     Metrics,
     MetricsError,
     MetricsServer,
+    Readings,
     SourceHealthLike,
 )
 
@@ -191,8 +192,8 @@ def test_the_collector_reads_its_figures_at_each_collection() -> None:
     metrics = Metrics()
     version = [1]
     registry = CollectorRegistry()
-    registry.register(HubCollector(metrics.statistics, lambda: [Health("crl")],
-                                   clock=lambda: NOW, revocation_version=lambda: version[0]))
+    registry.register(HubCollector(metrics.statistics, Readings(
+        lambda: [Health("crl")], clock=lambda: NOW, revocation_version=lambda: version[0])))
     assert registry.get_sample_value("fleet_hub_connects_accepted_total") == 0
     metrics.accepted()
     version[0] = 2
@@ -214,14 +215,13 @@ def serve(
     **figures: Any,
 ) -> None:
     """Start a MetricsServer on 127.0.0.1 port 0, run *check* against its base URL, stop it;
-    *figures*: MetricsServer's optional ones (expiring, client_ca)."""
+    *figures*: further optional Readings (expiring, client_ca)."""
 
     async def main() -> None:
-        server = MetricsServer(
-            LOOPBACK, metrics or Metrics(), lambda: sources,
-            lambda: {"fleet_hub_audit_dropped_total": 0}, clock=lambda: NOW,
+        server = MetricsServer(LOOPBACK, metrics or Metrics(), Readings(
+            lambda: sources, lambda: {"fleet_hub_audit_dropped_total": 0}, clock=lambda: NOW,
             revocation_version=version, **figures,
-        )
+        ))
         await server.start()
         try:
             assert server.port > 0
@@ -371,7 +371,7 @@ def test_a_port_in_use_is_one_line_naming_the_address() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = MetricsServer(BindAddress("127.0.0.1", port), Metrics(), list)
+        server = MetricsServer(BindAddress("127.0.0.1", port), Metrics(), Readings(list))
         with pytest.raises(MetricsError) as caught:
             asyncio.run(server.start())
     message = str(caught.value)
