@@ -53,7 +53,8 @@ def fleet(cli: Cli, pki_dir: Path, tmp_path: Path,
         "later": _sign(cli, pki_dir, tmp_path, "later", "--validity", "90d"),
         "revoked": _sign(cli, pki_dir, tmp_path, "revoked", "--validity", "10m"),
         "held": _sign(cli, pki_dir, tmp_path, "held", "--validity", "10m"),
-        "old": _sign(cli, pki_dir, tmp_path, "renewed", "--validity", "10m"),
+        # 9 minutes, so it sorts before "soon" whatever second each was signed in.
+        "old": _sign(cli, pki_dir, tmp_path, "renewed", "--validity", "9m"),
         "expired": _expired(pki_dir, monkeypatch, "expired"),
     }
     serials["new"] = _sign(cli, pki_dir, tmp_path, "renewed", "--validity", "20m", "--renew")
