@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import re
 import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,11 +49,14 @@ log = logging.getLogger(__name__)
 # violation: an MQTT protocol violation closed the connection ("protocol-violation: what");
 # limit: a [limits] value was hit (packet-too-large, rate-limited, topic-too-long,
 # too-many-subscriptions, retained-quota, pending-tls); source: a revocation source went
-# down, stale, or came back ("registry down: why").
-EVENTS = ("accept", "reject", "acl-deny", "kick", "disconnect", "violation", "limit", "source")
+# down, stale, or came back ("registry down: why"); finding: an audit check saw something
+# (reason = the check's name, evidence = what it saw, DESIGN section 11).
+EVENTS = ("accept", "reject", "acl-deny", "kick", "disconnect", "violation", "limit", "source",
+          "finding")
 _EVENT_SET = frozenset(EVENTS)
 
-_SCHEMA_VERSION = 1
+# 1: the six columns; 2: + evidence (JSON text, NULL when none), added in place on open.
+_SCHEMA_VERSION = 2
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
         id INTEGER PRIMARY KEY,
@@ -60,13 +65,15 @@ _SCHEMA = (
         device_id TEXT,
         serial TEXT,
         peer TEXT,
-        reason TEXT
+        reason TEXT,
+        evidence TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS events_device_time ON events (device_id, time)",
     "CREATE INDEX IF NOT EXISTS events_time ON events (time)",
 )
 _INSERT = (
-    "INSERT INTO events (time, event, device_id, serial, peer, reason) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (time, event, device_id, serial, peer, reason, evidence) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 # The writer's own busy wait is short: it retries with its own backoff so that close() and
 # flush() deadlines are honoured even while another connection holds the write lock.
@@ -76,7 +83,10 @@ _RETRY_MIN, _RETRY_MAX = 0.01, 0.5
 
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
-    """One row of the store; ``time`` is seconds since the epoch (``time.time()``)."""
+    """One row of the store; ``time`` is seconds since the epoch (``time.time()``).
+
+    ``evidence`` is the decoded JSON object a ``finding`` carries, None for other events.
+    """
 
     time: float
     event: str
@@ -84,6 +94,7 @@ class AuditRecord:
     serial: str | None
     peer: str | None
     reason: str | None
+    evidence: Mapping[str, object] | None = None
 
     def as_json(self) -> dict[str, object]:
         """The ``fleet-hub events --json`` form: ``time`` as ISO 8601 UTC with milliseconds."""
@@ -94,12 +105,13 @@ class AuditRecord:
             "serial": self.serial,
             "peer": self.peer,
             "reason": self.reason,
+            "evidence": None if self.evidence is None else dict(self.evidence),
         }
 
 
 # What the queue holds: a plain tuple in column order, ~15x cheaper to build than AuditRecord
-# (a frozen dataclass) and bound by executemany as it is.
-_Row = tuple[float, str, str | None, str | None, str | None, str | None]
+# (a frozen dataclass) and bound by executemany as it is. evidence is JSON text already.
+_Row = tuple[float, str, str | None, str | None, str | None, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +181,19 @@ class AuditStore:
         serial: str | None = None,
         peer: str | None = None,
         reason: str | None = None,
+        evidence: Mapping[str, object] | None = None,
     ) -> None:
         """Queue one record stamped with ``time.time()``; never blocks, never touches the disk.
 
-        Raises ValueError for an event not in EVENTS (a bug in the caller, not a runtime state).
+        *evidence* (findings) is encoded to JSON text here, so later changes to the mapping do
+        not reach the store; findings are rare, the common events pass None and pay nothing.
+        Raises ValueError for an event not in EVENTS or evidence that is not JSON-serialisable,
+        TypeError for evidence that is not a mapping (bugs in the caller, not runtime states).
         """
         if event not in _EVENT_SET:
             raise ValueError(f"unknown audit event {event!r}: want one of {', '.join(EVENTS)}")
-        item: _Row = (time.time(), event, device_id, serial, peer, reason)
+        encoded = None if evidence is None else _encode_evidence(evidence)
+        item: _Row = (time.time(), event, device_id, serial, peer, reason, encoded)
         wake = overflow = after_close = False
         with self._lock:
             self._recorded += 1
@@ -365,19 +382,59 @@ class AuditStore:
         return len(batch) - len(refused)
 
 
+def _encode_evidence(evidence: Mapping[str, object]) -> str:
+    if not isinstance(evidence, Mapping):
+        raise TypeError(f"audit evidence must be a mapping, got {type(evidence).__name__}")
+    try:
+        return json.dumps(dict(evidence), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"audit evidence is not JSON-serialisable: {exc}") from None
+
+
+def _decode_evidence(text: str | None) -> Mapping[str, object] | None:
+    """The stored JSON object; text that is not one (edited by hand) comes back as ``raw``."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"raw": text}
+
+
 def _prepare(conn: sqlite3.Connection) -> str:
-    """Switch to WAL, create the schema; return the journal mode SQLite actually chose."""
+    """Switch to WAL, create or migrate the schema; return the journal mode SQLite chose."""
     mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
     # NORMAL in WAL mode survives a crash of the hub; a power cut may lose the last batches,
     # the price of not waiting for fsync on every commit.
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("BEGIN IMMEDIATE")
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+    try:
+        _check_version(conn)
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        if "evidence" not in _columns(conn):  # a version 1 store: add the column in place
+            conn.execute("ALTER TABLE events ADD COLUMN evidence TEXT")
+        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
     conn.execute("COMMIT")
     conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT * 1000)}")
     return mode
+
+
+def _check_version(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > _SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this hub's {_SCHEMA_VERSION}"
+        )
+
+
+def _columns(conn: sqlite3.Connection) -> list[str]:
+    return [str(row[1]) for row in conn.execute("PRAGMA table_info(events)")]
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -414,7 +471,7 @@ def read_records(
     if since is not None:
         where.append("time >= ?")
         params.append(since)
-    sql = "SELECT time, event, device_id, serial, peer, reason FROM events"
+    sql = "SELECT time, event, device_id, serial, peer, reason, {evidence} FROM events"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY time DESC, id DESC"
@@ -431,13 +488,16 @@ def read_records(
         ).fetchone()
         if found is None:
             raise AuditError(f"not an audit store: it has no events table ({path})")
-        rows = conn.execute(sql, params).fetchall()
+        # A version 1 store (not yet opened by this hub) has no evidence column.
+        evidence = "evidence" if "evidence" in _columns(conn) else "NULL"
+        rows = conn.execute(sql.format(evidence=evidence), params).fetchall()
     except sqlite3.Error as exc:
         raise AuditError(f"cannot read the audit store: {exc} ({path})") from exc
     finally:
         conn.close()
     rows.reverse()
-    return [AuditRecord(*row) for row in rows]
+    return [AuditRecord(time=row[0], event=row[1], device_id=row[2], serial=row[3], peer=row[4],
+                        reason=row[5], evidence=_decode_evidence(row[6])) for row in rows]
 
 
 def read_events(

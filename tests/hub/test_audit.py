@@ -53,7 +53,8 @@ def test_open_creates_a_wal_database_with_the_events_table_and_indexes(db: Path)
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
     finally:
         conn.close()
-    assert columns == ["id", "time", "event", "device_id", "serial", "peer", "reason"]
+    assert columns == ["id", "time", "event", "device_id", "serial", "peer", "reason",
+                       "evidence"]
     assert indexes == {"events_device_time", "events_time"}
 
 
@@ -236,13 +237,14 @@ T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC).timestamp()
 def test_read_events_returns_exact_dicts_oldest_first_with_utc_millisecond_times(
     db: Path,
 ) -> None:
-    """Each event is exactly the six documented keys; time is ISO 8601 UTC, ms, with 'Z'."""
+    """Each event is exactly the documented keys (evidence null but for findings); time is
+    ISO 8601 UTC, ms, with 'Z'."""
     insert(db, (T0 + 60.5, "kick", "d1"), (T0 + 0.123, "accept", "d1"))
     assert read_events(db) == [
         {"time": "2026-11-27T10:00:00.123Z", "event": "accept", "device_id": "d1",
-         "serial": "0a", "peer": "192.0.2.1:40000", "reason": None},
+         "serial": "0a", "peer": "192.0.2.1:40000", "reason": None, "evidence": None},
         {"time": "2026-11-27T10:01:00.500Z", "event": "kick", "device_id": "d1",
-         "serial": "0a", "peer": "192.0.2.1:40000", "reason": "revoked"},
+         "serial": "0a", "peer": "192.0.2.1:40000", "reason": "revoked", "evidence": None},
     ]
 
 
@@ -253,6 +255,75 @@ def test_read_records_returns_audit_records_with_epoch_times(db: Path) -> None:
         AuditRecord(T0, "accept", "d1", "0a", "192.0.2.1:40000", None),
         AuditRecord(T0 + 1, "reject", "d2", "0a", "192.0.2.1:40000", "revoked"),
     ]
+
+
+def test_a_finding_keeps_its_evidence_as_json_text_and_reads_back_as_an_object(db: Path) -> None:
+    """record(..., evidence=) stores compact JSON text; read_* decode it; None stays NULL."""
+    store = AuditStore(db)
+    store.open()
+    evidence: dict[str, object] = {"peers": ["192.0.2.1:1", "192.0.2.2:2"], "times": [1.5, 2.5]}
+    store.record("finding", device_id="d1", serial="0a", peer="192.0.2.2:2",
+                 reason="certificate-shared", evidence=evidence)
+    evidence["peers"] = []  # the store took a copy at record() time
+    store.record("accept", device_id="d1")
+    store.close()
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT evidence FROM events ORDER BY id").fetchall()
+    conn.close()
+    assert stored == [('{"peers":["192.0.2.1:1","192.0.2.2:2"],"times":[1.5,2.5]}',), (None,)]
+    finding, accept = read_records(db)
+    assert finding.evidence == {"peers": ["192.0.2.1:1", "192.0.2.2:2"], "times": [1.5, 2.5]}
+    assert accept.evidence is None
+    assert read_events(db)[0]["evidence"] == finding.evidence
+    assert read_events(db)[0]["reason"] == "certificate-shared"
+
+
+@pytest.mark.parametrize("evidence", [{"when": datetime.now(UTC)}, {"x": float("nan")},
+                                      ["not", "a", "mapping"]])
+def test_record_refuses_evidence_that_is_not_a_json_object(db: Path, evidence: object) -> None:
+    """Evidence that cannot be a JSON object is a caller bug: ValueError, nothing queued."""
+    store = AuditStore(db)
+    with pytest.raises((TypeError, ValueError), match="audit evidence"):
+        store.record("finding", reason="weak-key", evidence=evidence)  # type: ignore[arg-type]
+    assert store.statistics().recorded == 0
+
+
+def _v1_store(path: Path) -> None:
+    """A store as the version 1 hub left it: six columns, user_version 1, WAL."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, "
+                 "event TEXT NOT NULL, device_id TEXT, serial TEXT, peer TEXT, reason TEXT)")
+    conn.execute("CREATE INDEX events_device_time ON events (device_id, time)")
+    conn.execute("CREATE INDEX events_time ON events (time)")
+    conn.execute("INSERT INTO events (time, event, device_id, serial, peer, reason) "
+                 "VALUES (?, 'reject', 'd0', '0b', '192.0.2.9:9', 'revoked')", (T0,))
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+
+
+def test_a_version_1_store_is_read_as_is_and_migrated_on_open(db: Path) -> None:
+    """read_* work on a v1 file (no evidence column); open() adds the column, keeps the rows."""
+    _v1_store(db)
+    assert read_events(db)[0]["evidence"] is None
+    store = AuditStore(db)
+    store.open()
+    store.record("finding", device_id="d1", reason="weak-key", evidence={"bits": 1024})
+    store.close()
+    assert [(r.event, r.device_id, r.evidence) for r in read_records(db)] == [
+        ("reject", "d0", None), ("finding", "d1", {"bits": 1024})]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 2
+    conn.close()
+
+
+def test_a_store_from_a_newer_hub_is_refused(db: Path) -> None:
+    """A schema version this hub does not know is refused with one line, not rewritten."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    with pytest.raises(AuditError, match=r"schema version 99 is newer"):
+        AuditStore(db).open()
 
 
 def test_read_events_filters_by_device_since_and_limit(db: Path) -> None:
