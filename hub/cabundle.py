@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hub.errors import BundleError
+from hub.issuers import ANY_UNDER_ROOT, allowed_issuers, describe
 
 __all__ = ["CHECK_SECONDS", "Bundle", "BundleStatus", "BundleWatcher", "Prepare",
            "parse_bundle"]
@@ -116,6 +117,16 @@ def parse_bundle(data: bytes) -> tuple[x509.Certificate, ...]:
     return tuple(certs)
 
 
+def _tell_issuers(bundle: Bundle) -> None:
+    """Which intermediates may issue devices now; a WARNING when the trust holds a root only."""
+    text = describe(bundle.certificates)
+    if allowed_issuers(bundle.certificates) is ANY_UNDER_ROOT:
+        log.warning("client_ca: %s; put the issuing CA(s) in client_ca to admit only theirs",
+                    text)
+    else:
+        log.info("client_ca: %s", text)
+
+
 def _key(path: Path) -> FileKey:
     try:
         st = path.stat()
@@ -146,6 +157,7 @@ class BundleWatcher:
         # The file's key before it is read: a change made meanwhile is seen at the first check.
         self._seen = _key(path)
         self._bundle = Bundle.of(load(path), 1)
+        _tell_issuers(self._bundle)
         self._loaded_at = clock()
         self._clock = clock
         self._audit = audit
@@ -219,6 +231,7 @@ class BundleWatcher:
             text = (f"client_ca reloaded: generation {outcome.bundle.generation}, "
                     f"{len(outcome.bundle.certificates)} certificates")
             log.warning("%s from %s; new handshakes use it", text, self.path)
+            _tell_issuers(outcome.bundle)
             if self._audit is not None:
                 self._audit.record("source", reason=text)
             return True

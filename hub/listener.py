@@ -28,6 +28,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from cryptography import x509
+
+from hub.identity import DeviceIdentity, identity_from_der
+from hub.issuers import AllowedIssuers, issuer_name
 from hub.tls import RECORD_HEADER_BYTES, HandshakeRefusal, classify, client_hello_size
 from hub.tlssocket import TLSSocketTransport, handshake, wait_ready
 
@@ -233,9 +237,15 @@ class TLSListener:
                 refusal = await self._client_hello(conn)
             if refusal is None:
                 async with self._slots:
-                    tls = self._context.wrap_socket(conn, server_side=True,
-                                                    do_handshake_on_connect=False)
+                    context = self._context  # its trust and its issuers, as one
+                    tls = context.wrap_socket(conn, server_side=True,
+                                              do_handshake_on_connect=False)
                     await handshake(self._loop, tls, self._timeout)
+                refusal = issuer_refusal(tls, getattr(context, "allowed_issuers", None))
+                if refusal is not None:
+                    _close_after_alert(tls)
+                    self._on_refused(peer, refusal)
+                    return None
         except asyncio.CancelledError:
             (tls or conn).close()
             raise
@@ -288,6 +298,32 @@ class TLSListener:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def issuer_refusal(tls: ssl.SSLSocket, allowed: AllowedIssuers) -> HandshakeRefusal | None:
+    """``unknown-issuer`` unless the verified leaf's issuer is one of *allowed* (None: any).
+
+    One DER copy of the leaf, a walk to its issuer field and a set lookup; the certificate is
+    parsed only to say whom a refusal concerns.
+    """
+    if allowed is None:
+        return None
+    try:
+        der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):  # reset under us: the stream's first read will say so
+        return None
+    if der is None:
+        return None
+    if issuer_name(der) in allowed:
+        return None
+    found = identity_from_der(der)
+    identity = found if isinstance(found, DeviceIdentity) else None
+    try:
+        issuer = x509.load_der_x509_certificate(der).issuer.rfc4514_string()
+    except ValueError:
+        issuer = "(unreadable)"
+    return HandshakeRefusal("unknown-issuer", f"issuer {issuer!r} is not an allowed "
+                            "intermediate (client_ca, or the feed's issuers)", identity)
 
 
 class _StreamProtocol(asyncio.StreamReaderProtocol):

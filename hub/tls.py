@@ -5,6 +5,10 @@ The listener hand-shakes accepted sockets itself (:mod:`hub.listener`) instead o
 unknown issuer, wrong EKU, no certificate) and can audit it, where asyncio would only log it
 at debug level. :func:`client_hello_size` reads the first record's header, so the listener
 spends a handshake slot only on a ClientHello that has fully arrived.
+
+The context carries the intermediates a device certificate may come from
+(:attr:`ServerContext.allowed_issuers`, :mod:`hub.issuers`), built from the same bytes as its
+trust store: a reloaded bundle swaps both in one reference.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from hub.config import ListenerConfig
+from hub.identity import DeviceIdentity
+from hub.issuers import AllowedIssuers, allowed_issuers
 
 RECORD_HEADER_BYTES = 5  # content type, legacy version (2), length (2): RFC 8446 section 5.1
 # The largest record a peer may send: TLSCiphertext's bound (RFC 8446 section 5.2). A
@@ -35,18 +43,30 @@ class HandshakeRefusal:
 
     reason: str
     detail: str
+    # Who the certificate names, when the refusal came after the handshake (unknown-issuer).
+    identity: DeviceIdentity | None = None
 
 
-def server_context(listener: ListenerConfig, cadata: str | None = None) -> ssl.SSLContext:
+class ServerContext(ssl.SSLContext):
+    """The listener's context and the issuers its trust allows (None: any under a root)."""
+
+    allowed_issuers: AllowedIssuers = None
+
+
+def server_context(listener: ListenerConfig, cadata: str | None = None) -> ServerContext:
     """Certificate required, verified against ``client_ca`` (or *cadata*, the PEM text of the
-    bundle in force: :mod:`hub.cabundle`); TLS 1.2 at the least."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    bundle in force: :mod:`hub.cabundle`); TLS 1.2 at the least. Blocking (reads and parses
+    the bundle): call it at start or from a worker thread."""
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = listener.min_tls_version
     context.verify_mode = ssl.CERT_REQUIRED
     if cadata is None:
         context.load_verify_locations(cafile=str(listener.client_ca))
+        pem = listener.client_ca.read_bytes()
     else:
         context.load_verify_locations(cadata=cadata)
+        pem = cadata.encode("ascii")
+    context.allowed_issuers = allowed_issuers(x509.load_pem_x509_certificates(pem))
     context.load_cert_chain(str(listener.server_cert), str(listener.server_key))
     context.options |= ssl.OP_NO_COMPRESSION
     # Every CA in client_ca is a trust anchor: the chain stops at the issuing CA instead of

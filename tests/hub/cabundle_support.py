@@ -1,4 +1,5 @@
-"""A second issuing CA under a PKI's root, made as ``issuing-ca rotate`` will (issue 14)."""
+"""A second issuing CA under a PKI's root, made as ``issuing-ca rotate`` will (issue 14), and
+device certificates from it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import datetime as dt
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from device_sim.factory import new_key, write_key
+from device_sim.lab import Enrolled
+from provisioning.config import load_config
 from provisioning.pki import IssuingCA, load_private_key
-from provisioning.profile import random_serial
+from provisioning.profile import device_certificate, random_serial
 
 
 def second_intermediate(pki: Path) -> IssuingCA:
@@ -42,3 +46,19 @@ def second_intermediate(pki: Path) -> IssuingCA:
                 root_key.public_key()), critical=False)
             .sign(root_key, hashes.SHA384()))
     return IssuingCA(cert=cert, key=key)
+
+
+def leaf_from(pki: Path, ca: IssuingCA, device_id: str, out: Path, *, chain: bool = False,
+              lifetime: dt.timedelta = dt.timedelta(days=1)) -> Enrolled:
+    """A device certificate of the fleet's profile from *ca*, written to *out* alone (or
+    followed by *ca*'s certificate, as ``sign`` writes them), with its own new key."""
+    key = new_key()
+    key_path = out / f"{device_id}.key"
+    write_key(key_path, key)
+    now = dt.datetime.now(dt.UTC)
+    cert = device_certificate(ca, load_config(pki / "pki.toml"), device_id, key.public_key(),
+                              random_serial(), now - dt.timedelta(minutes=5), now + lifetime)
+    path = out / f"{device_id}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
+                     + (ca.cert.public_bytes(serialization.Encoding.PEM) if chain else b""))
+    return Enrolled(device_id, path, key_path, format(cert.serial_number, "x"))

@@ -3,14 +3,14 @@
 bad bundle is refused, audited, and the one in force stays.
 
 The second intermediate is made from the PKI's root key, as ``issuing-ca rotate`` will.
-Its device presents its certificate alone, without the intermediate: a device that sends its
-chain up to the root in ``client_ca`` verifies whatever the hub's intermediates, so only a
-bare certificate shows which intermediates the hub holds.
+One device presents its certificate alone, without the intermediate: refused in the TLS
+handshake until client_ca holds that intermediate. Another sends its chain: it verifies
+through the root in client_ca, and the issuer check refuses it (``unknown-issuer``) until
+client_ca lists its intermediate (contract C1).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -18,33 +18,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from device_sim.factory import new_key, write_key
-from provisioning.config import load_config
-from provisioning.pki import IssuingCA
-from provisioning.profile import device_certificate, random_serial
-from tests.hub.cabundle_support import second_intermediate
-from tests.integration.fleet import Device, Fleet, RunningHub
-from tests.integration.healthz import healthz, wait_for, wait_healthz
+from tests.hub.cabundle_support import leaf_from, second_intermediate
+from tests.integration.fleet import Fleet, RunningHub
+from tests.integration.healthz import healthz, metric, wait_for, wait_healthz
 from tests.integration.mqtt import Client
 
 ACCEPTED = 0
-
-
-def _bare_device(fleet: Fleet, ca: IssuingCA, device_id: str, *, chain: bool = False
-                 ) -> Device:
-    """A device certificate from *ca*, written alone (or followed by *ca*'s certificate, as
-    ``sign`` writes them)."""
-    key = new_key()
-    key_path = fleet.root / "devices" / f"{device_id}.key"
-    write_key(key_path, key)
-    now = dt.datetime.now(dt.UTC)
-    cert = device_certificate(ca, load_config(fleet.pki / "pki.toml"), device_id,
-                              key.public_key(), random_serial(), now - dt.timedelta(minutes=5),
-                              now + dt.timedelta(days=1))
-    path = fleet.root / "devices" / f"{device_id}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
-                     + (ca.cert.public_bytes(serialization.Encoding.PEM) if chain else b""))
-    return Device(device_id, path, key_path, format(cert.serial_number, "x"))
+UNKNOWN_ISSUER = 'fleet_hub_connects_refused_total{reason="unknown-issuer"}'
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -79,18 +59,23 @@ def test_a_new_intermediate_is_admitted_once_client_ca_carries_it(
         f'[listener]\nclient_ca = "{bundle}"\n'
         f'[audit]\npath = "{tmp_path / "audit.db"}"\n'))
     second = second_intermediate(fleet.pki)
-    newcomer = _bare_device(fleet, second, "second-ca-1")
+    newcomer = leaf_from(fleet.pki, second, "second-ca-1", fleet.root / "devices")
     running = RunningHub.start(config)
     try:
         steady = connect(fleet.device("steady-1"), port=running.port)
         assert steady.connect() == ACCEPTED
         assert _generation(running) == 1
         assert connect(newcomer, port=running.port).connect() is None
-        # With its intermediate it verifies through the root already (docs/gateway.md).
-        chained = _bare_device(fleet, second, "second-ca-chained", chain=True)
-        assert connect(chained, port=running.port).connect() == ACCEPTED
         # Refused in the handshake: audited before any device id is known.
         assert running.wait_events(event="reject", reason="untrusted")
+        # With its intermediate it verifies through the root, and is refused by the issuer
+        # check, on the record with the device it named.
+        chained = leaf_from(fleet.pki, second, "second-ca-chained", fleet.root / "devices",
+                            chain=True)
+        assert connect(chained, port=running.port).connect() is None
+        [row] = running.wait_events(event="reject", reason="unknown-issuer")
+        assert (row["device_id"], row["serial"]) == ("second-ca-chained", chained.serial)
+        assert metric(running, UNKNOWN_ISSUER) == 1
 
         leaf = x509.load_pem_x509_certificate(newcomer.cert.read_bytes())
         bad = [b"not a certificate\n", b"",
@@ -116,6 +101,7 @@ def test_a_new_intermediate_is_admitted_once_client_ca_carries_it(
         assert body["client_ca"]["certificates"] == 3
         assert body["client_ca"]["last_error"] is None
         assert connect(newcomer, port=running.port).connect() == ACCEPTED
+        assert connect(chained, port=running.port).connect() == ACCEPTED
         assert connect(fleet.device("first-ca-after"), port=running.port).connect() == ACCEPTED
         assert not steady.disconnected.is_set()
         assert steady.subscribe("devices/steady-1/#") == [1]
