@@ -119,12 +119,15 @@ class Gatekeeper:
         # every certificate is refused: there is nothing to check its domain against.
         self.trust_domain = trust_domain
         self.live: dict[str, Tracked] = {}
+        # Serials refused at this gateway until an operator clears them (hub.findings owns
+        # the set and its file; the gatekeeper only reads it, one set lookup per CONNECT).
+        self.quarantined: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- refusals before MQTT ---------------------------------------------------------------
 
     def handshake_refused(self, peer: str, refusal_: HandshakeRefusal) -> None:
-        self._refuse(Decision(False, refusal_.reason, refusal_.detail), peer)
+        self._refuse(Decision(False, refusal_.reason, refusal_.detail, refusal_.identity), peer)
 
     # -- CONNECT ----------------------------------------------------------------------------
 
@@ -166,6 +169,9 @@ class Gatekeeper:
         if refused is not None:
             return Decision(False, refused, f"device {found.device_id} serial "
                             f"{found.serial_hex} is {refused}", found, group)
+        if found.serial in self.quarantined:
+            return Decision(False, "quarantined", f"serial {found.serial_hex} is quarantined "
+                            "at this gateway (fleet-hub quarantine list)", found, group)
         if self._registered_only and unregistered(snapshot, found.serial, found.device_id):
             return Decision(False, "unregistered", f"serial {found.serial_hex} is not one the "
                             f"registry or the feed lists for device {found.device_id}", found,
@@ -221,9 +227,9 @@ class Gatekeeper:
         self.metrics.connection_opened()
         # The decision was taken on an earlier snapshot: a revocation that landed between
         # the check and now would otherwise never reach this session.
-        reason = self._lost(self.watcher.snapshot, session.identity)
+        reason = self.lost(self.watcher.snapshot, session.identity)
         if reason is not None:
-            self._evict(session, reason)
+            self.evict(session, reason)
 
     def detach(self, client_id: str, session: Tracked | None = None) -> None:
         current = self.live.get(client_id)
@@ -252,25 +258,28 @@ class Gatekeeper:
         now = self.clock.time()
         expired = [s for s in self.live.values() if now >= s.identity.not_after]
         for session in expired:
-            self._evict(session, "expired")
+            self.evict(session, "expired")
 
     def revocation_changed(self, _old: Snapshot, new: Snapshot) -> None:
         """Close every live session whose certificate or device lost the right, at once (with
         ``registered_only``, also one whose serial is no longer listed)."""
         for session in list(self.live.values()):
-            reason = self._lost(new, session.identity)
+            reason = self.lost(new, session.identity)
             if reason is not None:
-                self._evict(session, reason)
+                self.evict(session, reason)
 
-    def _lost(self, snapshot: Snapshot, identity: DeviceIdentity) -> str | None:
+    def lost(self, snapshot: Snapshot, identity: DeviceIdentity) -> str | None:
         """Why a live session on *identity* may not stay; None when it may."""
         reason = refusal(snapshot, identity.serial, identity.device_id)
+        if reason is None and identity.serial in self.quarantined:
+            return "quarantined"
         if reason is None and self._registered_only and unregistered(
                 snapshot, identity.serial, identity.device_id):
             return "unregistered"
         return reason
 
-    def _evict(self, session: Tracked, reason: str) -> None:
+    def evict(self, session: Tracked, reason: str) -> None:
+        """Close *session* (if it is still the tracked one of its client id): audited kick."""
         if self.live.get(session.client_id) is not session:
             return
         self.detach(session.client_id, session)
