@@ -25,11 +25,12 @@ from typing import Final
 
 from cryptography import x509
 
-from provisioning import der
-
 __all__ = ["ANY_UNDER_ROOT", "AllowedIssuers", "allowed_issuers", "describe", "is_intermediate",
            "issuer_name"]
 
+_SEQUENCE: Final = 0x30
+_INTEGER: Final = 0x02
+_VERSION: Final = 0xA0  # [0] EXPLICIT
 AllowedIssuers = frozenset[bytes] | None  # subjects' DER; None: any intermediate under a root
 ANY_UNDER_ROOT: Final[AllowedIssuers] = None
 
@@ -39,28 +40,38 @@ def issuer_name(certificate: bytes) -> bytes | None:
     a certificate (the caller refuses it).
 
     ``Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serial
-    INTEGER, signature AlgorithmIdentifier, issuer Name, ... }, ... }``.
+    INTEGER, signature AlgorithmIdentifier, issuer Name, ... }, ... }``. The hub may not
+    import provisioning's DER reader (STYLE's import rule): these few lines walk it here.
     """
-    top = der.header(certificate, 0, der.SEQUENCE)
-    if top is None:
-        return None
-    tbs = der.header(certificate, top[1], der.SEQUENCE)
+    top = _header(certificate, 0, _SEQUENCE)
+    tbs = None if top is None else _header(certificate, top[0], _SEQUENCE)
     if tbs is None:
         return None
-    pos = tbs[1]
-    field = der.header(certificate, pos)
-    if field is not None and field[0] == 0xA0:  # version: absent only in v1 certificates
-        pos = field[2]
-        field = der.header(certificate, pos)
-    if field is None or field[0] != der.INTEGER:  # serialNumber
+    field = _header(certificate, tbs[0], _VERSION)
+    pos = tbs[0] if field is None else field[1]  # version: absent only in v1 certificates
+    serial = _header(certificate, pos, _INTEGER)
+    algorithm = None if serial is None else _header(certificate, serial[1], _SEQUENCE)
+    issuer = None if algorithm is None else _header(certificate, algorithm[1], _SEQUENCE)
+    if algorithm is None or issuer is None:
         return None
-    algorithm = der.header(certificate, field[2], der.SEQUENCE)
-    if algorithm is None:
+    return certificate[algorithm[1]:issuer[1]]
+
+
+def _header(data: bytes, pos: int, tag: int) -> tuple[int, int] | None:
+    """(content start, end) of the DER element with *tag* at *pos*; None when the tag
+    differs, the length is indefinite or too long, or it runs past the end of *data*."""
+    if pos + 2 > len(data) or data[pos] != tag:
         return None
-    issuer = der.header(certificate, algorithm[2], der.SEQUENCE)
-    if issuer is None:
-        return None
-    return certificate[algorithm[2]:issuer[2]]
+    n = data[pos + 1]
+    pos += 2
+    if n & 0x80:
+        count = n & 0x7F
+        if not 0 < count <= 4 or pos + count > len(data):
+            return None
+        n = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    end = pos + n
+    return (pos, end) if end <= len(data) else None
 
 
 def is_intermediate(cert: x509.Certificate) -> bool:
