@@ -2,7 +2,16 @@
 
 A CRL is used only when its signature verifies against a ``client_ca`` certificate whose subject
 is the CRL's issuer, and never when its CRL number is below the last one accepted from the same
-source (RFC 5280 §5.2.3: the number only grows, so a lower one is an old list replayed).
+source for the same issuer (RFC 5280 §5.2.3: the number only grows, so a lower one is an old
+list replayed).
+
+One source may carry several CRLs, one per issuer (an issuing-CA rotation, contract C1:
+``crl.pem`` and ``GET /crl`` with ``Accept: application/x-pem-file`` hold the PEM CRL of every
+live issuing CA, concatenated). Each is verified against its own issuer and kept in its own
+:class:`CrlLists` (its own rollback floor); :class:`CrlSet` unites them: a serial is refused
+when any issuer's CRL lists it (serials are random and unique fleet-wide). An issuer whose CRL
+is missing from a later blob keeps its last lists in force while it is still a CA of
+``client_ca`` (a serial once revoked stays revoked), but no longer makes the source stale.
 The number to beat is that of the last *good* CRL: one that arrived before its nextUpdate. A
 higher-numbered CRL that arrives already past its nextUpdate (a CA with a slow clock) does not
 replace the good list: it is enforced together with it (a serial listed by either is refused),
@@ -17,9 +26,12 @@ sources call it from worker threads.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
@@ -27,7 +39,9 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from hub.errors import RevocationError, SourceError
 from hub.revocation.model import SourceData, iso_utc
 
-__all__ = ["CrlLists", "CrlVerifier", "load_ca_bundle"]
+__all__ = ["CrlLists", "CrlSet", "CrlVerifier", "VerifiedCrl", "load_ca_bundle", "split_pem"]
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----", re.DOTALL)
 
 _SIGNER_KEYS = (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey,
                 ed448.Ed448PublicKey, dsa.DSAPublicKey)
@@ -88,8 +102,23 @@ def _entries(crl: x509.CertificateRevocationList) -> dict[int, str]:
     return revoked
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedCrl:
+    """One CRL whose signature verified: its issuer (Name DER, and as text) and its list."""
+
+    issuer: bytes
+    name: str
+    data: SourceData
+
+
+def split_pem(blob: bytes) -> list[bytes]:
+    """The PEM CRL blocks of *blob*, in order; [] when it holds none (then it is DER)."""
+    return _PEM_CRL.findall(blob)
+
+
 class CrlVerifier:
-    """Parse a CRL (PEM or DER) and accept it only from a client_ca CA (rollbacks: CrlLists)."""
+    """Parse CRLs (one DER, or one or more PEM) and accept each only from its client_ca CA
+    (rollbacks: CrlLists, per issuer)."""
 
     def __init__(self, ca_certs: Sequence[x509.Certificate]) -> None:
         self._cas = tuple(ca_certs)
@@ -99,32 +128,51 @@ class CrlVerifier:
         so a check running in a worker thread sees the old tuple or the new one."""
         self._cas = tuple(ca_certs)
 
-    def check(self, blob: bytes) -> SourceData:
-        """Runs in a worker thread: parsing and signature checks are CPU work."""
-        try:
-            return self._check(blob)
-        except ValueError as exc:  # cryptography's word for malformed DER, anywhere in it
-            raise SourceError(f"not a valid CRL: {exc}") from exc
+    def issuers(self) -> frozenset[bytes]:
+        """The subjects (DER) of the CAs CRLs are checked against now."""
+        return frozenset(ca.subject.public_bytes() for ca in self._cas)
 
-    def _check(self, blob: bytes) -> SourceData:
+    def check(self, blob: bytes) -> tuple[VerifiedCrl, ...]:
+        """Every CRL of *blob*, each verified; SourceError for the first that is not, or for
+        two of one issuer. Runs in a worker thread: parsing and signatures are CPU work."""
         if not blob.strip():
             raise SourceError("empty CRL")
-        if b"-----BEGIN X509 CRL-----" in blob:
-            crl = x509.load_pem_x509_crl(blob)
-        else:
-            crl = x509.load_der_x509_crl(blob)
-        issuer = crl.issuer.rfc4514_string()
-        signers = [ca for ca in self._cas if ca.subject == crl.issuer]  # one read of _cas
-        if not signers:
-            raise SourceError(f"CRL issuer {issuer!r} is not a CA of the client_ca bundle")
-        if not any(_signed_by(crl, ca) for ca in signers):
-            raise SourceError(f"CRL signature does not verify against the client_ca "
-                              f"certificate of {issuer!r}")
-        _refuse_unusable_extensions(crl)
-        number = _crl_number(crl)
-        next_update = crl.next_update_utc
-        return SourceData(_entries(crl), crl_number=number,
-                          next_update=None if next_update is None else next_update.timestamp())
+        cas = self._cas  # one read: a reload meanwhile applies to the next blob
+        try:
+            blocks = split_pem(blob)
+            if blocks and blob.count(b"-----BEGIN") == len(blocks):
+                crls = [x509.load_pem_x509_crl(block) for block in blocks]
+            elif b"-----BEGIN" in blob:  # a cut or foreign block: never half a set of CRLs
+                raise SourceError("not a valid CRL: want complete PEM X509 CRL blocks only")
+            else:
+                crls = [x509.load_der_x509_crl(blob)]
+            verified = tuple(_verify(crl, cas) for crl in crls)
+        except ValueError as exc:  # cryptography's word for malformed DER, anywhere in it
+            raise SourceError(f"not a valid CRL: {exc}") from exc
+        seen: set[bytes] = set()
+        for crl in verified:
+            if crl.issuer in seen:
+                raise SourceError(f"two CRLs of issuer {crl.name!r} in one source; want one "
+                                  "per issuer")
+            seen.add(crl.issuer)
+        return verified
+
+
+def _verify(crl: x509.CertificateRevocationList,
+            cas: Sequence[x509.Certificate]) -> VerifiedCrl:
+    issuer = crl.issuer.rfc4514_string()
+    signers = [ca for ca in cas if ca.subject == crl.issuer]
+    if not signers:
+        raise SourceError(f"CRL issuer {issuer!r} is not a CA of the client_ca bundle")
+    if not any(_signed_by(crl, ca) for ca in signers):
+        raise SourceError(f"CRL signature does not verify against the client_ca "
+                          f"certificate of {issuer!r}")
+    _refuse_unusable_extensions(crl)
+    number = _crl_number(crl)
+    next_update = crl.next_update_utc
+    return VerifiedCrl(crl.issuer.public_bytes(), issuer, SourceData(
+        _entries(crl), crl_number=number,
+        next_update=None if next_update is None else next_update.timestamp()))
 
 
 def _number(data: SourceData) -> int:
@@ -192,3 +240,65 @@ class CrlLists:
             return (f"CRL number {_number(good)} is past its nextUpdate "
                     f"{iso_utc(good.next_update)}")
         return None
+
+
+_NO_LISTS: Mapping[bytes, CrlLists] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class CrlSet:
+    """What one CRL source enforces: the :class:`CrlLists` of every issuer it has carried.
+
+    ``current`` are the issuers of the last blob taken: only theirs count for staleness. An
+    issuer absent from a later blob keeps its lists in force while it is still a CA the
+    verifier knows (*trusted* at :meth:`take`); then it is dropped.
+    """
+
+    lists: Mapping[bytes, CrlLists] = field(default_factory=lambda: _NO_LISTS)
+    names: Mapping[bytes, str] = field(default_factory=lambda: MappingProxyType({}))
+    current: tuple[bytes, ...] = ()
+    data: SourceData | None = None  # the union, computed once (in the worker thread)
+
+    def take(self, incoming: Sequence[VerifiedCrl], now: float,
+             trusted: frozenset[bytes] | None = None) -> CrlSet:
+        """The set once *incoming* (one blob's CRLs, verified) is taken; SourceError naming the
+        issuer on a rollback of any of them (then nothing of the blob is taken)."""
+        lists = {issuer: kept for issuer, kept in self.lists.items()
+                 if trusted is None or issuer in trusted}
+        names = {issuer: self.names[issuer] for issuer in lists}
+        for crl in incoming:
+            try:
+                lists[crl.issuer] = lists.get(crl.issuer, _EMPTY_LISTS).take(crl.data, now)
+            except SourceError as exc:
+                raise SourceError(f"{crl.name}: {exc}") from None
+            names[crl.issuer] = crl.name
+        current = tuple(crl.issuer for crl in incoming)
+        return CrlSet(MappingProxyType(lists), MappingProxyType(names), current,
+                      _union([lists[i].data for i in lists], [lists[i].data for i in current]))
+
+    def warning(self, now: float) -> str | None:
+        """Why the current issuers' lists are stale; None while every one is fresh."""
+        found = [(issuer, text) for issuer in self.current
+                 if (text := self.lists[issuer].warning(now)) is not None]
+        if len(self.current) == 1 or not found:
+            return found[0][1] if found else None
+        return "; ".join(f"{self.names[issuer]}: {text}" for issuer, text in found)
+
+
+_EMPTY_LISTS: Final = CrlLists()
+
+
+def _union(every: Sequence[SourceData | None], current: Sequence[SourceData | None]
+           ) -> SourceData | None:
+    """Every issuer's refusals (revoked outranks on-hold); the current issuers' earliest
+    nextUpdate."""
+    datas = [d for d in every if d is not None]
+    if len(datas) == 1 and len(current) == 1 and current[0] is datas[0]:
+        return datas[0]
+    revoked: dict[int, str] = {}
+    for data in datas:
+        for serial, reason in data.revoked.items():
+            if reason == "revoked" or serial not in revoked:
+                revoked[serial] = reason
+    updates = [d.next_update for d in current if d is not None and d.next_update is not None]
+    return SourceData(revoked, next_update=min(updates) if updates else None)

@@ -1,9 +1,12 @@
 """The CRL sources: ``crl-file``, re-read when it changes, and ``crl-url``, fetched over http(s).
 
-Both verify in a worker thread (:class:`~hub.revocation.crl.CrlVerifier`) and keep their last
-good CRL and a newer stale one (:class:`~hub.revocation.crl.CrlLists`). The file is re-read
-when its inode, mtime or size changes; the URL is fetched every refresh with a conditional GET,
-and a slow fetch carries on across refresh cycles instead of holding them up.
+Both verify in a worker thread (:class:`~hub.revocation.crl.CrlVerifier`) and keep, per
+issuer, their last good CRL and a newer stale one (:class:`~hub.revocation.crl.CrlSet`): the
+file and the URL may carry one CRL (DER or PEM) or several PEM CRLs concatenated, one per
+issuing CA (contract C1). The file is re-read when its inode, mtime or size changes; the URL
+is fetched every refresh with a conditional GET asking for ``application/x-pem-file`` (the
+CA service then answers every live issuer's CRL; DER of one CRL is taken too), and a slow
+fetch carries on across refresh cycles instead of holding them up.
 """
 
 from __future__ import annotations
@@ -20,35 +23,38 @@ import aiohttp
 from cryptography import x509
 
 from hub.errors import SourceError
-from hub.revocation.crl import CrlLists, CrlVerifier
+from hub.revocation.crl import CrlSet, CrlVerifier
 from hub.revocation.http import read_body
 from hub.revocation.model import SourceData
 from hub.revocation.sources import Outcome, PolledSource, Still
 
-__all__ = ["HTTP_TIMEOUT_S", "MAX_CRL_BYTES", "CrlFileSource", "CrlUrlSource"]
+__all__ = ["HTTP_TIMEOUT_S", "MAX_CRL_BYTES", "PEM_CRLS", "CrlFileSource", "CrlUrlSource"]
 
+PEM_CRLS: Final = "application/x-pem-file"  # every live issuer's CRL, as PEM (contract C1)
 HTTP_TIMEOUT_S: Final = 10.0  # one CRL fetch, connect to last byte
 MAX_CRL_BYTES: Final = 64 * 1024 * 1024  # far above any fleet's CRL; bounds a hostile server
 
 
 class _CrlSource(PolledSource):
-    """A source of CRLs: keeps the last good CRL and a newer one that arrived stale."""
+    """A source of CRLs: keeps, per issuer, the last good CRL and a newer one that arrived
+    stale."""
 
     def __init__(self, where: str, verifier: CrlVerifier) -> None:
         super().__init__(where)
         self._verifier = verifier
-        self.lists = CrlLists()
+        self.lists = CrlSet()
 
-    def _take(self, blob: bytes, lists: CrlLists) -> CrlLists:
+    def _take(self, blob: bytes, lists: CrlSet) -> CrlSet:
         """Verify *blob* and fold it into *lists*; runs in a worker thread."""
-        return lists.take(self._verifier.check(blob), time.time())
+        verifier = self._verifier
+        return lists.take(verifier.check(blob), time.time(), verifier.issuers())
 
     def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
         """A reloaded client_ca: later CRLs are checked against its CAs."""
         del cadata  # a file needs no TLS
         self._verifier.replace(ca_certs)
 
-    def _accept(self, lists: CrlLists) -> SourceData:
+    def _accept(self, lists: CrlSet) -> SourceData:
         """On the event loop: the new lists are the source's, their union its data."""
         self.lists = lists
         assert lists.data is not None  # noqa: S101 - take() always leaves one list
@@ -71,7 +77,7 @@ class CrlFileSource(_CrlSource):
         outcome = await asyncio.to_thread(self._read, self.lists)
         return outcome if isinstance(outcome, Still) else self._accept(outcome)
 
-    def _read(self, lists: CrlLists) -> CrlLists | Still:
+    def _read(self, lists: CrlSet) -> CrlSet | Still:
         try:
             stat = self._path.stat()
             key = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -106,7 +112,7 @@ class CrlUrlSource(_CrlSource):
         self._cadata = cadata
         self._session: aiohttp.ClientSession | None = None
         self._validators: dict[str, str] = {}  # conditional-GET headers of the accepted CRL
-        self._inflight: asyncio.Task[CrlLists | Still] | None = None
+        self._inflight: asyncio.Task[CrlSet | Still] | None = None
         self._reload = False
 
     def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
@@ -125,7 +131,7 @@ class CrlUrlSource(_CrlSource):
         outcome = task.result()
         return outcome if isinstance(outcome, Still) else self._accept(outcome)
 
-    async def _fetch(self) -> CrlLists | Still:
+    async def _fetch(self) -> CrlSet | Still:
         if self._reload:
             self._reload = False  # one fetch at a time: no other request uses the session
             session, self._session = self._session, None
@@ -137,7 +143,8 @@ class CrlUrlSource(_CrlSource):
                 connector=aiohttp.TCPConnector(ssl=context),
                 timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S),
             )
-        headers = self._validators if self.data is not None else {}
+        headers = {"Accept": PEM_CRLS,
+                   **(self._validators if self.data is not None else {})}
         try:
             async with self._session.get(self._url, headers=headers) as response:
                 if response.status == 304 and self.data is not None:

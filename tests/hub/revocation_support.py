@@ -112,7 +112,8 @@ def der(crl: x509.CertificateRevocationList) -> bytes:
 class CrlServer:
     """A real aiohttp server on 127.0.0.1, port 0, serving ``body`` at /crl with an ETag.
 
-    ``status`` forces an error answer; ``requests`` and ``not_modified`` count what it saw.
+    ``status`` forces an error answer; ``requests`` and ``not_modified`` count what it saw,
+    ``accepts`` the Accept header of each request.
     """
 
     def __init__(self, body: bytes, tls: ssl.SSLContext | None = None) -> None:
@@ -120,6 +121,7 @@ class CrlServer:
         self.status: int | None = None
         self.requests = 0
         self.not_modified = 0
+        self.accepts: list[str | None] = []
         self._tls = tls
         app = web.Application()
         app.router.add_get("/crl", self._crl)
@@ -128,6 +130,7 @@ class CrlServer:
 
     async def _crl(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.accepts.append(request.headers.get("Accept"))
         if self.status is not None:
             return web.Response(status=self.status)
         etag = '"' + hashlib.sha256(self.body).hexdigest()[:16] + '"'
