@@ -28,6 +28,7 @@ __all__ = [
     "AuditConfig",
     "AuthConfig",
     "BindAddress",
+    "ChecksConfig",
     "HubConfig",
     "LimitsConfig",
     "ListenerConfig",
@@ -177,6 +178,30 @@ class AuditConfig:
     path: Path
 
 
+CHECK_ACTIONS = ("report", "quarantine")
+DEFAULT_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+KNOWN_CURVES = ("secp192r1", "secp224r1", "secp256r1", "secp384r1", "secp521r1", "secp256k1",
+                "brainpoolP256r1", "brainpoolP384r1", "brainpoolP512r1")
+DEFAULT_QUARANTINE = "quarantine.json"  # beside the config file
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksConfig:
+    """[checks]: the audit checks the hub runs on what it sees (DESIGN section 11).
+
+    ``action`` "quarantine" closes and refuses a certificate a misuse check found (shared,
+    client-id conflict, revoked still connected, unregistered, weak key); the two expiry
+    checks only ever report. ``quarantine_file`` keeps the quarantined serials across restarts.
+    """
+
+    action: Literal["report", "quarantine"] = "report"
+    warn_days: int = 30
+    shared_window_seconds: float = 60.0
+    min_rsa_bits: int = 2048
+    curves: tuple[str, ...] = DEFAULT_CURVES
+    quarantine_file: Path | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """[metrics]: Prometheus /metrics and /healthz; None when the section has no bind."""
@@ -195,6 +220,7 @@ class HubConfig:
     acl: AclPolicy = field(default_factory=AclPolicy)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     source: Path | None = None
 
     @classmethod
@@ -236,6 +262,7 @@ class HubConfig:
             auth=AuthConfig(trust_domain=trust_domain),
             acl=AclPolicy.default(),
             metrics=MetricsConfig(parse_bind(DEFAULT_METRICS_BIND)),
+            checks=ChecksConfig(quarantine_file=pki / "hub-quarantine.json"),
         )
 
 
@@ -358,7 +385,8 @@ class _Table:
             raise self.error(key, str(exc), index) from exc
 
 
-_SECTIONS = ("listener", "revocation", "auth", "acl", "audit", "metrics", "limits")
+_SECTIONS = ("listener", "revocation", "auth", "acl", "audit", "metrics", "limits",
+             "checks")
 
 
 def load_config(path: Path | str) -> HubConfig:
@@ -398,6 +426,7 @@ def load_config(path: Path | str) -> HubConfig:
         audit=AuditConfig(root.table("audit", ("path",)).path("path") or _default_audit(file)),
         metrics=MetricsConfig(root.table("metrics", ("bind",)).bind("bind", None)),
         limits=_limits(root),
+        checks=_checks(root),
         source=file,
     )
 
@@ -532,6 +561,40 @@ def _limits(root: _Table) -> LimitsConfig:
         max_retained_per_device=count("max_retained_per_device", 0, 10**9),
         max_retained_bytes=count("max_retained_bytes", 0, 2**40),
         max_pending_tls=count("max_pending_tls", 1, 65535),
+    )
+
+
+def _checks(root: _Table) -> ChecksConfig:
+    table = root.table("checks", ("action", "warn_days", "shared_window_seconds",
+                                  "min_rsa_bits", "curves", "quarantine_file"))
+    defaults = ChecksConfig()
+    action = table.get("action", str, '"report" or "quarantine"', defaults.action)
+    if action not in CHECK_ACTIONS:
+        raise table.error("action", f'want "report" or "quarantine", got "{action}"')
+    warn_days = table.get("warn_days", int, "a number of days from 0 to 3650",
+                          defaults.warn_days)
+    if warn_days is None or not 0 <= warn_days <= 3650:
+        raise table.error("warn_days", f"want a number of days from 0 to 3650, got {warn_days}")
+    bits = table.get("min_rsa_bits", int, "a number of bits from 1024 to 16384",
+                     defaults.min_rsa_bits)
+    if bits is None or not 1024 <= bits <= 16384:
+        raise table.error("min_rsa_bits", f"want a number of bits from 1024 to 16384, got {bits}")
+    listed = table.get("curves", list, "an array of curve names", list(defaults.curves))
+    curves = []
+    for index, curve in enumerate(listed or []):
+        if not isinstance(curve, str) or curve not in KNOWN_CURVES:
+            got = _describe(curve)
+            raise table.error("curves", f"want one of {', '.join(KNOWN_CURVES)}, got {got}",
+                              index)
+        curves.append(curve)
+    return ChecksConfig(
+        action="quarantine" if action == "quarantine" else "report",
+        warn_days=int(warn_days),
+        shared_window_seconds=table.seconds("shared_window_seconds",
+                                            defaults.shared_window_seconds),
+        min_rsa_bits=int(bits),
+        curves=tuple(curves),
+        quarantine_file=table.path("quarantine_file") or table.base / DEFAULT_QUARANTINE,
     )
 
 

@@ -16,6 +16,7 @@ from hub.audit import AuditStore
 from hub.cabundle import BundleWatcher
 from hub.config import HubConfig
 from hub.errors import ConfigError, RevocationError
+from hub.findings.engine import Findings
 from hub.gatekeeper import Gatekeeper
 from hub.identity import DeviceIdentity
 from hub.metrics import Metrics, MetricsServer, Readings
@@ -45,12 +46,18 @@ class HubRuntime:
         self.watcher = RevocationWatcher(config.revocation, self.client_ca.bundle.certificates,
                                          on_change=self._revocation_changed,
                                          on_source=self._source_changed,
-                                         certificates=config.auth.registered_only)
+                                         # The fleet's serials: registered_only refuses the
+                                         # others, the unregistered-certificate check
+                                         # reports them (hub.findings).
+                                         certificates=config.auth.registered_only
+                                         or config.revocation.lists_devices)
         self.feed = next((s for s in self.watcher.sources if isinstance(s, FeedSource)), None)
         self.client_ca.subscribe(
             lambda bundle: partial(self.watcher.replace_ca_certs, bundle.certificates,
                                    bundle.pem))
         self.gatekeeper = Gatekeeper(config.auth, self.watcher, self.audit, self.metrics)
+        self.findings = Findings(config.checks, self.gatekeeper, self.audit,
+                                 lambda: self.client_ca.bundle, config.listener.client_ca)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None
         self.started = False
@@ -65,6 +72,7 @@ class HubRuntime:
             self.gatekeeper.trust_domain = domain.name
             await self._start_watcher()
             self.client_ca.start()
+            await self.findings.start()
             if self.config.metrics.bind is not None:
                 self.metrics_server = MetricsServer(
                     self.config.metrics.bind, self.metrics, Readings(
@@ -73,9 +81,11 @@ class HubRuntime:
                                        float(self.audit.statistics().dropped)},
                         revocation_version=lambda: self.watcher.snapshot.version,
                         feed=self._feed_status if self.feed is not None else None,
-                        expiring=self.gatekeeper.expiring, client_ca=self.client_ca.status))
+                        expiring=self.gatekeeper.expiring, client_ca=self.client_ca.status,
+                        findings=self.findings.counts))
                 await self.metrics_server.start()
         except BaseException:
+            await self.findings.stop()
             await self.client_ca.stop()
             await self.watcher.stop()
             self.audit.close()
@@ -110,6 +120,7 @@ class HubRuntime:
         if not self.started:
             return
         self.started = False
+        await self.findings.stop()
         await self.gatekeeper.drain()
         if self.metrics_server is not None:
             await self.metrics_server.stop()

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from hub.broker.session import HubSession
     from hub.broker.surface import Handler, Reader, Session, Writer
     from hub.cabundle import Bundle
+    from hub.identity import DeviceIdentity
 
 __all__ = ["HANG_UP_GRACE", "HubBroker"]
 
@@ -81,6 +82,8 @@ class HubBroker(RoutingBroker):
                                     max_pending_tls=runtime.config.limits.max_pending_tls,
                                     audit=runtime.audit)
         runtime.client_ca.subscribe(self._prepare_context)
+        # The findings' pass looks at every open connection, kicked ones included.
+        runtime.findings.sessions = self._open_connections
 
     def _prepare_context(self, bundle: Bundle) -> Callable[[], None]:
         """A changed client_ca (worker thread): the listener's context for it, swapped in on
@@ -141,7 +144,7 @@ class HubBroker(RoutingBroker):
         await lock.acquire()  # two CONNECTs with one client id never interleave
         try:
             decision = await self._admit(incoming, peer)
-            chosen = await self._choose_session(incoming, client_id) \
+            chosen = await self._choose_session(incoming, client_id, decision.identity, peer) \
                 if decision.accepted else None
         except BaseException:
             self._release(client_id, lock)
@@ -165,17 +168,24 @@ class HubBroker(RoutingBroker):
         der = incoming.ssl_object.getpeercert(binary_form=True)
         will_topic = incoming.will_topic if incoming.will_flag else None
         try:
-            return await runtime.gatekeeper.admit(der, incoming.client_id, incoming.password,
-                                                  peer, will_topic=will_topic, acl=runtime.acl)
+            decision = await runtime.gatekeeper.admit(der, incoming.client_id,
+                                                      incoming.password, peer,
+                                                      will_topic=will_topic, acl=runtime.acl)
         except Exception:
             log.exception("the gatekeeper failed; refusing %s", incoming.client_id)
             return Decision(False, "gatekeeper-error")
+        if decision.accepted and decision.identity is not None:
+            runtime.findings.admitted(decision.identity, der, peer)  # O(1): looked at later
+        return decision
 
-    async def _choose_session(self, incoming: HubSession,
-                              client_id: str) -> HubSession:
+    async def _choose_session(self, incoming: HubSession, client_id: str,
+                              identity: DeviceIdentity | None, peer: str) -> HubSession:
         """Take over, clean or resume only now, for an authenticated client."""
         existing = self._sessions.get(client_id)
         if existing is not None and existing[0].transitions.is_connected():
+            old = getattr(existing[0], "connection", None)
+            if old is not None and identity is not None:
+                self.hub_runtime.findings.took_over(client_id, old, identity, peer)
             await self._take_over(client_id, existing[1])  # the old one has ended on return
             existing = self._sessions.get(client_id)
         if incoming.clean_session or (existing is not None and existing[0].clean_session):
@@ -226,6 +236,11 @@ class HubBroker(RoutingBroker):
         except TimeoutError:  # a safety net: every path sets it
             log.warning("old connection of %s did not close in time; stopping it", client_id)
             await self._stop_handler(old_handler)
+
+    def _open_connections(self) -> list[Connection]:
+        """The admitted connection of every session amqtt holds as connected."""
+        return [s.connection for s, _ in self._sessions.values()
+                if getattr(s, "connection", None) is not None and s.transitions.is_connected()]
 
     def _release(self, client_id: str, lock: asyncio.Lock) -> None:
         lock.release()

@@ -20,7 +20,7 @@ __all__ = ["ACL_ACTIONS", "KICK_REASONS", "LIMITS", "Metrics", "Statistics"]
 
 ACL_ACTIONS: Final = ("publish", "subscribe")
 KICK_REASONS: Final = ("revoked", "on-hold", "device-suspended", "device-revoked", "expired",
-                       "unregistered")
+                       "unregistered", "quarantined")
 # [limits] hits, by the audit reason they share (hub/limits.py, docs/gateway.md).
 LIMITS: Final = ("packet-too-large", "rate-limited", "topic-too-long", "too-many-subscriptions",
                  "retained-quota")

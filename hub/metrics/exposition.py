@@ -98,7 +98,7 @@ class Readings:
     metric name; *clock*: ``time.time()`` for the sources' ages. Each optional reader left None
     leaves its figures out: *revocation_version* (the snapshot's), *feed* (the fleet-state
     feed's status), *expiring* (connected devices by expiry window), *client_ca* (the bundle
-    in force).
+    in force), *findings* (audit-check findings recorded, by check).
     """
 
     revocation_health: Callable[[], Sequence[SourceHealthLike]]
@@ -109,6 +109,7 @@ class Readings:
     feed: Callable[[], FeedStatusLike | None] | None = None
     expiring: Callable[[], Mapping[str, int]] | None = None
     client_ca: Callable[[], BundleStatusLike] | None = None
+    findings: Callable[[], Mapping[str, int]] | None = None
 
 
 def age(source: SourceHealthLike, now: float) -> float:
@@ -174,6 +175,9 @@ class HubCollector(Collector):
             yield family
         if readings.client_ca is not None:
             yield from self._bundle_figures(readings.client_ca())
+        if readings.findings is not None:
+            yield _counter("fleet_hub_findings_total", "Audit-check findings recorded, by "
+                           "check (DESIGN section 11).", "check", readings.findings())
         resident = _resident_bytes()
         if resident is not None:
             yield GaugeMetricFamily("fleet_hub_process_resident_bytes",

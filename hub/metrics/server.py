@@ -32,7 +32,8 @@ class MetricsServer:
     given feed, the fleet-state feed's status (``"feed"``: version, state age, refusals); given
     expiring, the connected devices whose certificate expires within 7 days and 1 day
     (``"certificates_expiring"``); given client_ca, the bundle in force (``"client_ca"``:
-    generation, certificates, refusals, last error). ``/metrics`` reads the same *readings*.
+    generation, certificates, refusals, last error); given findings, the audit-check findings
+    recorded since start by check (``"findings"``). ``/metrics`` reads the same *readings*.
     """
 
     def __init__(self, bind: BindAddress, metrics: Metrics, readings: Readings) -> None:
@@ -110,4 +111,6 @@ class MetricsServer:
             body["certificates_expiring"] = dict(readings.expiring())
         if readings.client_ca is not None:
             body["client_ca"] = readings.client_ca().as_json()
+        if readings.findings is not None:
+            body["findings"] = dict(readings.findings())
         return web.json_response(body, status=200 if healthy else 503)

@@ -14,6 +14,7 @@ from hub.config import (
     AuditConfig,
     AuthConfig,
     BindAddress,
+    ChecksConfig,
     HubConfig,
     LimitsConfig,
     ListenerConfig,
@@ -72,8 +73,27 @@ def test_designs_example_loads(site: Path, tmp_path: Path, monkeypatch: pytest.M
         auth=AuthConfig(client_id="must-match", password=False),
         acl=AclPolicy.default(),
         metrics=MetricsConfig(BindAddress("127.0.0.1", 9883)),
+        checks=ChecksConfig(quarantine_file=site / "quarantine.json"),
         source=path,
     )
+
+
+def test_checks_defaults_and_keys(site: Path) -> None:
+    """[checks] (DESIGN section 11): report, 30 days, 60 s; every key read as written."""
+    assert load_config(_write(site, LISTENER)).checks == ChecksConfig(
+        "report", 30, 60.0, 2048, ("secp256r1", "secp384r1", "secp521r1"),
+        site / "quarantine.json")
+    config = load_config(_write(site, LISTENER + """
+[checks]
+action = "quarantine"
+warn_days = 7
+shared_window_seconds = 30
+min_rsa_bits = 3072
+curves = ["secp384r1"]
+quarantine_file = "state/q.json"
+"""))
+    assert config.checks == ChecksConfig("quarantine", 7, 30.0, 3072, ("secp384r1",),
+                                         site / "state" / "q.json")
 
 
 def test_relative_config_path_resolves_against_its_folder(
@@ -294,8 +314,8 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         LISTENER + "[listner]\n",
-        "listner: unknown section (want one of: acl, audit, auth, limits, listener, metrics, "
-        "revocation)",
+        "listner: unknown section (want one of: acl, audit, auth, checks, limits, listener, "
+        "metrics, revocation)",
         id="unknown-section",
     ),
     pytest.param(
@@ -495,6 +515,29 @@ BAD_CONFIGS = [
         "audit.file: unknown key (want one of: path)",
         id="audit-unknown-key",
     ),
+    pytest.param(
+        LISTENER + '[checks]\naction = "kick"\n',
+        'checks.action: want "report" or "quarantine", got "kick"', id="checks-action"),
+    pytest.param(
+        LISTENER + "[checks]\nwarn_days = -1\n",
+        "checks.warn_days: want a number of days from 0 to 3650, got -1", id="checks-warn-days"),
+    pytest.param(
+        LISTENER + "[checks]\nshared_window_seconds = 0\n",
+        "checks.shared_window_seconds: want a number of seconds above 0, got integer 0",
+        id="checks-window"),
+    pytest.param(
+        LISTENER + "[checks]\nmin_rsa_bits = 512\n",
+        "checks.min_rsa_bits: want a number of bits from 1024 to 16384, got 512",
+        id="checks-rsa-bits"),
+    pytest.param(
+        LISTENER + '[checks]\ncurves = ["secp256r1", "p256"]\n',
+        "checks.curves[1]: want one of secp192r1, secp224r1, secp256r1, secp384r1, secp521r1, "
+        'secp256k1, brainpoolP256r1, brainpoolP384r1, brainpoolP512r1, got string "p256"',
+        id="checks-curve"),
+    pytest.param(
+        LISTENER + "[checks]\nwindow = 5\n",
+        "checks.window: unknown key (want one of: action, curves, min_rsa_bits, "
+        "quarantine_file, shared_window_seconds, warn_days)", id="checks-unknown-key"),
 ]
 
 
@@ -604,6 +647,7 @@ def test_from_pki_defaults(site: Path) -> None:
         audit=AuditConfig(pki / "hub-audit.db"),
         acl=AclPolicy.default(),
         metrics=MetricsConfig(BindAddress("127.0.0.1", 9883)),
+        checks=ChecksConfig(quarantine_file=pki / "hub-quarantine.json"),
     )
 
 

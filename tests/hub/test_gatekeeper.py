@@ -218,3 +218,23 @@ def test_expiring_counts_live_sessions_by_how_soon_their_certificate_ends(
 
     asyncio.run(main())
     assert connection.kicks == []
+
+
+def test_a_quarantined_serial_is_refused_and_its_live_session_closed(
+        gate: Gate, der: bytes, identity: DeviceIdentity) -> None:
+    """hub.findings fills ``quarantined`` ([checks] action = "quarantine"): refused with
+    reason quarantined, and a live session on it is lost at the next state change."""
+    connection = FakeConnection("gate-1", identity)
+
+    async def main() -> None:
+        gate.gatekeeper.attach(connection)
+        gate.gatekeeper.quarantined.add(identity.serial)
+        gate.gatekeeper.revocation_changed(gate.watcher.snapshot, gate.watcher.snapshot)
+        await gate.gatekeeper.drain()
+        decision = await gate.gatekeeper.admit(der, "gate-1", None, "127.0.0.1:1")
+        assert (decision.accepted, decision.reason) == (False, "quarantined")
+
+    asyncio.run(main())
+    assert connection.kicks == ["quarantined"]
+    assert gate.audit.rows == [("kick", "gate-1", "quarantined"),
+                               ("reject", "gate-1", "quarantined")]

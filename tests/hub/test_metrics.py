@@ -354,6 +354,26 @@ def test_expiring_certificates_and_the_client_ca_bundle_are_in_metrics_and_healt
     serve([Health("registry")], check, expiring=lambda: counts[0], client_ca=lambda: status)
 
 
+def test_findings_by_check_are_in_metrics_and_healthz() -> None:
+    """Given the findings' counts (hub.findings), /metrics has fleet_hub_findings_total{check}
+    (DESIGN section 11) and /healthz "findings", read at each request."""
+    counts = {"certificate-shared": 2, "weak-key": 0}
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/metrics") as response:
+            text = await response.text()
+        assert "# TYPE fleet_hub_findings_total counter" in text.splitlines()
+        values = samples(text)
+        assert values['fleet_hub_findings_total{check="certificate-shared"}'] == 2
+        assert values['fleet_hub_findings_total{check="weak-key"}'] == 0
+        counts["weak-key"] = 1
+        async with session.get(f"{base}/healthz") as response:
+            body = json.loads(await response.text())
+        assert body["findings"] == {"certificate-shared": 2, "weak-key": 1}
+
+    serve([Health("registry")], check, findings=lambda: counts)
+
+
 def test_any_other_path_is_404() -> None:
     """Only /metrics and /healthz exist."""
 
