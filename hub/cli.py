@@ -15,6 +15,7 @@ import typer
 from fleetcli import new_app, run_cli
 from hub.config import HubConfig, load_config
 from hub.errors import ConfigError, HubError
+from hub.findings.cli import app as quarantine_app
 
 app = new_app("The edge-gateway MQTT broker that admits only valid, unrevoked device "
               "certificates.")
@@ -133,6 +134,9 @@ def events(
         sys.stdout.write(f"{row['time']}  {row['event']:9} {row['device_id'] or '-':24} "
                          f"{row['serial'] or '-':42} {row['peer'] or '-':22} "
                          f"{row['reason'] or ''}\n")
+
+
+app.add_typer(quarantine_app, name="quarantine")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""``fleet-hub quarantine list|clear``: the certificates refused here by ``action = "quarantine"``.
+
+A quarantine holds until an operator clears it: after finding out why a check fired (a
+cloned certificate: revoke it at the CA and issue the device a new one; see docs/gateway.md),
+``fleet-hub quarantine clear SERIAL`` removes the serial from the file, and a running hub lets
+the certificate in again within a second (it re-reads the file when it changes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fleetcli import new_app
+from hub.config import load_config
+from hub.errors import ConfigError
+from hub.findings import quarantine
+
+app = new_app("Certificates quarantined at this gateway by the audit checks.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", envvar="FLEET_HUB_CONFIG",
+                                                help="hub.toml")]
+
+
+def _file(config: Path | None) -> Path:
+    if config is None:
+        raise ConfigError(None, "--config", "missing: give --config hub.toml")
+    path = load_config(config).checks.quarantine_file
+    assert path is not None  # noqa: S101 - load_config always sets it
+    return path
+
+
+@app.command("list")
+def list_(config: ConfigOpt = None,
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the quarantined certificates (serial, device, check, since); exit 0.
+
+    Example: fleet-hub quarantine list --config hub.toml --json
+    """
+    entries = quarantine.read(_file(config))
+    rows = [entries[s] for s in sorted(entries)]
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(e) for e in rows], indent=2) + "\n")
+        return
+    for e in rows:
+        sys.stdout.write(f"{e.serial:42} {e.device_id:24} {e.check:26} {e.since}\n")
+
+
+@app.command()
+def clear(serials: Annotated[list[str], typer.Argument(metavar="SERIAL...",
+                                                       help="hex, as `list` prints it")],
+          config: ConfigOpt = None) -> None:
+    """Let quarantined certificates in again; exit 1 if a serial is not quarantined.
+
+    Example: fleet-hub quarantine clear 5f3a...c1 --config hub.toml
+    """
+    path = _file(config)
+    wanted = [quarantine.serial_of(text) for text in serials]
+    released = quarantine.clear(path, wanted)
+    for e in released:
+        sys.stdout.write(f"cleared {e.serial} ({e.device_id}, {e.check} since {e.since})\n")
+    missing = len(set(wanted)) - len(released)
+    if missing:
+        raise quarantine.QuarantineError(
+            f"{missing} of the serials given {'is' if missing == 1 else 'are'} not quarantined "
+            f"in {path}")
