@@ -354,3 +354,62 @@ def test_a_crl_stale_on_arrival_does_not_readmit_a_revoked_device(
         assert reason.startswith("crl-file stale: CRL number ")
     finally:
         assert running.stop() == 0
+
+
+def test_two_crls_in_one_file_refuse_the_revoked_of_both_issuers(
+        fleet: Fleet, tmp_path: Path, connect: Callable[..., Client]) -> None:
+    """An issuing-CA rotation's crl.pem (contract C1): the PEM CRLs of both intermediates in
+    one file. A device of each is connected; once each issuer's CRL lists its device, both
+    sessions are closed as revoked and both are refused on reconnect, while a third device of
+    the new intermediate stays."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.hub.cabundle_support import leaf_from, second_intermediate
+    from tests.hub.revocation_support import make_crl
+    from tests.integration.healthz import healthz
+
+    second = second_intermediate(fleet.pki)
+    bundle = tmp_path / "ca-chain.pem"
+    bundle.write_bytes(second.cert.public_bytes(serialization.Encoding.PEM)
+                       + fleet.ca.read_bytes())
+    crls = tmp_path / "crl.pem"
+
+    def publish(number: int, *revoked: str) -> None:
+        """The new issuer's CRL, then the first issuer's crl.pem, rewritten atomically."""
+        new = make_crl(second.key, second.cert.subject, number,
+                       [(int(s, 16), x509.ReasonFlags.key_compromise) for s in revoked])
+        staged = tmp_path / "crl.pem.new"
+        staged.write_bytes(new.public_bytes(serialization.Encoding.PEM)
+                           + (fleet.pki / "crl.pem").read_bytes())
+        staged.replace(crls)
+
+    publish(1)
+    config = fleet.write_config("hub-two-crls.toml", extra=(
+        f'[listener]\nclient_ca = "{bundle}"\n'
+        f'[audit]\npath = "{tmp_path / "audit.db"}"\n'),
+        revocation=f'crl = "{crls}"\nrefresh_seconds = {REFRESH}')
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    old = fleet.device("two-crl-old")
+    new = leaf_from(fleet.pki, second, "two-crl-new", devices)
+    stays = leaf_from(fleet.pki, second, "two-crl-stays", devices)
+    running = RunningHub.start(config)
+    try:
+        clients = {d.device_id: connect(d, port=running.port) for d in (old, new, stays)}
+        assert [c.connect() for c in clients.values()] == [ACCEPTED] * 3
+        fleet.revoke("two-crl-old")  # the PKI's crl.pem: the first issuer's CRL
+        publish(2, new.serial)
+        for name in ("two-crl-old", "two-crl-new"):
+            assert clients[name].wait_disconnected(10), name
+            assert _kick(running, name)["reason"] == "revoked"
+        assert connect(old, port=running.port).connect() == NOT_AUTHORIZED
+        assert connect(new, port=running.port).connect() == NOT_AUTHORIZED
+        assert not clients["two-crl-stays"].disconnected.is_set()
+        status, body = healthz(running)
+        assert status == 200
+        [source] = body["revocation"]
+        assert (source["name"], source["ok"], source["stale"], source["entries"]) == (
+            "crl-file", True, False, 2)
+    finally:
+        assert running.stop() == 0, "".join(running.log)
