@@ -1,6 +1,8 @@
-"""``fleet-hub``: serve the gateway broker, check a config, read the audit store.
+"""``fleet-hub``: serve the gateway broker, check a config, read, verify and prune the audit
+store, report the audit checks' findings.
 
-Exit codes: 0 done, 1 a runtime failure (e.g. the port is taken), 2 usage or bad config.
+Exit codes: 0 done, 1 a runtime failure (e.g. the port is taken), a broken audit chain, or
+findings (``audit``), 2 usage or bad config.
 """
 
 from __future__ import annotations
@@ -8,14 +10,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fleetcli import new_app, run_cli
 from hub.config import HubConfig, load_config
-from hub.errors import ConfigError, HubError
+from hub.errors import AuditError, ConfigError, HubError
 from hub.findings.cli import app as quarantine_app
+
+if TYPE_CHECKING:
+    from hub.audit.verify import ChainReport
 
 app = new_app("The edge-gateway MQTT broker that admits only valid, unrevoked device "
               "certificates.")
@@ -105,35 +110,254 @@ def _sources(config: HubConfig) -> str:
     return " + ".join(found) if found else "NONE (no revocation source!)"
 
 
-@app.command()
+events_app = new_app(
+    "Print the audit store: every accept, refusal, ACL denial, kick and finding.\n\n"
+    "Example: fleet-hub events --config hub.toml --device sensor-0042 --since 1h --json",
+    no_args_is_help=False, invoke_without_command=True)
+app.add_typer(events_app, name="events")
+PkiOpt = Annotated[Path | None, typer.Option("--pki", help="Read PKI/hub-audit.db (and the "
+                                             "PKI's server.pem, ca-chain.pem).")]
+SinceOpt = Annotated[str | None, typer.Option("--since", metavar="T",
+                                              help="ISO 8601 time or 10m / 2h / 1d")]
+
+
+def _store(config: Path | None, pki: Path | None) -> HubConfig:
+    return HubConfig.from_pki(pki) if pki is not None and config is None else _load(config)
+
+
+def _since(text: str | None, option: str = "--since") -> float | None:
+    from hub.audit import parse_since  # noqa: PLC0415
+
+    try:
+        return parse_since(text) if text is not None else None
+    except ValueError as exc:
+        raise ConfigError(None, option, str(exc)) from None
+
+
+@events_app.callback()
 def events(
+    ctx: typer.Context,
     config: ConfigOpt = None,
-    pki: Annotated[Path | None, typer.Option("--pki", help="Read PKI/hub-audit.db.")] = None,
+    pki: PkiOpt = None,
     device: Annotated[str | None, typer.Option("--device", metavar="ID")] = None,
-    since: Annotated[str | None, typer.Option("--since", metavar="T",
-                                              help="ISO 8601 time or 10m / 2h / 1d")] = None,
+    since: SinceOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Keep printing records as they are committed (from now, or from "
+        "--since), one per line, flushed, until SIGINT/SIGTERM or the pipe closes; with "
+        "--json, JSON lines with each record's id and hash.")] = False,
 ) -> None:
-    """Print the audit store: every accept, refusal, ACL denial and kick.
+    """Print the audit store: every accept, refusal, ACL denial, kick and finding.
 
     Example: fleet-hub events --config hub.toml --device sensor-0042 --since 1h --json
     """
-    from hub.audit import parse_since, read_events  # noqa: PLC0415
-
-    path = (HubConfig.from_pki(pki).audit.path if pki is not None and config is None
-            else _load(config).audit.path)
-    try:
-        start = parse_since(since) if since is not None else None
-    except ValueError as exc:
-        raise ConfigError(None, "--since", str(exc)) from None
-    rows = read_events(path, device_id=device, since=start)
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    if ctx.invoked_subcommand is not None:
         return
-    for row in rows:
-        sys.stdout.write(f"{row['time']}  {row['event']:9} {row['device_id'] or '-':24} "
-                         f"{row['serial'] or '-':42} {row['peer'] or '-':22} "
-                         f"{row['reason'] or ''}\n")
+    from hub.audit import read_records  # noqa: PLC0415
+
+    path = _store(config, pki).audit.path
+    start = _since(since)
+    if follow:
+        _follow(path, start, device, as_json=as_json)
+        return
+    records = read_records(path, device_id=device, since=start)
+    if as_json:
+        sys.stdout.write(json.dumps([r.as_json() for r in records], indent=2) + "\n")
+        return
+    for record in records:
+        sys.stdout.write(_text_line(record.as_json()))
+
+
+def _text_line(row: dict[str, object]) -> str:
+    return (f"{row['time']}  {row['event']:9} {row['device_id'] or '-':24} "
+            f"{row['serial'] or '-':42} {row['peer'] or '-':22} {row['reason'] or ''}\n")
+
+
+def _follow(path: Path, since: float | None, device: str | None, *, as_json: bool) -> None:
+    """Stream until SIGINT/SIGTERM (exit 0) or until the reader goes away (exit 0)."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from hub.audit.follow import follow  # noqa: PLC0415
+
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    try:
+        for records in follow(path, stop=stop, since=since, device_id=device):
+            sys.stdout.write("".join(
+                json.dumps(r.as_line(), separators=(",", ":")) + "\n" if as_json
+                else _text_line(r.as_json()) for r in records))
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The shipper went away: not an error. Point stdout at /dev/null so the interpreter's
+        # own flush at exit does not complain about the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+@events_app.command("verify")
+def events_verify(
+    config: ConfigOpt = None,
+    pki: PkiOpt = None,
+    anchor: Annotated[list[str] | None, typer.Option(
+        "--anchor", metavar="ID:HASH", help="A record as a copy kept elsewhere has it (the id "
+        "and hash of an `events --follow --json` line): it must still be in the store, "
+        "unchanged (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Recompute the audit chain and its checkpoints; name the first altered or missing
+    record. Exit 0 intact, 1 broken.
+
+    Example: fleet-hub events verify --config hub.toml
+    """
+    from hub.audit.checkpoint import CheckpointTrust  # noqa: PLC0415
+    from hub.audit.verify import verify_store  # noqa: PLC0415
+
+    loaded = _store(config, pki)
+    anchors = [_anchor(text) for text in anchor or ()]
+    trust = CheckpointTrust.load(loaded.listener.server_cert, loaded.listener.client_ca)
+    report = verify_store(loaded.audit.path, trust, anchors)
+    if as_json:
+        sys.stdout.write(json.dumps(_report_json(report), indent=2) + "\n")
+    if report.problem is not None:
+        if not as_json:
+            sys.stderr.write(f"error: audit chain broken at {report.problem} "
+                             f"({loaded.audit.path})\n")
+        raise typer.Exit(1)
+    if not as_json:
+        sys.stdout.write(_report_text(report))
+
+
+def _anchor(text: str) -> tuple[int, str]:
+    number, _, digest = text.partition(":")
+    if not number.isdigit() or len(digest) != 64 \
+            or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError(None, "--anchor", f"want ID:HASH (a record id, 64 hex digits), got "
+                          f"{text!r}")
+    return int(number), digest
+
+
+def _report_json(report: ChainReport) -> dict[str, object]:
+    from hub.audit import format_time  # noqa: PLC0415
+
+    problem = report.problem
+    return {
+        "ok": report.ok, "records": report.records,
+        "first_id": report.first[0] if report.first else None,
+        "last_id": report.last[0] if report.last else None,
+        "checkpoints": len(report.checkpoints), "pruned": report.pruned,
+        "anchors": report.anchors,
+        "migrated": None if report.migrated is None else dict(report.migrated),
+        "problem": None if problem is None else {
+            "record_id": problem.record_id, "checkpoint_id": problem.checkpoint_id,
+            "time": None if problem.time is None else format_time(problem.time),
+            "what": problem.what},
+    }
+
+
+def _report_text(report: ChainReport) -> str:
+    from hub.audit import format_time  # noqa: PLC0415
+
+    span = ""
+    if report.first is not None and report.last is not None:
+        span = (f" #{report.first[0]}..#{report.last[0]} ({format_time(report.first[1])} .. "
+                f"{format_time(report.last[1])})")
+    lines = [f"audit chain ok: {report.records} records{span}"]
+    if report.checkpoints:
+        newest = report.checkpoints[-1]
+        lines.append(f"  {len(report.checkpoints)} signed checkpoint(s), {report.pruned} "
+                     f"records pruned; newest: {newest.describe()}")
+    if report.anchors:
+        lines.append(f"  {report.anchors} anchor(s) match")
+    migrated = report.migrated
+    if migrated is not None:
+        when = migrated.get("time")
+        lines.append(f"  {migrated.get('records')} records written by a version "
+                     f"{migrated.get('from_version')} hub were sealed on upgrade"
+                     f"{f' at {format_time(when)}' if isinstance(when, float) else ''}: "
+                     "the chain vouches for them from then on only")
+    return "".join(line + "\n" for line in lines)
+
+
+@events_app.command("prune")
+def events_prune(
+    before: Annotated[str, typer.Option("--before", metavar="T", help="Prune records older "
+                                        "than this: ISO 8601 time or 90d / 12w")],
+    config: ConfigOpt = None,
+    pki: PkiOpt = None,
+) -> None:
+    """Delete the records older than --before, leaving a checkpoint signed with the hub's TLS
+    key so that `events verify` still proves what is left. Refused (exit 1) on a broken chain.
+
+    Example: fleet-hub events prune --config hub.toml --before 90d
+    """
+    from hub.audit import format_time  # noqa: PLC0415
+    from hub.audit.checkpoint import CheckpointTrust, load_signer  # noqa: PLC0415
+    from hub.audit.prune import prune  # noqa: PLC0415
+
+    loaded = _store(config, pki)
+    cutoff = _since(before, "--before")
+    assert cutoff is not None  # noqa: S101 - before is a required option
+    listener = loaded.listener
+    signer = load_signer(listener.server_cert, listener.server_key, loaded.source or pki)
+    trust = CheckpointTrust.load(listener.server_cert, listener.client_ca)
+    path = loaded.audit.path
+    done = prune(path, before=cutoff, signer=signer, trust=trust)
+    if done.refused is not None:
+        raise AuditError(f"not pruning: the audit chain is broken at {done.refused}; "
+                         f"see fleet-hub events verify ({path})")
+    if done.checkpoint is None:
+        sys.stdout.write(f"nothing to prune: no record older than {format_time(cutoff)}; "
+                         f"{done.kept} records kept\n")
+        return
+    checkpoint = done.checkpoint
+    sys.stdout.write(f"pruned {checkpoint.count} records #{checkpoint.first_id}.."
+                     f"#{checkpoint.head_id} (older than {format_time(cutoff)}); "
+                     f"{checkpoint.describe()} signed; {done.kept} records kept\n")
+
+
+@app.command()
+def audit(
+    config: ConfigOpt = None,
+    pki: PkiOpt = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="T", help="ISO 8601 time or 10m / 2h / 1d [default: every "
+        "finding the store still holds]")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The findings of the hub's audit checks, grouped by check and device. Exit 1 when there
+    is any, 0 when none.
+
+    Example: fleet-hub audit --config hub.toml --since 24h --json
+    """
+    from hub.audit import format_time  # noqa: PLC0415
+    from hub.audit.findings import read_findings  # noqa: PLC0415
+
+    start = _since(since)
+    groups = read_findings(_store(config, pki).audit.path, since=start)
+    if as_json:
+        sys.stdout.write(json.dumps([g.as_json() for g in groups], indent=2) + "\n")
+    elif not groups:
+        window = f" since {format_time(start)}" if start is not None else ""
+        sys.stdout.write(f"no findings{window}\n")
+    else:
+        sys.stdout.write(f"{'CHECK':26} {'DEVICE':24} {'COUNT':>5}  {'FIRST':24} {'LAST':24} "
+                         "SERIAL\n")
+        for group in groups:
+            sys.stdout.write(f"{group.check:26} {group.device_id or '-':24} {group.count:5}  "
+                             f"{format_time(group.first):24} {format_time(group.last):24} "
+                             f"{group.serial or '-'}\n")
+            if group.evidence is not None:
+                text = json.dumps(group.evidence, separators=(",", ":"))
+                sys.stdout.write(f"    evidence: {text[:160]}{'…' if len(text) > 160 else ''}"
+                                 "\n")
+        total = sum(g.count for g in groups)
+        sys.stdout.write(f"{total} finding(s) in {len(groups)} group(s)\n")
+    if groups:
+        raise typer.Exit(1)
 
 
 app.add_typer(quarantine_app, name="quarantine")

@@ -54,7 +54,7 @@ def test_open_creates_a_wal_database_with_the_events_table_and_indexes(db: Path)
     finally:
         conn.close()
     assert columns == ["id", "time", "event", "device_id", "serial", "peer", "reason",
-                       "evidence"]
+                       "evidence", "prev_hash", "hash"]
     assert indexes == {"events_device_time", "events_time"}
 
 

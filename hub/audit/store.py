@@ -1,116 +1,56 @@
 """The audit store: every connect decision, ACL denial and kick, in SQLite, written off the loop.
 
 The broker's event loop only calls :meth:`AuditStore.record`, which appends to an in-memory queue
-under a lock held for a few bytecodes: it never touches the disk and never waits for the writer.
-One background thread drains the queue and writes batches (``executemany`` inside one
-``BEGIN IMMEDIATE`` transaction each) to a WAL-mode database. When the database is busy (another
-process holds the write lock) or the disk fails, the thread keeps the batch and retries with
-backoff; the loop notices nothing. Records are dropped (counted, logged once per episode) only
-when the queue holds ``max_queue`` records not yet committed, or when a row cannot be stored at
-all (a string SQLite refuses, such as a lone surrogate).
+under a lock held for a few bytecodes: it never touches the disk, never hashes and never waits
+for the writer. One background thread drains the queue and writes batches (``executemany``
+inside one ``BEGIN IMMEDIATE`` transaction each) to a WAL-mode database, sealing each record
+into the hash chain as it goes (hub/audit/chain.py: the head is read and moved inside the same
+transaction, so a crash leaves no half-sealed batch). When the database is busy (another process
+holds the write lock, e.g. ``fleet-hub events prune``) or the disk fails, the thread keeps the
+batch and retries with backoff; the loop notices nothing. Records are dropped (counted, logged
+once per episode) only when the queue holds ``max_queue`` records not yet committed, or when a
+row cannot be stored at all (a string UTF-8 cannot encode, such as a lone surrogate).
 
-``fleet-hub events`` reads the store with :func:`read_events` (or the typed :func:`read_records`),
-read-only, while the hub runs.
+A store an older hub wrote is migrated at open (hub/audit/schema.py); its unsealed records are
+sealed by the writer thread, oldest first, before anything new is written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
-import re
 import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from hub.errors import AuditError, InvalidValueError
+from hub.audit.chain import seal
+from hub.audit.records import EVENTS, encode_evidence
+from hub.audit.schema import head, prepare, set_head
+from hub.errors import AuditError
 
-__all__ = [
-    "EVENTS",
-    "AuditError",
-    "AuditRecord",
-    "AuditStats",
-    "AuditStore",
-    "format_time",
-    "parse_since",
-    "read_events",
-    "read_records",
-]
+__all__ = ["AuditStats", "AuditStore"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hub.audit")
 
-# accept / reject (with reason) / acl-deny / kick (revocation, expiry) / disconnect;
-# violation: an MQTT protocol violation closed the connection ("protocol-violation: what");
-# limit: a [limits] value was hit (packet-too-large, rate-limited, topic-too-long,
-# too-many-subscriptions, retained-quota, pending-tls); source: a revocation source went
-# down, stale, or came back ("registry down: why"); finding: an audit check saw something
-# (reason = the check's name, evidence = what it saw, DESIGN section 11).
-EVENTS = ("accept", "reject", "acl-deny", "kick", "disconnect", "violation", "limit", "source",
-          "finding")
 _EVENT_SET = frozenset(EVENTS)
-
-# 1: the six columns; 2: + evidence (JSON text, NULL when none), added in place on open.
-_SCHEMA_VERSION = 2
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS events (
-        id INTEGER PRIMARY KEY,
-        time REAL NOT NULL,
-        event TEXT NOT NULL,
-        device_id TEXT,
-        serial TEXT,
-        peer TEXT,
-        reason TEXT,
-        evidence TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS events_device_time ON events (device_id, time)",
-    "CREATE INDEX IF NOT EXISTS events_time ON events (time)",
-)
 _INSERT = (
-    "INSERT INTO events (time, event, device_id, serial, peer, reason, evidence) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (id, time, event, device_id, serial, peer, reason, evidence, prev_hash, "
+    "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # The writer's own busy wait is short: it retries with its own backoff so that close() and
 # flush() deadlines are honoured even while another connection holds the write lock.
 _BUSY_TIMEOUT = 0.05
 _RETRY_MIN, _RETRY_MAX = 0.01, 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """One row of the store; ``time`` is seconds since the epoch (``time.time()``).
-
-    ``evidence`` is the decoded JSON object a ``finding`` carries, None for other events.
-    """
-
-    time: float
-    event: str
-    device_id: str | None
-    serial: str | None
-    peer: str | None
-    reason: str | None
-    evidence: Mapping[str, object] | None = None
-
-    def as_json(self) -> dict[str, object]:
-        """The ``fleet-hub events --json`` form: ``time`` as ISO 8601 UTC with milliseconds."""
-        return {
-            "time": format_time(self.time),
-            "event": self.event,
-            "device_id": self.device_id,
-            "serial": self.serial,
-            "peer": self.peer,
-            "reason": self.reason,
-            "evidence": None if self.evidence is None else dict(self.evidence),
-        }
-
+# Records an older hub left unsealed are sealed this many per transaction.
+_BACKLOG_CHUNK = 5000
 
 # What the queue holds: a plain tuple in column order, ~15x cheaper to build than AuditRecord
-# (a frozen dataclass) and bound by executemany as it is. evidence is JSON text already.
+# (a frozen dataclass); evidence is JSON text already. The writer adds id and hashes.
 _Row = tuple[float, str, str | None, str | None, str | None, str | None, str | None]
 
 
@@ -192,7 +132,7 @@ class AuditStore:
         """
         if event not in _EVENT_SET:
             raise ValueError(f"unknown audit event {event!r}: want one of {', '.join(EVENTS)}")
-        encoded = None if evidence is None else _encode_evidence(evidence)
+        encoded = None if evidence is None else encode_evidence(evidence)
         item: _Row = (time.time(), event, device_id, serial, peer, reason, encoded)
         wake = overflow = after_close = False
         with self._lock:
@@ -244,13 +184,14 @@ class AuditStore:
         except sqlite3.Error as exc:
             raise AuditError(f"cannot create the audit store: {exc} ({self.path})") from exc
         try:
-            mode = _prepare(conn)
+            mode = prepare(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise AuditError(f"cannot create the audit store: {exc} ({self.path})") from exc
         if mode != "wal":
             conn.close()
             raise AuditError(f"cannot switch the audit store to WAL, got {mode} ({self.path})")
+        conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT * 1000)}")
         # From here on only the writer thread uses the connection.
         self._thread = threading.Thread(
             target=self._run, args=(conn,), name="hub-audit-writer", daemon=True
@@ -305,16 +246,23 @@ class AuditStore:
     def _run(self, conn: sqlite3.Connection) -> None:
         pending: deque[_Row] = deque()
         delay = _RETRY_MIN
+        backlog = True  # records an older hub left unsealed: sealed before anything new
         try:
             while True:
-                self._wake.wait(self._flush_interval)
+                if not backlog:
+                    self._wake.wait(self._flush_interval)
                 self._wake.clear()
                 with self._lock:
                     stopping = self._stopping
                     # Swap the whole queue out: record() never waits for more than this.
                     if self._queue and not pending:
                         pending, self._queue = self._queue, deque()
-                while pending:
+                while backlog:
+                    sealed = self._seal_backlog(conn)
+                    if sealed is None:
+                        break
+                    backlog = sealed > 0
+                while pending and not backlog:
                     count = min(self._batch_size, len(pending))
                     batch = list(itertools.islice(pending, count))
                     if not self._write(conn, batch):
@@ -322,7 +270,7 @@ class AuditStore:
                     for _ in range(count):
                         pending.popleft()
                     delay = _RETRY_MIN
-                if pending:
+                if pending or backlog:
                     # Busy or failing disk: keep the batch and retry after a growing pause.
                     time.sleep(delay)
                     delay = min(delay * 2, _RETRY_MAX)
@@ -336,18 +284,16 @@ class AuditStore:
             conn.close()
 
     def _write(self, conn: sqlite3.Connection, batch: list[_Row]) -> bool:
-        """Commit *batch* in one transaction; False (batch kept) if SQLite is busy or failing."""
+        """Seal and commit *batch* in one transaction; False (batch kept) if SQLite is busy or
+        failing. The head is read inside the transaction, so another writer (a second hub on
+        the same file, by mistake) or a prune in between cannot fork the chain."""
+        refused: list[tuple[_Row, Exception]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_INSERT, batch)
-            except (sqlite3.InterfaceError, sqlite3.ProgrammingError, UnicodeError):
-                # A row SQLite refuses would block every later record: store the rest.
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                written = self._write_rows(conn, batch)
-            else:
-                written = len(batch)
+            rows = self._seal(conn, batch, refused)
+            conn.executemany(_INSERT, rows)
+            if rows:
+                set_head(conn, int(str(rows[-1][0])), str(rows[-1][-1]))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):  # a failing disk may refuse this too
@@ -357,12 +303,15 @@ class AuditStore:
                 log.warning("audit store %s: write failed, retrying: %s", self.path, exc)
             self._last_error = str(exc)
             return False
+        for item, problem in refused:
+            log.error("audit record dropped, SQLite refused it (%s): %r", problem, item)
         if self._last_error is not None:
             log.info("audit store %s: writing again", self.path)
             self._last_error = None
+        written = len(batch) - len(refused)
         with self._settled_cond:
             self._written += written
-            self._dropped += len(batch) - written
+            self._dropped += len(refused)
             self._settled += len(batch)
             self._batches += 1
             if self._overflowing and self._accepted - self._settled < self._max_queue // 2:
@@ -370,171 +319,58 @@ class AuditStore:
             self._settled_cond.notify_all()
         return True
 
-    def _write_rows(self, conn: sqlite3.Connection, batch: list[_Row]) -> int:
-        refused: list[tuple[_Row, Exception]] = []
+    @staticmethod
+    def _seal(conn: sqlite3.Connection, batch: list[_Row],
+              refused: list[tuple[_Row, Exception]]) -> list[tuple[object, ...]]:
+        """The batch's rows with ids and hashes, continuing the chain from the stored head."""
+        last_id, prev = head(conn)
+        top = conn.execute("SELECT MAX(id) FROM events").fetchone()[0]
+        # Never reuse an id, even if the head was set back by hand (verify will say so).
+        next_id = max(last_id, top or 0) + 1
+        rows: list[tuple[object, ...]] = []
         for item in batch:
             try:
-                conn.execute(_INSERT, item)
-            except (sqlite3.InterfaceError, sqlite3.ProgrammingError, UnicodeError) as exc:
+                # The row's text must encode as UTF-8 for SQLite too: what seal() refuses
+                # (a lone surrogate), SQLite would, and it would block every later record.
+                digest = seal(next_id, *item, prev)
+            except UnicodeError as exc:
                 refused.append((item, exc))
-        for item, problem in refused:
-            log.error("audit record dropped, SQLite refused it (%s): %r", problem, item)
-        return len(batch) - len(refused)
+                continue
+            rows.append((next_id, *item, prev, digest))
+            prev = digest
+            next_id += 1
+        return rows
 
-
-def _encode_evidence(evidence: Mapping[str, object]) -> str:
-    if not isinstance(evidence, Mapping):
-        raise TypeError(f"audit evidence must be a mapping, got {type(evidence).__name__}")
-    try:
-        return json.dumps(dict(evidence), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"audit evidence is not JSON-serialisable: {exc}") from None
-
-
-def _decode_evidence(text: str | None) -> Mapping[str, object] | None:
-    """The stored JSON object; text that is not one (edited by hand) comes back as ``raw``."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {"raw": text}
-    return value if isinstance(value, dict) else {"raw": text}
-
-
-def _prepare(conn: sqlite3.Connection) -> str:
-    """Switch to WAL, create or migrate the schema; return the journal mode SQLite chose."""
-    mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
-    # NORMAL in WAL mode survives a crash of the hub; a power cut may lose the last batches,
-    # the price of not waiting for fsync on every commit.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        _check_version(conn)
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        if "evidence" not in _columns(conn):  # a version 1 store: add the column in place
-            conn.execute("ALTER TABLE events ADD COLUMN evidence TEXT")
-        conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT * 1000)}")
-    return mode
-
-
-def _check_version(conn: sqlite3.Connection) -> None:
-    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version > _SCHEMA_VERSION:
-        raise sqlite3.DatabaseError(
-            f"schema version {version} is newer than this hub's {_SCHEMA_VERSION}"
-        )
-
-
-def _columns(conn: sqlite3.Connection) -> list[str]:
-    return [str(row[1]) for row in conn.execute("PRAGMA table_info(events)")]
-
-
-# -- reading ----------------------------------------------------------------------------------
-
-
-def format_time(seconds: float) -> str:
-    """``2026-11-27T10:00:00.123Z``: ISO 8601, UTC, milliseconds."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def read_records(
-    path: Path,
-    *,
-    device_id: str | None = None,
-    since: float | None = None,
-    limit: int | None = None,
-) -> list[AuditRecord]:
-    """Records oldest first; the file is opened read-only, safe while the hub writes.
-
-    *since* keeps events at or after that epoch time; *limit* keeps the most recent *limit*
-    events (still oldest first, like ``tail``).
-    """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be 0 or more, got {limit}")
-    path = Path(path)
-    if not path.exists():
-        raise AuditError(f"no audit store: the file does not exist ({path})")
-    where: list[str] = []
-    params: list[object] = []
-    if device_id is not None:
-        where.append("device_id = ?")
-        params.append(device_id)
-    if since is not None:
-        where.append("time >= ?")
-        params.append(since)
-    sql = "SELECT time, event, device_id, serial, peer, reason, {evidence} FROM events"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY time DESC, id DESC"
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(limit)
-    try:
-        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise AuditError(f"cannot open the audit store: {exc} ({path})") from exc
-    try:
-        found = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
-        ).fetchone()
-        if found is None:
-            raise AuditError(f"not an audit store: it has no events table ({path})")
-        # A version 1 store (not yet opened by this hub) has no evidence column.
-        evidence = "evidence" if "evidence" in _columns(conn) else "NULL"
-        rows = conn.execute(sql.format(evidence=evidence), params).fetchall()
-    except sqlite3.Error as exc:
-        raise AuditError(f"cannot read the audit store: {exc} ({path})") from exc
-    finally:
-        conn.close()
-    rows.reverse()
-    return [AuditRecord(time=row[0], event=row[1], device_id=row[2], serial=row[3], peer=row[4],
-                        reason=row[5], evidence=_decode_evidence(row[6])) for row in rows]
-
-
-def read_events(
-    path: Path,
-    *,
-    device_id: str | None = None,
-    since: float | None = None,
-    limit: int | None = None,
-) -> list[dict[str, object]]:
-    """:func:`read_records` as ``fleet-hub events --json`` prints them (AuditRecord.as_json)."""
-    records = read_records(path, device_id=device_id, since=since, limit=limit)
-    return [record.as_json() for record in records]
-
-
-_DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?[smhdw])+")
-_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str, *, now: float | None = None) -> float:
-    """An epoch time from ISO 8601 or from a duration ago (``30s``, ``10m``, ``2h``, ``1d``).
-
-    ISO 8601 takes a date (midnight UTC), a date and time with ``Z`` or an offset, or a naive
-    date and time read as UTC (the store prints UTC). Durations may combine: ``1h30m``. Raises
-    InvalidValueError (a ValueError) saying what was expected.
-    """
-    value = text.strip()
-    if _DURATION_RE.fullmatch(value):
-        ago = sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART_RE.findall(value))
-        return (time.time() if now is None else now) - ago
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidValueError(
-            f"{text!r} is not a time: want ISO 8601 (2026-11-27T10:00:00Z, 2026-11-27) "
-            "or a duration ago (30s, 10m, 2h, 1d)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    def _seal_backlog(self, conn: sqlite3.Connection) -> int | None:
+        """Seal up to _BACKLOG_CHUNK records an older hub wrote; how many (0: none left), or
+        None if SQLite is busy or failing (retried like a batch)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            last_id, prev = head(conn)
+            found = conn.execute(
+                "SELECT id, time, event, device_id, serial, peer, reason, evidence FROM events "
+                "WHERE id > ? AND hash IS NULL ORDER BY id LIMIT ?",
+                (last_id, _BACKLOG_CHUNK)).fetchall()
+            updates: list[tuple[str, str, int]] = []
+            for row in found:
+                digest = seal(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                              prev)
+                updates.append((prev, digest, row[0]))
+                prev = digest
+            conn.executemany("UPDATE events SET prev_hash = ?, hash = ? WHERE id = ?", updates)
+            if updates:
+                set_head(conn, updates[-1][2], updates[-1][1])
+            conn.execute("COMMIT")
+        except (sqlite3.Error, UnicodeError) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            if self._last_error is None:
+                log.warning("audit store %s: sealing older records failed, retrying: %s",
+                            self.path, exc)
+            self._last_error = str(exc)
+            return None
+        if found and len(found) < _BACKLOG_CHUNK:
+            log.info("audit store %s: sealed the records an older hub wrote into the chain",
+                     self.path)
+        return len(found)
