@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.errors import HandshakeError
-from device_sim.transport import ClientTLS, TLSStream, open_tls, wait_ready
+from device_sim.transport import ClientTLS, Opened, TLSStream, open_tls, wait_ready
 
 # paho 2 reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code.
 _CONNACK_311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
@@ -108,7 +108,8 @@ class Device:
 
     def __init__(self, client_id: str, context: ClientTLS, host: str, port: int, *,
                  keepalive: int = 60, source: str | None = None,
-                 on_message: Callable[[str, bytes], None] | None = None) -> None:
+                 on_message: Callable[[str, bytes], None] | None = None,
+                 clean_session: bool = True) -> None:
         self.client_id = client_id
         self.host, self.port, self.source = host, port, source
         self._context = context
@@ -126,12 +127,14 @@ class Device:
         self.connected_at: float | None = None  # time.monotonic(), comparable across processes
         self.disconnected_at: float | None = None
         self.closing = False  # we asked to leave: a disconnect now is not the broker's doing
+        self.switching = False  # moving to a new certificate (switch): not gone meanwhile
+        self._left: asyncio.Future[None] | None = None
         self.sent = 0
         self.acked = 0
         self.received = 0
         self.retained = 0  # messages delivered with the RETAIN flag (a new subscription's)
         client = _PresetSocketClient(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                     protocol=mqtt.MQTTv311, clean_session=True,
+                                     protocol=mqtt.MQTTv311, clean_session=clean_session,
                                      reconnect_on_failure=False)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -161,6 +164,10 @@ class Device:
             return Outcome(exc.phase, exc.reason)
         except TimeoutError:
             return Outcome("timeout", f"no TLS handshake within {timeout:g} s")
+        return await self._session(opened, timeout)
+
+    async def _session(self, opened: Opened, timeout: float) -> Outcome:
+        """CONNECT on a connected TLS stream and wait for the CONNACK."""
         self._sock = opened.sock
         self._connack = self._loop.create_future()
         self.client.preset = opened.sock
@@ -168,7 +175,7 @@ class Device:
         try:
             self.client.connect(self.host, self.port, keepalive=self._keepalive)
         except OSError as exc:
-            self._force_close()
+            self._force_close(closing=not self.switching)
             return Outcome("closed", f"connection lost while sending CONNECT: {exc}",
                            opened.tcp_s, opened.tls_s)
         try:
@@ -177,7 +184,7 @@ class Device:
             async with asyncio.timeout(timeout):
                 code = await self._connack
         except TimeoutError:
-            self._force_close()
+            self._force_close(closing=not self.switching)
             return Outcome("timeout", f"no CONNACK within {timeout:g} s", opened.tcp_s,
                            opened.tls_s)
         except ConnectionError:
@@ -193,8 +200,56 @@ class Device:
             text = _CONNACK_TEXT.get(code, "refused")
             return Outcome("connack", f"CONNACK {code} ({text})", opened.tcp_s, opened.tls_s,
                            mqtt_s, code)
-        self.connected_at = time.monotonic()
+        if self.connected_at is None:
+            self.connected_at = time.monotonic()
         return Outcome("accepted", "CONNACK 0", opened.tcp_s, opened.tls_s, mqtt_s, 0)
+
+    async def switch(self, context: ClientTLS, timeout: float = 30.0) -> Outcome:
+        """Move this device's MQTT session to a new certificate (after a renewal).
+
+        The TLS handshake with the new certificate comes first, while the old connection
+        still carries traffic: a certificate the broker refuses in TLS leaves the device where
+        it was. Then DISCONNECT on the old connection and CONNECT, same client id, on the new
+        one. With clean session 0 ([MQTT-3.1.2-4]) the broker keeps the subscriptions and the
+        QoS 1 messages for the device across the gap and resends those it had not seen
+        acknowledged; paho resends the PUBLISHes the broker had not acknowledged (DUP), and
+        publishes made during the gap wait in paho's queue ([MQTT-4.4.0-1]). A device that
+        was gone already, or whose CONNECT on the new connection fails, is gone.
+        """
+        if not self.connected:
+            return Outcome("closed", "not connected")
+        try:
+            async with asyncio.timeout(timeout):
+                opened = await open_tls(self.host, self.port, context, source=self.source)
+        except HandshakeError as exc:
+            return Outcome(exc.phase, exc.reason)
+        except TimeoutError:
+            return Outcome("timeout", f"no TLS handshake within {timeout:g} s")
+        self.switching = True
+        try:
+            await self._leave(timeout)
+            self._context = context
+            outcome = await self._session(opened, timeout)
+        finally:
+            self.switching = False
+        if not outcome.accepted:
+            self._force_close(closing=False)  # the broker's doing: not a clean leave
+        return outcome
+
+    async def _leave(self, timeout: float) -> None:
+        """DISCONNECT on the current connection and wait until paho has closed it."""
+        if self._sock is None:
+            return
+        self._left = self._loop.create_future()
+        self.client.disconnect()
+        try:
+            await _within(self._left, timeout)
+        except TimeoutError:
+            sock, self._sock = self._sock, None
+            self._drop_fd()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     async def subscribe(self, filters: list[str], qos: int = 1,
                         timeout: float = 30.0) -> list[int] | None:
@@ -219,7 +274,9 @@ class Device:
         if not self.connected:
             return False
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        # While switching, paho keeps a QoS 1/2 message for the next connection (NO_CONN).
+        queued = self.switching and qos > 0 and info.rc == mqtt.MQTT_ERR_NO_CONN
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and not queued:
             return False
         self.sent += 1
         return True
@@ -283,15 +340,15 @@ class Device:
         if not await self.wait_gone(timeout):
             self._force_close()
 
-    def _force_close(self) -> None:
-        self.closing = True
+    def _force_close(self, *, closing: bool = True) -> None:
+        self.closing = self.closing or closing
         sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        self._drop_fd()
-        with contextlib.suppress(OSError):
-            sock.close()
-        self._mark_gone()
+        if sock is not None:
+            self._drop_fd()
+            with contextlib.suppress(OSError):
+                sock.close()
+        if sock is not None or not closing:
+            self._mark_gone()
 
     def _mark_gone(self) -> None:
         if self.disconnected_at is None:
@@ -315,6 +372,13 @@ class Device:
 
     def _on_disconnect(self, *_args: object) -> None:
         self._sock = None
+        if self.switching and self._left is not None and not self._left.done():
+            self._left.set_result(None)  # the old connection, closed by our DISCONNECT
+            return
+        if self.switching and self._connack is not None and not self._connack.done():
+            self._connack.set_exception(ConnectionError("closed before CONNACK"))
+            self._connack.exception()  # the new connection died: switch() says why
+            return
         self._mark_gone()
 
     def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[object],

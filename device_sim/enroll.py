@@ -61,6 +61,18 @@ class Enrollment:
     method: str
 
 
+def est_certificate(body: bytes) -> x509.Certificate:
+    """The certificate of an EST enroll or re-enroll answer: base64 of a certs-only PKCS#7
+    (RFC 7030 §4.2.3); ValueError when it is not one."""
+    try:
+        certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a base64 PKCS#7 certificate: {exc}") from None
+    if not certs:
+        raise ValueError("the PKCS#7 answer holds no certificate")
+    return certs[0]
+
+
 class Enroller(Protocol):
     method: str
 
@@ -127,8 +139,7 @@ class ESTEnroller:
                     text = body.decode(errors="replace").strip()
                     refused[device_id] = f"HTTP {response.status}: {text}"
                 else:
-                    certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
-                    pem_out = certs[0].public_bytes(serialization.Encoding.PEM)
+                    pem_out = est_certificate(body).public_bytes(serialization.Encoding.PEM)
                     (out_dir / f"{device_id}.pem").write_bytes(pem_out + self.issuing_pem)
                 progress(1)
 

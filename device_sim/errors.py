@@ -3,6 +3,7 @@
     SimError                 every expected failure; ``str()`` is the user-facing line
     ├── UsageError           bad options, no PKI, an unreachable broker: exit code 2
     ├── EnrollError          the CA or the enrollment service refused the fleet: exit code 1
+    ├── RenewalError         one renewal attempt failed (agent/est.py): counted and retried
     └── HandshakeError       one device's TCP connect or TLS handshake failed (transport.py)
 
 Connection refusals are not exceptions to a run: :class:`HandshakeError` is raised by the
@@ -35,6 +36,14 @@ class UsageError(SimError):
 
 class EnrollError(SimError):
     """Devices could not get certificates (exit 1)."""
+
+
+class RenewalError(SimError):
+    """One renewal attempt failed: the EST service refused it or could not be reached.
+
+    Not fatal to a device or a run: the agent counts it and tries again later
+    (:mod:`device_sim.agent.renewer`).
+    """
 
 
 class HandshakeError(SimError):
