@@ -33,7 +33,7 @@ from hub.findings.model import MISUSE, UNREGISTERED_CERTIFICATE, WEAK_KEY, Findi
 from hub.findings.reporter import FindingSink, Reporter
 from hub.findings.sweep import DAY, KICK_DEADLINE, Live, StillConnected, ca_expiring, expiring
 from hub.findings.takeovers import Takeover, TakeoverDetector
-from hub.revocation import unregistered
+from hub.revocation import refusal, unregistered
 from provisioning.serial import format_serial
 
 if TYPE_CHECKING:
@@ -194,7 +194,10 @@ class Findings:
         self._unlisted.update(admitted)
         for serial, seen in list(self._unlisted.items()):
             identity = seen.identity
-            if not unregistered(snapshot, serial, identity.device_id):
+            if not unregistered(snapshot, serial, identity.device_id) or \
+                    refusal(snapshot, serial, identity.device_id) is not None:
+                # Listed, or revoked / held since (the list holds valid serials only): the
+                # gatekeeper's business, not an unregistered certificate.
                 del self._unlisted[serial]
             elif now - seen.time >= UNREGISTERED_GRACE:
                 del self._unlisted[serial]

@@ -327,6 +327,22 @@ def test_a_serial_listed_within_the_grace_is_not_reported(tmp_path: Path) -> Non
     assert rig.audit.findings() == []
 
 
+def test_a_certificate_revoked_since_its_admission_is_not_unregistered(tmp_path: Path) -> None:
+    """The lists hold valid serials only: a revoked one drops out, and is not unregistered."""
+    rig = _rig(tmp_path)
+    rig.watcher.snapshot = _snapshot(certificates={"dev-1": frozenset({1})})
+
+    async def main() -> None:
+        rig.findings.admitted(_identity("dev-1", 1), None, "a:1")
+        await rig.findings.sweep()
+        rig.watcher.snapshot = _snapshot({1: "revoked"}, certificates={"dev-1": frozenset()})
+        rig.clock.now += UNREGISTERED_GRACE
+        await rig.findings.sweep()
+
+    asyncio.run(main())
+    assert rig.audit.findings() == []
+
+
 def test_a_weak_key_is_found_once_per_serial(tmp_path: Path) -> None:
     rig = _rig(tmp_path)
     weak = _cert(rsa.generate_private_key(public_exponent=65537, key_size=1024))
