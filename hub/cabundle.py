@@ -15,6 +15,12 @@ listener's current context, as before.
 A bundle that fails any of that is refused: one WARNING and one audit ``source`` event
 (``client_ca refused: <why>``) per refused file version, counted; the bundle in force stays.
 A file rewritten with the same certificates changes nothing (no new generation).
+
+With a fleet-state feed, the bundle in force is ``client_ca`` composed with the issuing CAs
+the feed names (:meth:`BundleWatcher.announce`, :func:`hub.revocation.feed_issuers.compose`):
+an intermediate made by ``issuing-ca rotate`` is trusted and admitted as soon as the feed
+names it, and one retired (no longer named) stops being trusted even while ``client_ca``
+still lists it. The same path puts it in force: a new generation, every user prepared.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from hub.errors import BundleError
 from hub.issuers import ANY_UNDER_ROOT, allowed_issuers, describe
+from hub.revocation.feed_issuers import compose
 
 __all__ = ["CHECK_SECONDS", "Bundle", "BundleStatus", "BundleWatcher", "Prepare",
            "parse_bundle"]
@@ -156,7 +163,10 @@ class BundleWatcher:
         self.path = path
         # The file's key before it is read: a change made meanwhile is seen at the first check.
         self._seen = _key(path)
-        self._bundle = Bundle.of(load(path), 1)
+        self._configured = tuple(load(path))  # client_ca's own certificates in force
+        self._announced: Sequence[x509.Certificate] | None = None  # the feed's issuers
+        self._announce_pending = False
+        self._bundle = Bundle.of(self._configured, 1)
         _tell_issuers(self._bundle)
         self._loaded_at = clock()
         self._clock = clock
@@ -193,6 +203,13 @@ class BundleWatcher:
         """Check now (SIGHUP) rather than at the next interval."""
         self._poke.set()
 
+    def announce(self, issuers: Sequence[x509.Certificate] | None) -> None:
+        """The feed's verified issuing CAs changed (None: it names none): recompose the
+        bundle now (on the loop; the work is done by the watcher's task)."""
+        self._announced = None if issuers is None else tuple(issuers)
+        self._announce_pending = True
+        self._poke.set()
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -211,24 +228,36 @@ class BundleWatcher:
                 log.exception("client_ca check failed")
 
     async def check(self) -> bool:
-        """Look at the file once; True when a new bundle was put in force."""
+        """Look at the file once (and at a pending announcement); True when a new bundle was
+        put in force."""
         async with self._lock:
             key = await asyncio.to_thread(_key, self.path)
-            if key == self._seen:
+            changed = key != self._seen
+            if not changed and not self._announce_pending:
                 return False
+            announced, pending, self._announce_pending = self._announced, \
+                self._announce_pending, False
             try:
-                outcome = await asyncio.to_thread(self._prepare, self._bundle)
+                configured, outcome = await asyncio.to_thread(
+                    self._prepare, self._bundle, None if changed else self._configured,
+                    announced)
             except (BundleError, OSError, ssl.SSLError, ValueError) as exc:
-                self._refuse(key, exc)
+                if changed:
+                    self._refuse(key, exc)
+                    # Compose the feed's news with the bundle in force at the next look.
+                    self._announce_pending = pending
+                else:
+                    self._refuse_issuers(exc)
                 return False
-            self._seen = key
+            self._seen, self._configured = key, configured
             if isinstance(outcome, _Same):
                 return False
             for commit in outcome.commits:
                 commit()
             self._bundle, self._loaded_at = outcome.bundle, self._clock()
             self._last_error = None
-            text = (f"client_ca reloaded: generation {outcome.bundle.generation}, "
+            what = "client_ca reloaded" if changed else "trust changed by the feed's issuers"
+            text = (f"{what}: generation {outcome.bundle.generation}, "
                     f"{len(outcome.bundle.certificates)} certificates")
             log.warning("%s from %s; new handshakes use it", text, self.path)
             _tell_issuers(outcome.bundle)
@@ -236,17 +265,32 @@ class BundleWatcher:
                 self._audit.record("source", reason=text)
             return True
 
-    def _prepare(self, current: Bundle) -> _Ready | _Same:
-        """Worker thread: read, check, let every user prepare."""
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"cannot read it: {exc.strerror or exc}") from None
-        certs = parse_bundle(data)
+    def _prepare(self, current: Bundle, configured: tuple[x509.Certificate, ...] | None,
+                 announced: Sequence[x509.Certificate] | None
+                 ) -> tuple[tuple[x509.Certificate, ...], _Ready | _Same]:
+        """Worker thread: read and check the file (unless *configured* is given: it did not
+        change), compose with the feed's issuers, let every user prepare."""
+        if configured is None:
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                raise BundleError(f"cannot read it: {exc.strerror or exc}") from None
+            configured = parse_bundle(data)
+        certs = compose(configured, announced)
         if current.same_certificates(certs):
-            return _Same()
+            return configured, _Same()
         bundle = Bundle.of(certs, current.generation + 1)
-        return _Ready(bundle, tuple(prepare(bundle) for prepare in self._users))
+        return configured, _Ready(bundle, tuple(prepare(bundle) for prepare in self._users))
+
+    def _refuse_issuers(self, exc: BaseException) -> None:
+        """The feed's issuers could not be put in force (a user could not prepare them)."""
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        self._refused += 1
+        self._last_error = f"feed issuers: {why}"
+        log.warning("the feed's issuers cannot be put in force, keeping generation %d: %s",
+                    self._bundle.generation, why)
+        if self._audit is not None:
+            self._audit.record("source", reason=f"feed issuers refused: {why}")
 
     def _refuse(self, key: FileKey, exc: BaseException) -> None:
         """Once per refused file version: the next look sees the same key and moves on."""

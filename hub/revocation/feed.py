@@ -18,6 +18,11 @@ not at the next refresh; :meth:`FeedSource.poll` only hands over what the task h
   is stale: 503, metric, log; still enforced, never dropped.
 - Each accepted change is written to ``feed_cache`` in a worker thread (and a heartbeat's
   fresher ``issued`` once an hour), one write at a time.
+- Issuers (contract C1): the state's ``issuers`` (every live issuing CA) are verified against
+  client_ca's roots with each accepted document (:mod:`~hub.revocation.feed_issuers`); when
+  the verified set changes, ``on_issuers`` hears it (the hub's trust:
+  :meth:`hub.cabundle.BundleWatcher.announce`). None: the feed names no issuer (an older CA),
+  or none of those it names verifies (logged): client_ca alone decides then.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -32,10 +38,12 @@ from types import MappingProxyType
 from typing import Final, NamedTuple
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hub.errors import FeedGapError, FeedRefusedError, SourceError
 from hub.revocation.feed_cache import FeedCache
 from hub.revocation.feed_client import FeedClient
+from hub.revocation.feed_issuers import verify_issuers
 from hub.revocation.feed_state import FeedStatus, source_data
 from hub.revocation.feed_verify import REASONS, FeedVerifier, issued_time
 from hub.revocation.model import SourceData, SourceHealth, SourceState, one_line
@@ -65,10 +73,21 @@ _REFUSED_TEXT: Final = {
 }
 
 
+Issuers = tuple[x509.Certificate, ...] | None  # verified issuing CAs; None: the feed names none
+
+
+class _Issuers(NamedTuple):
+    """The state's issuers as verified against client_ca: taken, and why others were not."""
+
+    taken: Issuers
+    problems: tuple[str, ...]
+
+
 class _Taken(NamedTuple):
     doc: Document
     state: FeedState
     data: SourceData | None  # None: a heartbeat, nothing changed
+    issuers: _Issuers
 
 
 class FeedSource(PolledSource):
@@ -84,6 +103,9 @@ class FeedSource(PolledSource):
         self._max_age, self._wait, self._start_budget = max_age_seconds, wait, start_budget
         self._certificates = certificates
         self.on_news: Callable[[], None] | None = None  # set by the watcher: wake up
+        self.on_issuers: Callable[[Issuers], None] | None = None  # set by the runtime
+        self.issuers: Issuers = None  # the verified issuers in force
+        self._issuer_problems: tuple[str, ...] = ()
         self._state: FeedState | None = None
         self._issued: str | None = None
         self._issued_at: float | None = None  # issued as time.time()
@@ -121,7 +143,9 @@ class FeedSource(PolledSource):
             if cached is not None:
                 data = await asyncio.to_thread(source_data, cached.state,
                                                certificates=self._certificates)
+                issuers = await asyncio.to_thread(self._verify_issuers, cached.state)
                 self._set_state(cached.state, cached.issued, data)
+                self._set_issuers(issuers)
                 self._cached_at = self._issued_at
                 logger.info("feed: starting from the cache %s (version %d, issued %s)",
                             self._cache.path, cached.state.version, cached.issued)
@@ -220,14 +244,44 @@ class FeedSource(PolledSource):
         """Verify and apply one answer (worker thread)."""
         doc = self._verifier.check(body, 0 if state is None else state.version, issued)
         if doc.heartbeat and state is not None:
-            return _Taken(doc, state, None)
-        new = apply(state, doc)
-        return _Taken(doc, new, source_data(new, certificates=self._certificates))
+            new, data = state, None
+        else:
+            new = apply(state, doc)
+            data = source_data(new, certificates=self._certificates)
+        # Every document: an issuer's validity ends, and a heartbeat carries them too.
+        return _Taken(doc, new, data, self._verify_issuers(new))
+
+    def _verify_issuers(self, state: FeedState) -> _Issuers:
+        """The state's issuers checked against client_ca's roots (worker thread)."""
+        ders: tuple[bytes, ...] = getattr(state, "issuers", ())  # contract C1; () unknown
+        if not ders:
+            return _Issuers(None, ())
+        taken, problems = verify_issuers(ders, self._verifier.ca_certs, dt.datetime.now(dt.UTC))
+        return _Issuers(taken or None, problems)
+
+    def _set_issuers(self, issuers: _Issuers) -> None:
+        """On the loop: log what could not be taken (once per change), tell a changed set."""
+        if issuers.problems != self._issuer_problems:
+            self._issuer_problems = issuers.problems
+            if issuers.problems:
+                kept = ("the others are taken" if issuers.taken is not None else
+                        "none is taken: client_ca alone says which intermediates may issue")
+                logger.warning("feed %s: issuers refused: %s; %s", self.where,
+                               "; ".join(issuers.problems), kept)
+        if _ders(issuers.taken) == _ders(self.issuers):
+            return
+        self.issuers = issuers.taken
+        names = ("none named" if issuers.taken is None else
+                 ", ".join(repr(c.subject.rfc4514_string()) for c in issuers.taken))
+        logger.warning("feed %s: issuing CAs now %s", self.where, names)
+        if self.on_issuers is not None:
+            self.on_issuers(issuers.taken)
 
     def _accept(self, taken: _Taken) -> None:
         self.ok, self.last_error, self.last_success = True, None, time.time()
         self._resync = False
         self._set_state(taken.state, taken.doc.issued, taken.data)
+        self._set_issuers(taken.issuers)
         if taken.data is not None:
             self._save()
         elif (self._cached_at is None or self._issued_at is None
@@ -280,3 +334,7 @@ class FeedSource(PolledSource):
                                exc.strerror or exc)
                 return
             self._cached_at = issued_at
+
+
+def _ders(certs: Issuers) -> tuple[bytes, ...] | None:
+    return None if certs is None else tuple(c.public_bytes(Encoding.DER) for c in certs)

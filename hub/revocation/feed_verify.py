@@ -6,8 +6,10 @@ this order (the first failure names the refusal):
 - ``envelope``: it parses as the feed's JWS, with ``typ`` ``fleet-state+json``, ``alg``
   ES256 or ES384 and an ``x5c`` certificate;
 - ``signer``: ``x5c[0]`` is byte for byte a CA certificate (BasicConstraints ca=True) of the
-  hub's ``client_ca`` bundle. A device certificate also chains to the CA, so chaining is not
-  enough: only the CA's own key may sign the fleet's state;
+  hub's ``client_ca`` bundle, or a CA certificate in its validity directly signed by a root
+  of that bundle (an issuing CA made by ``issuing-ca rotate`` that ``client_ca`` does not list
+  yet: contract C1, :mod:`~hub.revocation.feed_issuers`). A device certificate also chains to
+  the CA, so chaining is not enough: only a CA's own key may sign the fleet's state;
 - ``signature``: the signature (RFC 7518 section 3.4: ``r || s``, not DER) verifies with that
   certificate's key on the curve the ``alg`` names;
 - ``format``: :func:`~provisioning.registry.feeddoc.parse_document` accepts the payload;
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
 from collections.abc import Sequence
 from typing import Final
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from hub.errors import FeedGapError, FeedRefusedError
+from hub.revocation.feed_issuers import is_ca, under_root
 from provisioning.registry.feeddoc import (
     JWS_TYPE,
     Document,
@@ -63,14 +65,8 @@ def issued_time(issued: str) -> dt.datetime:
     return dt.datetime.fromisoformat(issued)
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    with contextlib.suppress(x509.ExtensionNotFound):
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    return False
-
-
 def _signers(ca_certs: Sequence[x509.Certificate]) -> dict[bytes, x509.Certificate]:
-    return {cert.public_bytes(Encoding.DER): cert for cert in ca_certs if _is_ca(cert)}
+    return {cert.public_bytes(Encoding.DER): cert for cert in ca_certs if is_ca(cert)}
 
 
 class FeedVerifier:
@@ -80,12 +76,18 @@ class FeedVerifier:
                  gateway: str) -> None:
         self.trust_domain = trust_domain
         self.gateway = gateway
+        self._cas = tuple(ca_certs)
         self._signers = _signers(ca_certs)
+
+    @property
+    def ca_certs(self) -> tuple[x509.Certificate, ...]:
+        """The client_ca certificates documents are checked against now."""
+        return self._cas
 
     def replace(self, ca_certs: Sequence[x509.Certificate]) -> None:
         """Accept signers from *ca_certs* from now on (a reloaded client_ca); one reference
         swapped, so a check running in a worker thread sees the old set or the new one."""
-        self._signers = _signers(ca_certs)
+        self._cas, self._signers = tuple(ca_certs), _signers(ca_certs)
 
     def check(self, body: bytes, version: int, last_issued: str | None) -> Document:
         """The document in *body* if it may follow *version* (0: none yet) and a document
@@ -151,6 +153,18 @@ class FeedVerifier:
             raise FeedRefusedError("envelope", "x5c[0] is not base64") from None
         signer = self._signers.get(der)
         if signer is None:
-            raise FeedRefusedError("signer", "x5c[0] is not a CA certificate of client_ca (a "
-                              "device or foreign certificate may not sign the feed)")
+            signer = self._under_root(der)
         return alg, signer
+
+    def _under_root(self, der: bytes) -> x509.Certificate:
+        """A signer client_ca does not list: taken when a root of client_ca made it a CA."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise FeedRefusedError("signer", "x5c[0] is not a certificate") from None
+        why = under_root(cert, self._cas, dt.datetime.now(dt.UTC))
+        if why is not None:
+            raise FeedRefusedError("signer", f"x5c[0] is not a CA certificate of client_ca nor "
+                                   f"one a root of client_ca signed: {why} (a device or "
+                                   "foreign certificate may not sign the feed)")
+        return cert

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -25,6 +26,7 @@ from hub.errors import BundleError
 from hub.revocation import RevocationWatcher, load_ca_bundle
 from hub.revocation.crl import CrlVerifier
 from hub.revocation.crl_sources import CrlFileSource
+from hub.revocation.feed_issuers import compose, under_root, verify_issuers
 from hub.revocation.feed_verify import FeedVerifier
 from hub.revocation.sources import RevocationSource
 from provisioning.config import load_config
@@ -216,12 +218,94 @@ def test_a_crl_of_a_new_intermediate_is_used_once_the_bundle_carries_it(
 
 def test_a_feed_document_signed_by_a_new_intermediate_is_accepted_once_it_is_a_signer(
         fleet: Fleet, second: IssuingCA) -> None:
-    """Refused ``signer`` with the old bundle, accepted after :meth:`FeedVerifier.replace`."""
-    initial = load_ca_bundle(fleet.chain)
-    verifier = FeedVerifier(initial, TRUST_DOMAIN, GATEWAY)
+    """Refused ``signer`` while the bundle holds neither it nor its root (the first issuing
+    CA alone); accepted after :meth:`FeedVerifier.replace` with the root in it (contract C1:
+    a CA the root signed directly), as with the intermediate itself."""
+    chain = load_ca_bundle(fleet.chain)
+    issuing_only = [c for c in chain if c.subject != c.issuer]
+    verifier = FeedVerifier(issuing_only, TRUST_DOMAIN, GATEWAY)
     body = Signer(second.key, second.cert).sign(snapshot(state(3), Issued().next()))
     with pytest.raises(Exception, match="signer") as info:
         verifier.verify(body)
     assert getattr(info.value, "reason", None) == "signer"
-    verifier.replace([*initial, second.cert])
+    verifier.replace(chain)
     assert verifier.verify(body).version == 3
+    verifier.replace([*issuing_only, second.cert])
+    assert verifier.verify(body).version == 3
+
+
+# -- the feed's issuers (contract C1) ---------------------------------------------------------
+
+
+def _subjects(certs: object) -> list[str]:
+    assert isinstance(certs, tuple | list)
+    return [c.subject.rfc4514_string() for c in certs]
+
+
+def test_the_feeds_issuers_are_verified_against_client_cas_roots(
+        fleet: Fleet, second: IssuingCA) -> None:
+    """Taken: a CA of client_ca byte for byte, or a CA the root signed directly, in its
+    validity. Not: a device certificate, a CA of another root, one expired, garbage."""
+    chain = load_ca_bundle(fleet.chain)
+    first = fleet.issuing_ca()
+    other = second_intermediate(make_fleet(fleet.root.parent / "other-fleet").root)
+    now = dt.datetime.now(dt.UTC)
+    ders = [c.public_bytes(Encoding.DER) for c in (second.cert, first.cert, other.cert)]
+    leaf = x509.load_pem_x509_certificate(_leaf(fleet)).public_bytes(Encoding.DER)
+    taken, problems = verify_issuers([*ders, leaf, b"\x30\x00"], chain, now)
+    assert _subjects(taken) == _subjects([second.cert, first.cert])
+    assert len(problems) == 3
+    assert "issuers[2]" in problems[0]
+    assert "not signed by a root of client_ca" in problems[0]
+    assert "issuers[3]" in problems[1]
+    assert "not a CA certificate" in problems[1]
+    assert problems[2].startswith("issuers[4]: not a certificate")
+    assert under_root(second.cert, chain, now + dt.timedelta(days=400)) is not None
+    # Without the root, only what client_ca lists itself.
+    issuing_only = [c for c in chain if c.subject != c.issuer]
+    assert _subjects(verify_issuers(ders[:2], issuing_only, now)[0]) == _subjects([first.cert])
+
+
+def test_compose_keeps_roots_and_the_intermediates_the_feed_still_names(
+        fleet: Fleet, second: IssuingCA) -> None:
+    chain = load_ca_bundle(fleet.chain)  # first issuing CA + root
+    first, root = chain
+    assert compose(chain, None) == tuple(chain)
+    # Rotated: both named; the new one joins.
+    assert _subjects(compose(chain, [second.cert, first])) == _subjects(
+        [first, root, second.cert])
+    # Retired: the first is named no longer and goes, though client_ca lists it.
+    assert _subjects(compose([*chain, second.cert], [second.cert])) == _subjects(
+        [root, second.cert])
+
+
+def test_an_announcement_goes_in_force_through_the_same_path(
+        tmp_path: Path, fleet: Fleet, second: IssuingCA) -> None:
+    """The feed's issuers are composed with client_ca: a new generation, every user
+    prepared; the same issuers again change nothing; a retire drops the first intermediate;
+    None (the feed names none) gives client_ca back."""
+    audit = Audit()
+    _, watcher = _watcher(tmp_path, fleet, audit)
+    generations: list[int] = []
+    watcher.subscribe(lambda bundle: lambda: generations.append(bundle.generation))
+    first = fleet.issuing_ca().cert
+
+    async def scenario() -> None:
+        watcher.announce([second.cert, first])
+        assert await watcher.check() is True
+        assert len(watcher.bundle.certificates) == 3
+        watcher.announce([second.cert, first])
+        assert await watcher.check() is False
+        watcher.announce([second.cert])
+        assert await watcher.check() is True
+        assert first not in watcher.bundle.certificates
+        watcher.announce(None)
+        assert await watcher.check() is True
+        assert list(watcher.bundle.certificates) == load_ca_bundle(fleet.chain)
+
+    asyncio.run(scenario())
+    assert generations == [2, 3, 4]
+    assert [reason for _, reason in audit.rows] == [
+        "trust changed by the feed's issuers: generation 2, 3 certificates",
+        "trust changed by the feed's issuers: generation 3, 2 certificates",
+        "trust changed by the feed's issuers: generation 4, 2 certificates"]
