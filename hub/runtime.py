@@ -52,6 +52,8 @@ class HubRuntime:
                                          certificates=config.auth.registered_only
                                          or config.revocation.lists_devices)
         self.feed = next((s for s in self.watcher.sources if isinstance(s, FeedSource)), None)
+        if self.feed is not None:  # the feed's issuing CAs join the trust (contract C1)
+            self.feed.on_issuers = self.client_ca.announce
         self.client_ca.subscribe(
             lambda bundle: partial(self.watcher.replace_ca_certs, bundle.certificates,
                                    bundle.pem))
