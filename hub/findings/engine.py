@@ -92,6 +92,7 @@ class Findings:
         self._file_signature: quarantine.Signature = None
         self._to_write: dict[int, quarantine.Entry] = {}
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[None] | None = None
 
     # -- the connect path: O(1) --------------------------------------------------------------
 
@@ -125,6 +126,8 @@ class Findings:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
         await self._write_quarantine()
 
     async def _run(self) -> None:
@@ -236,6 +239,13 @@ class Findings:
             session = self.gatekeeper.live.get(device_id)
             if session is not None and session.identity.serial == serial:
                 self.gatekeeper.evict(session, "quarantined")
+        if self._to_write and self._writing is None:
+            # On disk now, not at the next pass: a restart a moment later still refuses it.
+            self._writing = asyncio.get_running_loop().create_task(self._write_quarantine())
+            self._writing.add_done_callback(self._written)
+
+    def _written(self, _task: asyncio.Task[None]) -> None:
+        self._writing = None
 
     async def _write_quarantine(self) -> None:
         if not self._to_write or self._file is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,19 +121,19 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     bundle = fleet.root / "client-ca.pem"
     shutil.copy(fleet.ca, bundle)
     short_ca = short_root(bundle)
-    config = fleet.write_config(extra=CHECKS)
-    with RunningHub.start(config) as hub:
-        running = Site(fleet, hub, short_ca)
-        try:
-            yield running
-        finally:
-            for client in running.clients:
-                client.close()
+    hub = RunningHub.start(fleet.write_config(extra=CHECKS))
+    running = Site(fleet, hub, short_ca)
+    try:
+        yield running
+    finally:
+        for client in running.clients:
+            client.close()
+        hub.stop()
 
 
 def _port(client: Client) -> str:
     sock = client.client.socket()
-    assert sock is not None
+    assert isinstance(sock, socket.socket)
     return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
