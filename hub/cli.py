@@ -184,8 +184,14 @@ def _follow(path: Path, since: float | None, device: str | None, *, as_json: boo
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())
+    def started(last: int) -> None:
+        # On stderr, so stdout stays pure JSON lines: a supervisor (or a test) knows that
+        # every record committed from now on will be printed.
+        sys.stderr.write(f"fleet-hub events: following {path} after record #{last}\n")
+        sys.stderr.flush()
+
     try:
-        for records in follow(path, stop=stop, since=since, device_id=device):
+        for records in follow(path, stop=stop, since=since, device_id=device, started=started):
             sys.stdout.write("".join(
                 json.dumps(r.as_line(), separators=(",", ":")) + "\n" if as_json
                 else _text_line(r.as_json()) for r in records))

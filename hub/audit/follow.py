@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hub.audit.records import AuditRecord, connect_readonly, record_from_row, select_sql
@@ -22,10 +22,11 @@ _PAGE = 1000
 
 
 def follow(path: Path, *, stop: threading.Event, since: float | None = None,
-           device_id: str | None = None, poll: float = 0.2) -> Iterator[list[AuditRecord]]:
+           device_id: str | None = None, poll: float = 0.2,
+           started: Callable[[int], None] | None = None) -> Iterator[list[AuditRecord]]:
     """Yield the new records (oldest first, a list per poll that found some) until *stop* is
     set. Starts after the newest record committed now, or with the records at or after
-    *since* (epoch seconds) when given."""
+    *since* (epoch seconds) when given; *started* is told the last id it starts after."""
     path = Path(path)
     conn, present = connect_readonly(path)
     select = select_sql(present)
@@ -39,6 +40,8 @@ def follow(path: Path, *, stop: threading.Event, since: float | None = None,
                                  (since,)).fetchone()[0]
             last = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events")
                        .fetchone()[0]) if start is None else int(start) - 1
+        if started is not None:
+            started(last)
         version = None
         while not stop.is_set():
             now = conn.execute("PRAGMA data_version").fetchone()[0]
