@@ -101,6 +101,10 @@ def check(config: ConfigOpt = None) -> None:
                      f"device ({limits.on_rate_limit}), {limits.max_retained_per_device} "
                      f"retained / {limits.max_retained_bytes} B per device, "
                      f"{limits.max_pending_tls} pending TLS per address\n")
+    checks = loaded.checks
+    sys.stdout.write(f"checks: {checks.action}, warn {checks.warn_days} d, shared window "
+                     f"{checks.shared_window_seconds:g} s, RSA >= {checks.min_rsa_bits} bits, "
+                     f"curves {', '.join(checks.curves)}, quarantine {checks.quarantine_file}\n")
 
 
 def _sources(config: HubConfig) -> str:
