@@ -113,6 +113,11 @@ def test_a_cloned_certificate_is_quarantined_until_cleared_across_a_restart(
     bystander = fleet.device("bystander")
     clone = fleet.device("clone")
     config = fleet.write_config(extra=QUARANTINE)
+    checked = subprocess.run([sys.executable, "-m", "hub.cli", "check", "--config", str(config)],
+                             capture_output=True, text=True, check=True)
+    assert (f"checks: quarantine, warn 30 d, shared window 60 s, RSA >= 2048 bits, curves "
+            f"secp256r1, secp384r1, secp521r1, quarantine {config.parent}/quarantine.json\n"
+            ) in checked.stdout
     with RunningHub.start(config) as hub:
         assert isinstance(hub, RunningHub)
         other = _client(hub, fleet, bystander, clients)
