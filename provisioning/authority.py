@@ -14,8 +14,8 @@ from cryptography import x509
 from provisioning import tokens
 from provisioning.config import PKIConfig
 from provisioning.crl import REVOKE_REASONS, publish_crl, reason_name
-from provisioning.errors import NotFoundError, UsageError
-from provisioning.fsutil import atomic_write
+from provisioning.errors import NotFoundError, PassphraseError, UsageError
+from provisioning.fsutil import atomic_write, file_stamp
 from provisioning.grace import POLICY_ACTOR, Superseded, any_due, revoke_due
 from provisioning.identity import device_id_problem, hash_password
 from provisioning.issuer import Issuer
@@ -69,6 +69,7 @@ class Authority:
         self.registry = Registry(self.paths.registry)
         self._passphrase = passphrase
         self.actor = actor or operator()
+        self._chain_stamp: tuple[int, int, int] | None = None  # ca-chain.pem when loaded
 
     @property
     def passphrase(self) -> bytes | None:
@@ -86,7 +87,43 @@ class Authority:
 
     @cached_property
     def ca(self) -> IssuingCA:
+        self._chain_stamp = file_stamp(self.paths.chain)
         return self.pki.load_issuing_ca(self._passphrase)
+
+    @cached_property
+    def retiring(self) -> tuple[IssuingCA, ...]:
+        """The issuing CAs a rotation replaced and ``retire`` has not dropped: each still
+        signs its own certificates' CRL (:func:`provisioning.crl.publish_crl`) and OCSP."""
+        return self.pki.load_retiring(self._passphrase)
+
+    def reload_cas(self) -> None:
+        """Forget the loaded issuing CAs: the next use reads the PKI folder again."""
+        self.pki = PKI(self.paths.root)
+        for name in ("ca", "retiring"):
+            self.__dict__.pop(name, None)
+
+    def refresh_cas(self) -> bool:
+        """Re-read the issuing CAs when ``ca-chain.pem`` changed since they were loaded (an
+        ``issuing-ca rotate`` or ``retire`` by another process: both rewrite it last, under
+        the registry's write lock); True when it did. One ``stat`` otherwise: the
+        enrollment service's worker asks before each batch. When the new files cannot be
+        loaded, raises and keeps the CAs it had."""
+        stamp = file_stamp(self.paths.chain)
+        if "ca" not in self.__dict__ or stamp == self._chain_stamp:
+            return False
+        pki = PKI(self.paths.root)  # all of it loaded before any of it is taken
+        ca = pki.load_issuing_ca(self._passphrase)
+        retiring = pki.load_retiring(self._passphrase)
+        self.pki = pki
+        self.__dict__.update(ca=ca, retiring=retiring)
+        self._chain_stamp = stamp
+        return True
+
+    def _signers(self) -> tuple[IssuingCA, tuple[IssuingCA, ...]]:
+        """The live issuing CAs (current, retiring), as of now: called again inside a write
+        transaction, where a rotation by another process is either whole or not begun."""
+        self.refresh_cas()
+        return self.ca, self.retiring
 
     def issuer(self) -> Issuer:
         return Issuer(self.registry, self.ca, self.config, self.actor)
@@ -96,12 +133,13 @@ class Authority:
     def revoke(self, device_id: str, serial: str | None, reason: str) -> Change:
         """Revoke one certificate, or every unrevoked one of the device and the device itself."""
         canonical = _reason(reason)
-        ca = self.ca
+        self._signers()
         now = utcnow()
         stamp = iso(now)
         with self.registry.write(self.actor) as tx:
+            ca, others = self._signers()
             serials = self._revoke_in(tx, device_id, serial, canonical, stamp)
-            crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
         return Change(device_id, tuple(serials), _crl_number(crl))
 
     def revoke_many(self, device_ids: Sequence[str], reason: str) -> list[Change]:
@@ -111,14 +149,15 @@ class Authority:
         CRL signature instead of one each, so hubs see the whole batch at once.
         """
         canonical = _reason(reason)
-        ca = self.ca
+        self._signers()
         now = utcnow()
         stamp = iso(now)
         unique = list(dict.fromkeys(device_ids))
         with self.registry.write(self.actor) as tx:
+            ca, others = self._signers()
             touched = [(device_id, self._revoke_in(tx, device_id, None, canonical, stamp))
                        for device_id in unique]
-            crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
         number = _crl_number(crl)
         return [Change(device_id, tuple(serials), number) for device_id, serials in touched]
 
@@ -154,10 +193,11 @@ class Authority:
         return self._hold(device_id, hold=False)
 
     def _hold(self, device_id: str, *, hold: bool) -> Change:
-        ca = self.ca
+        self._signers()
         now = utcnow()
         stamp = iso(now)
         with self.registry.write(self.actor) as tx:
+            ca, others = self._signers()
             status = self._device_status(tx, device_id)
             if status == DEVICE_REVOKED:
                 raise UsageError(f"device {device_id!r} is revoked; a revocation cannot be "
@@ -173,23 +213,35 @@ class Authority:
                 return Change(device_id, (), None)
             tx.set_device_status(device_id, new_status, stamp)
             tx.audit(stamp, action, device_id, None, {"serials": serials})
-            crl = publish_crl(tx, ca, self.config, self.paths.crl, now)
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
         return Change(device_id, tuple(serials), _crl_number(crl))
 
-    def sweep_superseded(self, now: dt.datetime | None = None) -> list[Superseded]:
+    def sweep_superseded(self, now: dt.datetime | None = None, *,
+                         key_optional: bool = False) -> list[Superseded]:
         """Revoke the superseded certificates whose ``renew_grace`` is over (reason
         superseded, actor ``policy``, :mod:`provisioning.grace`) in one transaction, and
         rewrite ``crl.pem`` when there were any. Looks first without the write lock, so an
-        idle sweep costs one indexed read."""
+        idle sweep costs one indexed read.
+
+        *key_optional*: a command that needs no CA key (``group set``, ``token create``...)
+        sweeps only when the issuing key opens without a passphrase; else it leaves the
+        sweep to the next command that has it (the CRL is re-signed in the same
+        transaction, so a sweep never runs without the key)."""
         now = now or utcnow()
         grace = self.config.renew_grace
         if not any_due(self.registry, grace, now):
             return []
-        ca = self.ca
+        try:
+            self._signers()
+        except PassphraseError:
+            if key_optional:
+                return []
+            raise
         with self.registry.write(POLICY_ACTOR) as tx:
+            ca, others = self._signers()
             swept = revoke_due(tx, grace, now)
             if swept:
-                publish_crl(tx, ca, self.config, self.paths.crl, now)
+                publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
         return swept
 
     @staticmethod
@@ -202,11 +254,13 @@ class Authority:
     def publish_crl(self, out: Path | None = None) -> x509.CertificateRevocationList:
         """A fresh CRL; superseded certificates whose grace is over are revoked first, in
         the same transaction (:mod:`provisioning.grace`)."""
-        ca = self.ca
+        self._signers()
         now = utcnow()
         with self.registry.write(self.actor) as tx:
+            ca, others = self._signers()
             revoke_due(tx, self.config.renew_grace, now)
-            crl = publish_crl(tx, ca, self.config, self.paths.crl, now, extra_out=out)
+            crl = publish_crl(tx, ca, self.config, self.paths.crl, now, extra_out=out,
+                              others=others)
             tx.audit(iso(now), "crl.publish", None, None, {"crl_number": _crl_number(crl)})
         return crl
 

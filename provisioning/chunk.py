@@ -184,7 +184,8 @@ def _store(tx: Transaction, view: ChunkView, cand: Candidate, window: Window,
         return _insert(tx, cand, window, mint)
     view.certificate_rows.append(
         (cand.serial, cand.device_id, cand.fingerprint, cand.key_sha256,
-         window.not_before_iso, window.not_after_iso, window.stamp, cand.pem))
+         window.not_before_iso, window.not_after_iso, window.stamp, cand.pem,
+         window.issuer_key_id))
     return cand.serial
 
 
@@ -192,7 +193,8 @@ def _insert(tx: Transaction, cand: Candidate, window: Window, mint: Mint) -> str
     """Insert the row; a serial collision (2^-159 odds) is re-minted, never reused."""
     while not tx.store_certificate(
             (cand.serial, cand.device_id, cand.fingerprint, cand.key_sha256,
-             window.not_before_iso, window.not_after_iso, window.stamp, cand.pem)):
+             window.not_before_iso, window.not_after_iso, window.stamp, cand.pem,
+             window.issuer_key_id)):
         mint(cand, window)
     return cand.serial
 

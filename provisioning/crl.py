@@ -1,8 +1,16 @@
-"""Building and publishing the CRL: one at a time, numbered monotonically (RFC 5280 §5.2.3)."""
+"""Building and publishing the CRL: one at a time, numbered monotonically (RFC 5280 §5.2.3).
+
+``crl.pem`` holds one PEM CRL per live issuing CA, the current one first: while an
+``issuing-ca rotate`` overlap lasts, the retiring CA keeps signing the CRL of its own
+certificates (each CRL lists only its issuer's serials, ``certificates.issuer_key_id``).
+All of them are signed in one publication, share its CRL number, and replace the file
+together (contract C1 of session 6).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -50,15 +58,31 @@ def _current_file_number(path: Path) -> int:
 
 def publish_crl(
     tx: Transaction, ca: IssuingCA, config: PKIConfig, crl_path: Path, now: dt.datetime,
-    extra_out: Path | None = None,
+    extra_out: Path | None = None, *, others: Sequence[IssuingCA] = (),
 ) -> x509.CertificateRevocationList:
-    """Build the CRL from the registry as *tx* sees it and replace ``crl.pem`` atomically.
+    """Build the CRL of *ca* (and of each retiring CA in *others*) from the registry as *tx*
+    sees it and replace ``crl.pem`` atomically; returns *ca*'s.
 
     Called inside the write transaction that changed the revocation state, so two
     processes can never publish out of order. The number is one past both the registry's
     and the file's, which keeps it monotonic even if a crash fell between file and commit.
     """
     number = max(tx.crl_number(), _current_file_number(crl_path)) + 1
+    crl = _signed(tx, ca, config, now, number, unstamped=True)
+    pem = crl.public_bytes(serialization.Encoding.PEM) + b"".join(
+        _signed(tx, other, config, now, number, unstamped=False)
+        .public_bytes(serialization.Encoding.PEM) for other in others)
+    atomic_write(crl_path, pem)
+    if extra_out is not None:
+        atomic_write(extra_out, pem)
+    tx.set_crl_number(number)
+    return crl
+
+
+def _signed(tx: Transaction, ca: IssuingCA, config: PKIConfig, now: dt.datetime, number: int,
+            *, unstamped: bool) -> x509.CertificateRevocationList:
+    """*ca*'s CRL: its own revoked and held certificates (*unstamped*: with the rows from
+    before the registry recorded issuers, which are the current CA's)."""
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
@@ -70,7 +94,8 @@ def publish_crl(
             critical=False,
         )
     )
-    for serial, status, revoked_at, reason in tx.crl_entries(now.strftime("%Y-%m-%dT%H:%M:%SZ")):
+    for serial, status, revoked_at, reason in tx.crl_entries(
+            now.strftime("%Y-%m-%dT%H:%M:%SZ"), ca.key_id, unstamped=unstamped):
         flag = REASONS[HOLD_REASON] if status == CERT_ON_HOLD else REASONS.get(
             reason or "unspecified", x509.ReasonFlags.unspecified)
         entry = (
@@ -83,10 +108,4 @@ def publish_crl(
         if flag is not x509.ReasonFlags.unspecified:
             entry = entry.add_extension(x509.CRLReason(flag), critical=False)
         builder = builder.add_revoked_certificate(entry.build())
-    crl = builder.sign(ca.key, hashes.SHA256())
-    pem = crl.public_bytes(serialization.Encoding.PEM)
-    atomic_write(crl_path, pem)
-    if extra_out is not None:
-        atomic_write(extra_out, pem)
-    tx.set_crl_number(number)
-    return crl
+    return builder.sign(ca.key, hashes.SHA256())

@@ -6,6 +6,7 @@
     │   └── PassphraseError      a CA key is encrypted and the passphrase is missing or wrong
     ├── NotFoundError            a device, certificate or token the command names does not exist
     ├── ConflictError            a name the command would create is already taken
+    ├── InUseError               an issuing CA still needed (retire), or still retiring (rotate)
     ├── OutputError              a certificate file cannot be written (disk full, permissions)
     ├── RegistryError            the registry cannot be read or written
     ├── WorkerGone               the enrollment service's CA worker process is gone: 503
@@ -52,6 +53,11 @@ class NotFoundError(ProvisioningError):
 
 class ConflictError(ProvisioningError):
     """A name the command would create (an enrollment token) already exists (exit 1)."""
+
+
+class InUseError(ProvisioningError):
+    """An issuing CA is still needed: ``issuing-ca retire`` while certificates it signed are
+    in service, or ``rotate`` while the previous one has not been retired (exit 1)."""
 
 
 class OutputError(ProvisioningError):

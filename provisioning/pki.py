@@ -62,6 +62,25 @@ class PKIPaths:
     def registry(self) -> Path:
         return self.root / "registry.db"
 
+    @property
+    def retiring(self) -> Path:
+        """Issuing CAs replaced by ``issuing-ca rotate``, still live until ``retire``:
+        ``retiring/issuing-ca-<serial>.pem`` and ``.key`` (:mod:`provisioning.rotation`)."""
+        return self.root / "retiring"
+
+    @property
+    def retired(self) -> Path:
+        """Certificates (never keys) of issuing CAs ``issuing-ca retire`` dropped."""
+        return self.root / "retired"
+
+    def retiring_files(self) -> list[tuple[Path, Path]]:
+        """(certificate, key) of each retiring issuing CA, newest first (file mtime)."""
+        if not self.retiring.is_dir():
+            return []
+        pems = sorted(self.retiring.glob("issuing-ca-*.pem"),
+                      key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        return [(pem, pem.with_suffix(".key")) for pem in pems]
+
 
 @dataclass(frozen=True)
 class IssuingCA:
@@ -77,6 +96,11 @@ class IssuingCA:
     @cached_property
     def ski(self) -> x509.SubjectKeyIdentifier:
         return self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+
+    @cached_property
+    def key_id(self) -> str:
+        """The SKI as lowercase hex: ``certificates.issuer_key_id`` of what it signs."""
+        return self.ski.digest.hex()
 
 
 def utcnow() -> dt.datetime:
@@ -101,10 +125,27 @@ class PKI:
 
     def load_issuing_ca(self, passphrase: bytes | None) -> IssuingCA:
         """Load the issuing key; a wrong or missing passphrase is a clear error."""
-        key = load_private_key(self.paths.issuing_key, passphrase)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PKIError("issuing CA key is not an EC key", str(self.paths.issuing_key))
-        return IssuingCA(cert=self.issuing_cert, key=key)
+        return load_ca_pair(self.issuing_cert, self.paths.issuing_key, passphrase)
+
+    def load_retiring(self, passphrase: bytes | None) -> tuple[IssuingCA, ...]:
+        """The issuing CAs ``issuing-ca rotate`` replaced and ``retire`` has not dropped
+        yet: they still sign their own certificates' CRLs and OCSP answers. Their keys
+        share the current one's passphrase."""
+        return tuple(load_ca_pair(x509.load_pem_x509_certificate(pem.read_bytes()), key,
+                                  passphrase)
+                     for pem, key in self.paths.retiring_files())
+
+
+def load_ca_pair(cert: x509.Certificate, key_path: Path,
+                 passphrase: bytes | None) -> IssuingCA:
+    """An issuing CA's certificate with its key from *key_path*, which must be its pair."""
+    key = load_private_key(key_path, passphrase)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PKIError("issuing CA key is not an EC key", str(key_path))
+    if key.public_key() != cert.public_key():
+        raise PKIError("the key is not the pair of its certificate (an interrupted "
+                       "issuing-ca rotate? see docs/provisioning.md)", str(key_path))
+    return IssuingCA(cert=cert, key=key)
 
 
 def load_private_key(path: Path, passphrase: bytes | None) -> PrivateKeyTypes:
@@ -123,6 +164,11 @@ def load_private_key(path: Path, passphrase: bytes | None) -> PrivateKeyTypes:
         if encrypted:
             raise PassphraseError("wrong passphrase for CA key", str(path)) from exc
         raise PKIError(f"CA key cannot be read: {exc}", str(path)) from exc
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:
+    """PKCS#8 PEM, encrypted when *passphrase* is given."""
+    return _key_pem(key, passphrase)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:
@@ -209,9 +255,8 @@ def init_pki(
     root_name = _ca_name(config, "Fleet Root CA")
     root_cert = _ca_cert(root_name, root_key, root_name, root_key, ROOT_YEARS, None, now,
                          hashes.SHA384())
-    issuing_key = ec.generate_private_key(ec.SECP256R1())
-    issuing_cert = _ca_cert(_ca_name(config, "Fleet Issuing CA"), issuing_key, root_name,
-                            root_key, ISSUING_YEARS, 0, now, hashes.SHA384())
+    issuing = new_issuing_ca(config, root_cert, root_key, 1, now)
+    issuing_key, issuing_cert = issuing.key, issuing.cert
     pem = serialization.Encoding.PEM
     created: list[Path] = []
     try:
@@ -228,7 +273,24 @@ def init_pki(
         for path in created:
             path.unlink(missing_ok=True)
         raise
-    return created, IssuingCA(cert=issuing_cert, key=issuing_key)
+    return created, issuing
+
+
+def issuing_label(generation: int) -> str:
+    """The issuing CA's CN after the organisation: init's is generation 1, and each
+    ``issuing-ca rotate`` adds one, so two live issuing CAs never share a subject name."""
+    return "Fleet Issuing CA" if generation <= 1 else f"Fleet Issuing CA {generation}"
+
+
+def new_issuing_ca(config: PKIConfig, root_cert: x509.Certificate,
+                   root_key: ec.EllipticCurvePrivateKey, generation: int,
+                   now: dt.datetime) -> IssuingCA:
+    """A new intermediate under the root (EC P-256, 5 years, pathlen 0): init's, or a
+    rotation's (:mod:`provisioning.rotation`)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _ca_cert(_ca_name(config, issuing_label(generation)), key, root_cert.subject,
+                    root_key, ISSUING_YEARS, 0, now, hashes.SHA384())
+    return IssuingCA(cert=cert, key=key)
 
 
 def pki_root(option: Path | None) -> Path:

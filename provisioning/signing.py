@@ -64,6 +64,7 @@ class Window:
     not_before_iso: str
     not_after_iso: str
     template: DeviceTemplate  # device_certificate for this validity, fixed parts made once
+    issuer_key_id: str  # the signing CA's key identifier (hex): certificates.issuer_key_id
 
 
 def chunk_window(ca: IssuingCA, config: PKIConfig, lifetime: dt.timedelta, now: dt.datetime,
@@ -77,12 +78,13 @@ def chunk_window(ca: IssuingCA, config: PKIConfig, lifetime: dt.timedelta, now: 
     if lifetime >= MINUTE_GRAIN:
         start = start.replace(second=0)
     not_before, not_after = validity(ca, lifetime, start)
-    if (previous is not None and previous.template.not_before == not_before
+    if (previous is not None and previous.template.ca is ca
+            and previous.template.not_before == not_before
             and previous.template.not_after == not_after):
         template = previous.template
     else:
         template = DeviceTemplate(ca, config, not_before, not_after)
-    return Window(iso(now), iso(not_before), iso(not_after), template)
+    return Window(iso(now), iso(not_before), iso(not_after), template, ca.key_id)
 
 
 @dataclass

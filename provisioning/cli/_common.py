@@ -1,7 +1,8 @@
 """What every ``fleet-provision`` command module shares: the typer apps, options, consoles.
 
-The commands live in ca.py, issue.py, devices.py, expiring.py, policy.py, service.py and
-audit.py; the package's ``__init__`` registers them on these apps in the order of ``--help``.
+The commands live in ca.py, issue.py, devices.py, expiring.py, policy.py, service.py,
+issuing.py and audit.py; the package's ``__init__`` registers them on these apps in the
+order of ``--help``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ group_app = new_app("Device groups: the {group} of the hub's ACLs.")
 app.add_typer(group_app, name="group")
 policy_app = new_app("The fleet's policy in pki.toml: validity, renew_grace, CRL lifetime.")
 app.add_typer(policy_app, name="policy")
+issuing_app = new_app("The issuing CA: rotate it under the same root, retire the old one.")
+app.add_typer(issuing_app, name="issuing-ca")
 
 PkiOpt = Annotated[Path, typer.Option("--pki", envvar=ENV_PKI, help="PKI folder.",
                                       show_default=True)]
@@ -78,8 +81,34 @@ def encrypted(key_path: Path) -> bool:
         return False
 
 
-def open_authority(pki: Path, passphrase_env: str | None) -> Authority:
-    return Authority(pki, read_passphrase(passphrase_env, PKIPaths(pki).issuing_key))
+def open_authority(pki: Path, passphrase_env: str | None, *, sweep: bool = True) -> Authority:
+    """The PKI with its issuing key's passphrase, for a command that signs; *sweep* first
+    revokes the superseded certificates whose grace is over (:func:`sweep_grace`)."""
+    authority = Authority(pki, read_passphrase(passphrase_env, PKIPaths(pki).issuing_key))
+    if sweep:
+        _sweep(authority, key_optional=False)
+    return authority
+
+
+def open_writer(pki: Path) -> Authority:
+    """The PKI for a command that writes the registry without signing (group set, token,
+    password, policy set): the grace sweep runs when the issuing key needs no passphrase."""
+    authority = Authority(pki)
+    _sweep(authority, key_optional=True)
+    return authority
+
+
+def _sweep(authority: Authority, *, key_optional: bool) -> None:
+    """DESIGN section 10: any write command may run the superseded sweep
+    (:mod:`provisioning.grace`); one indexed read when nothing is due."""
+    try:
+        swept = authority.sweep_superseded(key_optional=key_optional)
+    except BaseException:
+        authority.close()
+        raise
+    if swept:
+        err.print(f"revoked {len(swept)} superseded certificate(s) whose renew_grace is over "
+                  "(reason superseded)", markup=False)
 
 
 def check_days(days: int | None) -> None:

@@ -115,7 +115,7 @@ def crl(pki: PkiOpt = DEFAULT_PKI,
 
     Example: fleet-provision crl --out /srv/www/fleet.crl.pem
     """
-    with open_authority(pki, passphrase_env) as authority:
+    with open_authority(pki, passphrase_env, sweep=False) as authority:  # publish_crl sweeps
         new = authority.publish_crl(out_file)
     number = new.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     err.print(f"CRL #{number}: {len(new)} revoked, next update "

@@ -14,6 +14,7 @@ from provisioning.cli._common import (
     emit_json,
     err,
     open_authority,
+    open_writer,
     out,
     print_columns,
 )
@@ -153,7 +154,7 @@ def group_set(
     Example: fleet-provision group set --pki fleet-pki --group operators sensor-0001 sensor-0002
     """
     check_group(group)
-    with Authority(pki) as authority:
+    with open_writer(pki) as authority:
         moves = authority.set_group(device_ids, group)
     for move in moves:
         if move.moved:

@@ -12,8 +12,14 @@ from typing import Annotated
 
 import typer
 
-from provisioning.authority import Authority
-from provisioning.cli._common import DEFAULT_PKI, PkiOpt, emit_json, err, print_columns
+from provisioning.cli._common import (
+    DEFAULT_PKI,
+    PkiOpt,
+    emit_json,
+    err,
+    open_writer,
+    print_columns,
+)
 from provisioning.config import POLICY_KEYS, load_config, policy_values, with_policy
 from provisioning.errors import UsageError
 from provisioning.fsutil import atomic_write
@@ -66,7 +72,7 @@ def policy_set(
     Example: fleet-provision policy set --pki fleet-pki validity=12h renew_grace=15m
     """
     settings = _settings(pairs)
-    with Authority(pki) as authority:
+    with open_writer(pki) as authority:
         path = authority.paths.config
         with authority.registry.write(authority.actor) as tx:
             before = load_config(path)  # under the write lock: no other set is between

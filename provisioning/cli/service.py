@@ -17,6 +17,7 @@ from provisioning.cli._common import (
     PkiOpt,
     emit_json,
     err,
+    open_writer,
     read_passphrase,
 )
 from provisioning.errors import NotFoundError, UsageError
@@ -33,7 +34,7 @@ def token_create(
 
     Example: fleet-provision token create --pki fleet-pki line7-station
     """
-    with Authority(pki) as authority:
+    with open_writer(pki) as authority:
         secret = authority.create_token(name)
     if as_json:
         emit_json({"name": name, "secret": secret})
@@ -51,7 +52,7 @@ def token_revoke(
 
     Example: fleet-provision token revoke --pki fleet-pki line7-station
     """
-    with Authority(pki) as authority:
+    with open_writer(pki) as authority:
         changed = authority.revoke_token(name)
     err.print(f"revoked enrollment token {name}" if changed
               else f"enrollment token {name} was already revoked", markup=False)
@@ -85,7 +86,7 @@ def password_set(
 
     Example: fleet-provision password set --pki fleet-pki sensor-0042 --password-env MQTT_PW
     """
-    with Authority(pki) as authority:
+    with open_writer(pki) as authority:
         if authority.registry.device(device_id) is None:
             raise NotFoundError(f"no device {device_id!r} in the registry", str(pki))
         authority.set_password(device_id, _new_password(device_id, password_env))
@@ -100,7 +101,7 @@ def password_clear(
 
     Example: fleet-provision password clear --pki fleet-pki sensor-0042
     """
-    with Authority(pki) as authority:
+    with open_writer(pki) as authority:
         if authority.registry.device(device_id) is None:
             raise NotFoundError(f"no device {device_id!r} in the registry", str(pki))
         authority.set_password(device_id, None)

@@ -202,10 +202,11 @@ class EngineChannel:
         self._post(("job", job_id, job))
         return fut
 
-    async def sign_feed(self, signing_input: bytes) -> bytes:
+    async def sign_feed(self, signing_input: bytes, signer: bytes | None = None) -> bytes:
         """The raw ``r || s`` signature of a feed document's JWS signing input, by the
-        issuing key in the worker (raises WorkerGone when it is gone)."""
-        signature: bytes = await self.submit(FeedSignJob(signing_input))
+        issuing key in the worker (*signer*: the SHA-256 of the DER of the issuing CA whose
+        key signs; raises WorkerGone when it is gone)."""
+        signature: bytes = await self.submit(FeedSignJob(signing_input, signer))
         return signature
 
     def audit(self, event: AuditEvent) -> None:

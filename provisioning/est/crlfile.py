@@ -1,6 +1,7 @@
-"""Engine side: ``crl.pem`` as the DER the service's ``/crl`` serves, re-read only when the
-file changed (any writer replaces it: ``fleet-provision crl``, revoke, the engine's own
-re-signing)."""
+"""Engine side: ``crl.pem`` as the service's ``/crl`` serves it, re-read only when the file
+changed (any writer replaces it: ``fleet-provision crl``, revoke, the engine's own
+re-signing, ``issuing-ca rotate``/``retire``): the first CRL (the current issuing CA's) as
+DER, and the whole file, one PEM CRL per live issuing CA."""
 
 from __future__ import annotations
 
@@ -27,9 +28,14 @@ class CRLFile:
         st = path.stat()
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if self._crl is None or key != self._crl_key:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
+            pem = path.read_bytes()
+            crl = x509.load_pem_x509_crl(pem)  # the first: the current issuing CA's
             der = crl.public_bytes(serialization.Encoding.DER)
-            etag = '"' + hashlib.sha256(der).hexdigest()[:32] + '"'
-            self._crl = CRLSnapshot(der, etag, crl.last_update_utc, crl.next_update_utc)
+            self._crl = CRLSnapshot(der, _etag(der), crl.last_update_utc,
+                                    crl.next_update_utc, pem, _etag(pem))
             self._crl_key = key
         return self._crl
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'

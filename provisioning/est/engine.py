@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.errors import ProvisioningError
@@ -116,7 +119,9 @@ class Engine:
         self._registry = authority.registry
         self._pipe = conn
         self._manifest = manifest
-        self._responder = Responder(authority.ca, authority.registry.revocation_status)
+        self._responder = Responder(authority.ca, authority.registry.issued_status,
+                                    authority.retiring)
+        self._feed_keys = self._signing_keys()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._events: list[AuditEvent] = []
         self._crl = CRLFile(authority.paths.crl)
@@ -198,7 +203,35 @@ class Engine:
         self._flush_events()
         self._reply(("stopped", self.statistics()))
 
+    # -- the issuing CAs ---------------------------------------------------------------------
+
+    def _signing_keys(self) -> dict[bytes, ec.EllipticCurvePrivateKey]:
+        """SHA-256 of each live issuing CA's DER -> its key (a feed JWS names its signer)."""
+        return {ca.cert.fingerprint(hashes.SHA256()): ca.key
+                for ca in (self.authority.ca, *self.authority.retiring)}
+
+    def _refresh_cas(self) -> None:
+        """Take a rotation or retirement made by ``fleet-provision issuing-ca`` (another
+        process): one ``stat`` of ca-chain.pem when nothing changed. Asked before each batch
+        and each housekeeping, so what the worker signs next is signed by the new CA."""
+        authority = self.authority
+        try:
+            if not authority.refresh_cas():
+                return
+        except (OSError, ValueError, ProvisioningError) as exc:
+            log.warning("cannot load the issuing CAs after ca-chain.pem changed (signing "
+                        "with the ones loaded before): %s", exc)
+            return
+        self._issuer = authority.issuer()
+        self._responder = Responder(authority.ca, authority.registry.issued_status,
+                                    authority.retiring)
+        self._feed_keys = self._signing_keys()
+        log.info("issuing CA changed: now signing with %s (serial %x); %d retiring",
+                 authority.ca.cert.subject.rfc4514_string(), authority.ca.cert.serial_number,
+                 len(authority.retiring))
+
     def _handle(self, batch: list[_Item]) -> None:
+        self._refresh_cas()
         self._batches += 1
         self._jobs += len(batch)
         self._largest = max(self._largest, len(batch))
@@ -235,7 +268,8 @@ class Engine:
     def _dispatch(self, job: EnrollJob | OCSPJob | CRLJob | FeedSignJob) -> Any:
         """The answer to one job, or the enrollment to put into this batch's signing."""
         if isinstance(job, FeedSignJob):  # ~50 us each: a burst of gateways is one batch
-            return raw_signature(self.authority.ca.key, job.signing_input)
+            key = self._feed_keys.get(job.signer) if job.signer is not None else None
+            return raw_signature(key or self.authority.ca.key, job.signing_input)
         if isinstance(job, OCSPJob):
             return self._responder.respond(job.request_der, utcnow())
         if isinstance(job, CRLJob):
@@ -279,6 +313,7 @@ class Engine:
         were), then re-sign the CRL once half its lifetime has passed, so /crl never serves
         a stale one."""
         self._last_housekeeping = time.monotonic()
+        self._refresh_cas()
         try:
             swept = self.authority.sweep_superseded()
             if swept:

@@ -71,6 +71,9 @@ class FeedSignJob:
     signature by the issuing key (:func:`provisioning.feed.jws.raw_signature`)."""
 
     signing_input: bytes = field(repr=False)
+    # SHA-256 of the DER of the issuing CA the JWS header names (None: the current one);
+    # during a rotation's overlap the worker holds both keys.
+    signer: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,16 @@ class NeedsVerification:
 
 @dataclass(frozen=True)
 class CRLSnapshot:
+    """``crl.pem`` as ``/crl`` serves it: the current issuer's CRL in DER (the first of the
+    file), and the whole file (one PEM CRL per live issuing CA) for a client that accepts
+    ``application/x-pem-file``; each with its own ETag."""
+
     der: bytes
     etag: str
     this_update: dt.datetime
     next_update: dt.datetime | None
+    pem: bytes = field(default=b"", repr=False)
+    pem_etag: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """HTTP side: the request handlers of the EST routes, ``/crl`` and ``/ocsp``.
 
+``GET /crl`` answers DER of the current issuing CA's CRL; with ``Accept:
+application/x-pem-file``, every live issuing CA's CRL as concatenated PEM (session 6's
+contract C1: the hub asks for that, so an ``issuing-ca rotate`` overlap reaches it whole).
+
 Each handler reads the request, says in its :class:`Note` what the audit record is to hold,
 and hands anything that needs SQLite or the CA key to the CA worker process through the
 :class:`~provisioning.est.channel.EngineChannel`; scrypt for a new token secret runs in a
@@ -39,6 +43,7 @@ from provisioning.tlspeer import peer_certificate
 MAX_BODY = 64 * 1024
 PKCS10 = "application/pkcs10"
 OCSP_REQUEST = "application/ocsp-request"
+PEM_FILE = "application/x-pem-file"  # /crl: every live issuer's CRL, concatenated PEM
 CRL_MAX_AGE = 60  # seconds a cache may keep /crl: short, so a revocation spreads quickly
 SCRYPT_SLOTS = 2  # concurrent scrypt checks: bad secrets cannot eat every core
 
@@ -77,7 +82,7 @@ class Routes:
 
     def __init__(self, channel: EngineChannel, cacerts: bytes, csrattrs: bytes) -> None:
         self.channel = channel
-        self._cacerts = cacerts
+        self.cacerts_body = cacerts  # replaced when the issuing CAs change (service.py)
         self._csrattrs = csrattrs
         self._scrypt_slots = asyncio.Semaphore(SCRYPT_SLOTS)
         self._verifying: dict[tuple[bytes, str], asyncio.Future[bool]] = {}
@@ -87,7 +92,7 @@ class Routes:
     async def cacerts(self, request: web.Request) -> web.StreamResponse:
         request["audit"].action = "est.cacerts"
         request["audit"].result = "ok"
-        return web.Response(body=self._cacerts, headers={
+        return web.Response(body=self.cacerts_body, headers={
             "Content-Type": CERTS_ONLY, "Content-Transfer-Encoding": "base64"})
 
     async def csrattrs(self, request: web.Request) -> web.StreamResponse:
@@ -173,18 +178,28 @@ class Routes:
     # -- CRL and OCSP ----------------------------------------------------------------------
 
     async def crl(self, request: web.Request) -> web.StreamResponse:
+        """The current issuing CA's CRL in DER (RFC 5280 4.2.1.13 ``application/pkix-crl``),
+        or, for ``Accept: application/x-pem-file``, every live issuing CA's CRL as
+        concatenated PEM (during an ``issuing-ca rotate`` overlap: both)."""
         note: Note = request["audit"]
         note.action = "crl.fetch"
         snapshot: CRLSnapshot = await self.channel.submit(CRLJob())
-        headers = {"ETag": snapshot.etag,
+        pem = _wants_pem(request)
+        etag = snapshot.pem_etag if pem else snapshot.etag
+        headers = {"ETag": etag,
                    "Last-Modified": format_datetime(snapshot.this_update, usegmt=True),
-                   "Cache-Control": f"public, max-age={_max_age(snapshot)}"}
+                   "Cache-Control": f"public, max-age={_max_age(snapshot)}",
+                   "Vary": "Accept"}
         if snapshot.next_update is not None:
             headers["Expires"] = format_datetime(snapshot.next_update, usegmt=True)
-        if _not_modified(request, snapshot):
+        if _not_modified(request, snapshot, etag):
             note.result = "not-modified"
             return web.Response(status=304, headers=headers)
         note.result = "ok"
+        if pem:
+            note.extra["format"] = "pem"
+            headers["Content-Type"] = PEM_FILE
+            return web.Response(body=snapshot.pem, headers=headers)
         headers["Content-Type"] = "application/pkix-crl"
         return web.Response(body=snapshot.der, headers=headers)
 
@@ -247,11 +262,17 @@ def _max_age(snapshot: CRLSnapshot) -> int:
     return max(0, min(CRL_MAX_AGE, left))
 
 
-def _not_modified(request: web.Request, snapshot: CRLSnapshot) -> bool:
+def _wants_pem(request: web.Request) -> bool:
+    """Whether the client asked for ``application/x-pem-file`` (contract C1: the hub does)."""
+    accept = request.headers.get("Accept", "")
+    return any(part.split(";", 1)[0].strip().lower() == PEM_FILE for part in accept.split(","))
+
+
+def _not_modified(request: web.Request, snapshot: CRLSnapshot, etag: str) -> bool:
     """RFC 9110 13.1.2: If-None-Match wins; otherwise If-Modified-Since."""
     match = request.headers.get("If-None-Match")
     if match is not None:
         tags = {t.strip().removeprefix("W/") for t in match.split(",")}
-        return "*" in tags or snapshot.etag in tags
+        return "*" in tags or etag in tags
     since = request.if_modified_since
     return since is not None and snapshot.this_update.replace(microsecond=0) <= since

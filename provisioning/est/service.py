@@ -43,6 +43,7 @@ from provisioning.est.messages import AuditEvent, Statistics, b64_body, certs_on
 from provisioning.est.routes import MAX_BODY, Note, Routes, text
 from provisioning.feed import jws
 from provisioning.feed.follower import Follower
+from provisioning.feed.issuers import ChainIssuers
 from provisioning.feed.route import FeedRoute
 from provisioning.registry.view import FleetView
 from provisioning.timefmt import iso, utcnow
@@ -60,6 +61,7 @@ class EnrollmentService:
         self.authority = authority
         self.tls = tls
         self.manifest = manifest
+        self._root = x509.load_pem_x509_certificate(authority.paths.root_cert.read_bytes())
         chain = x509.load_pem_x509_certificates(authority.paths.chain.read_bytes())
         self._cacerts = certs_only(chain)
         self._csrattrs = b64_body(der.csr_attributes())
@@ -107,13 +109,28 @@ class EnrollmentService:
         try:
             trust_domain = (await asyncio.to_thread(view.trust_domain)
                             or self.authority.config.trust_domain)
-            self._follower = Follower(view, trust_domain)
+            self._follower = Follower(
+                view, trust_domain,
+                issuers=ChainIssuers(self.authority.paths.chain, self.authority.paths.root_cert),
+                on_issuers=self._issuers_changed)
         except BaseException:
             view.close()
             raise
         await self._follower.start()
         header = jws.header(self.authority.pki.issuing_cert)
         return FeedRoute(self._follower, header, channel.sign_feed)
+
+    def _issuers_changed(self, issuers: tuple[bytes, ...]) -> None:
+        """An ``issuing-ca rotate`` or ``retire`` (seen by the follower, on the loop): EST
+        ``cacerts`` answers the new chain, and the TLS listener also trusts a new issuing CA
+        for client certificates (OpenSSL adds to a context's store, never removes: a
+        retired CA stays trusted by this listener until a restart, and the worker refuses
+        what the registry does not hold as in service anyway)."""
+        certs = [x509.load_der_x509_certificate(der) for der in issuers]
+        if self._routes is not None:
+            self._routes.cacerts_body = certs_only([*certs, self._root])
+        self.tls.load_verify_locations(cadata=b"".join(issuers))
+        log.info("issuing CAs now: %s", ", ".join(c.subject.rfc4514_string() for c in certs))
 
     @staticmethod
     async def _listen(app: web.Application, host: str, port: int,

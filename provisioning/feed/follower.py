@@ -27,6 +27,13 @@ The state's mappings are the follower's own, patched in place on the event loop 
 version moves: read them without awaiting in between (the route builds each document at
 once). The same poll reads the gateway certificates the CA issued (``server.issue``
 events, only the new ones each time) for :mod:`provisioning.feed.gateway`.
+
+The live issuing CAs (the documents' ``issuers``) come from *issuers*, asked whenever the
+head moved (:class:`provisioning.feed.issuers.ChainIssuers`: one ``stat`` unless
+``ca-chain.pem`` changed). ``issuing-ca rotate`` and ``retire`` rewrite that file before
+their audit event commits, so the read that sees the event sees the new list: a new list
+moves the version like any change (long-polls wake, every gateway hears it at once), and
+*on_issuers* is told, on the loop (the service re-reads its trust and ``cacerts`` then).
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
@@ -83,6 +90,7 @@ class _Update:
     full: bool = False  # the whole state was read
     planned: bool = False  # ... as the safety net asked (no READ_SHARE pause after it)
     diverged: bool = False  # the safety net found the patched state wrong
+    issuers: tuple[bytes, ...] | None = None  # the live issuing CAs, when they changed
 
 
 class Follower:
@@ -90,8 +98,12 @@ class Follower:
 
     def __init__(self, view: FleetView, trust_domain: str, *, interval: float = POLL_SECONDS,
                  keep: int = KEEP_VERSIONS, stale_seconds: float = STALE_SECONDS,
-                 check_seconds: float = CHECK_SECONDS) -> None:
+                 check_seconds: float = CHECK_SECONDS,
+                 issuers: Callable[[], tuple[bytes, ...]] | None = None,
+                 on_issuers: Callable[[tuple[bytes, ...]], None] | None = None) -> None:
         self.view = view
+        self._read_issuers = issuers
+        self._on_issuers = on_issuers
         self.trust_domain = trust_domain
         self._interval = interval
         self._keep = keep
@@ -243,7 +255,12 @@ class Follower:
         position, moves = self.view.follow(self._position, whole=check, most=most)
         if moves is None:
             return position, None, None
-        return position, self._prepare(position, moves), self.view.gateways(self._events_read)
+        update = self._prepare(position, moves)
+        if self._read_issuers is not None:
+            issuers = self._read_issuers()
+            if self._state is None or issuers != self._state.issuers:
+                update = replace(update, issuers=issuers)
+        return position, update, self.view.gateways(self._events_read)
 
     def _prepare(self, position: Position, moves: Moves) -> _Update:
         if moves.state is None:
@@ -288,8 +305,10 @@ class Follower:
                         "read whole at event %d (%d devices, %d serials; a bug, or a row "
                         "changed without an audit event): taking the whole state", version,
                         len(update.moved.devices), len(update.moved.revoked))
-        if current is not None and not update.moved:
+        if current is not None and not update.moved and update.issuers is None:
             return
+        issuers = update.issuers if update.issuers is not None else (
+            current.issuers if current is not None else ())
         if update.whole is not None:
             self._devices, self._revoked = update.whole
             self._refused_by = {}
@@ -300,12 +319,12 @@ class Follower:
         if current is None:
             self._state = FeedState(version, self.trust_domain,
                                     MappingProxyType(self._devices),
-                                    MappingProxyType(self._revoked))
+                                    MappingProxyType(self._revoked), issuers)
             self._history = History(version, keep=self._keep)
             return
         version = max(version, current.version + 1)
         new = FeedState(version, self.trust_domain, MappingProxyType(self._devices),
-                        MappingProxyType(self._revoked))
+                        MappingProxyType(self._revoked), issuers)
         assert self._history is not None  # noqa: S101  (made with the first state)
         self._history.record(version, update.moved)
         self._state = new
@@ -313,6 +332,11 @@ class Follower:
         if self._closing:
             self._changed.set()
         changed.set()
+        if update.issuers is not None and self._on_issuers is not None:
+            try:
+                self._on_issuers(issuers)
+            except Exception:  # the feed goes on; the service logs what it could not do
+                log.exception("feed: taking the new issuing CAs failed")
 
     def _apply(self, moved: Changes) -> None:
         for device_id, device in moved.devices.items():

@@ -12,7 +12,12 @@ section 9; mounted by :mod:`provisioning.est.service` on its HTTPS listener only
          a few seconds (the service no longer vouches for its last state)
 
 The document is built here and its signing input signed by the CA worker process, the only
-holder of the issuing key. A snapshot of a large fleet is megabytes of JSON (10,000 devices:
+holder of the issuing key. The JWS header's ``x5c`` names the first of the state's
+``issuers`` (the current issuing CA; after an ``issuing-ca rotate`` the new one, as soon as
+the follower sees it), and the worker is asked for that CA's signature by the SHA-256 of its
+DER, so header and signature agree whichever of the two learns of a rotation first.
+
+A snapshot of a large fleet is megabytes of JSON (10,000 devices:
 2.5 MB, 30 ms to build): it is built once per version, with marks where ``issued`` and
 ``gateway`` go, and each answer replaces the marks (their first occurrences: both keys come
 before any device). What gets audited is :mod:`provisioning.feed.auditing`'s choice.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import math
 import time
@@ -29,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import web
+from cryptography import x509
 
 from provisioning.feed import jws
 from provisioning.feed.auditing import FeedAudit
@@ -73,11 +80,14 @@ class FeedRoute:
     """The handler; *sign* turns a JWS signing input into the raw signature (CA worker)."""
 
     def __init__(self, follower: Follower, header: dict[str, Any],
-                 sign: Callable[[bytes], Awaitable[bytes]],
+                 sign: Callable[[bytes, bytes | None], Awaitable[bytes]],
                  audit: FeedAudit | None = None) -> None:
         self.follower = follower
-        # RFC 7515 5.1: the signing input is "<protected>.<payload>"; the first part is fixed.
+        # RFC 7515 5.1: the signing input is "<protected>.<payload>"; the first part is fixed
+        # for one signer.
         self._prefix, _ = encode_jws(header, b"")
+        self._signer: bytes | None = None  # the DER the prefix names, once from the state
+        self._signer_id: bytes | None = None  # its SHA-256, for the worker
         self._sign = sign
         self._audit = audit or FeedAudit()
         self._issued: dict[str, dt.datetime] = {}  # per gateway: the last ``issued``
@@ -109,6 +119,7 @@ class FeedRoute:
         else:
             moved = follower.since(since) if 0 < since < state.version else None
             kind = "snapshot" if moved is None else "delta"
+        self._take_signer(state.issuers)
         issued = self._issued_now(gateway.name)
         if moved is None:
             payload = self._snapshot_payload(state, issued, gateway.name)
@@ -157,9 +168,17 @@ class FeedRoute:
                 .replace(b'"issued":' + marked, b'"issued":' + _json(issued), 1)
                 .replace(b'"gateway":' + marked, b'"gateway":' + _json(gateway), 1))
 
+    def _take_signer(self, issuers: tuple[bytes, ...]) -> None:
+        """The header names the current issuing CA, the first of *issuers*."""
+        if not issuers or issuers[0] == self._signer:
+            return
+        self._prefix, _ = encode_jws(jws.header(x509.load_der_x509_certificate(issuers[0])),
+                                     b"")
+        self._signer, self._signer_id = issuers[0], hashlib.sha256(issuers[0]).digest()
+
     async def _envelope(self, payload: bytes) -> bytes:
         signing_input = self._prefix + b64url(payload).encode("ascii")
-        return jws.envelope(signing_input, await self._sign(signing_input))
+        return jws.envelope(signing_input, await self._sign(signing_input, self._signer_id))
 
     def _refuse(self, request: web.Request, note: AuditNote, status: int,
                 reason: str) -> web.Response:

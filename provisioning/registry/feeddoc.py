@@ -25,7 +25,10 @@ The document (the payload, UTF-8 JSON)::
                                   | null, "revoked_at": "<ISO 8601>" | null,
                                   "device_id": "<device id>"}},
      "removed": ["<device id>"],            # delta only: devices no longer listed
-     "released": ["<hex serial>"]}          # delta only: serials no longer refused (hold lifted)
+     "released": ["<hex serial>"],          # delta only: serials no longer refused (hold lifted)
+     "issuers": ["<base64 DER>", ...]}      # every live issuing CA, the current (signing) one
+                                            # first; in every document, snapshot, delta or
+                                            # heartbeat (issue 14's issuing-CA rotation)
 
 A snapshot lists every device that has a valid certificate, a status other than active, a
 group or a password hash; a device not listed is active with none of these. A delta lists each
@@ -33,6 +36,12 @@ changed device whole (its entry replaces the old one), each new or changed refus
 left. ``version == base`` with nothing listed is a heartbeat: nothing changed, and ``issued``
 says the CA still vouches for the state. Serials are hex, as :func:`provisioning.serial` writes
 them; in memory they are integers, as a certificate carries them.
+
+``issuers`` is standard base64 (RFC 4648 section 4, as ``x5c``) of each live issuing CA
+certificate's DER: during an ``issuing-ca rotate`` overlap the new one and the old one, after
+``retire`` the new one alone. It is whole in every document (never a delta), and optional
+when parsing: a document from an older CA has none, which means "unknown", not "none"
+(:attr:`Document.issuers` is None then, and :func:`apply` keeps what the state had).
 """
 
 from __future__ import annotations
@@ -105,6 +114,7 @@ class FeedState:
     trust_domain: str
     devices: Mapping[str, Device]  # only devices that differ from Device()
     revoked: Mapping[int, Revocation]
+    issuers: tuple[bytes, ...] = ()  # live issuing CAs' DER, current first; (): unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +138,7 @@ class Document:
     gateway: str
     trust_domain: str
     changes: Changes  # a snapshot's: everything it lists, as additions
+    issuers: tuple[bytes, ...] | None = None  # DER, current first; None: the CA sent none
 
     @property
     def snapshot(self) -> bool:
@@ -141,7 +152,8 @@ class Document:
 # -- the CA side: from the registry's view to documents ------------------------------------
 
 
-def state_from_view(view_state: FleetState, version: int, trust_domain: str) -> FeedState:
+def state_from_view(view_state: FleetState, version: int, trust_domain: str,
+                    issuers: tuple[bytes, ...] = ()) -> FeedState:
     """The feed's state from one :meth:`FleetView.read` made with ``certificates=True``."""
     certificates = view_state.certificates or MappingProxyType({})
     ids = (set(view_state.device_status) | set(view_state.groups)
@@ -153,7 +165,8 @@ def state_from_view(view_state: FleetState, version: int, trust_domain: str) -> 
                           certificates.get(device_id, MappingProxyType({})))
         for device_id in ids
     }
-    return FeedState(version, trust_domain, MappingProxyType(devices), view_state.revoked)
+    return FeedState(version, trust_domain, MappingProxyType(devices), view_state.revoked,
+                     issuers)
 
 
 def changes(old: FeedState, new: FeedState) -> Changes:
@@ -200,6 +213,8 @@ def document(state: FeedState, *, base: int, moved: Changes | None, issued: str,
         doc["removed"] = sorted(d for d, device in moved.devices.items() if device is None)
         doc["released"] = [format_serial(s) for s, e in sorted(moved.revoked.items())
                            if e is None]
+    if state.issuers:
+        doc["issuers"] = [base64.b64encode(der).decode("ascii") for der in state.issuers]
     return doc
 
 
@@ -240,12 +255,14 @@ def parse_document(payload: bytes) -> Document:
         for serial_text in _strings(doc.get("released", []), "released"):
             moved.revoked[_serial(serial_text, "released")] = None
     return Document(version, base, issued, _text(doc, "gateway"), _text(doc, "trust_domain"),
-                    moved)
+                    moved, _issuers(doc.get("issuers")))
 
 
 def apply(state: FeedState | None, doc: Document) -> FeedState:
     """The state after *doc*: a snapshot replaces everything, a delta applies on ``doc.base``
     (the caller checks that *state* is at that version)."""
+    issuers = doc.issuers if doc.issuers is not None else (
+        state.issuers if state is not None else ())
     if doc.snapshot or state is None:
         devices: dict[str, Device] = {}
         revoked: dict[int, Revocation] = {}
@@ -262,7 +279,26 @@ def apply(state: FeedState | None, doc: Document) -> FeedState:
         else:
             revoked[serial] = entry
     return FeedState(doc.version, doc.trust_domain, MappingProxyType(devices),
-                     MappingProxyType(revoked))
+                     MappingProxyType(revoked), issuers)
+
+
+def _issuers(value: object) -> tuple[bytes, ...] | None:
+    """``issuers``: absent is None (unknown); else one or more base64 DER certificates."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v for v in value):
+        raise FeedFormatError("want a list of one or more base64 certificates", "issuers")
+    found: list[bytes] = []
+    for i, text in enumerate(value):
+        try:
+            der = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise FeedFormatError("not standard base64", f"issuers[{i}]") from None
+        if not der.startswith(b"\x30"):  # a DER SEQUENCE, as every certificate
+            raise FeedFormatError("not a DER certificate", f"issuers[{i}]")
+        found.append(der)
+    return tuple(found)
 
 
 def _object(value: object, where: str) -> dict[str, Any]:

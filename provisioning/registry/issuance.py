@@ -13,8 +13,9 @@ from provisioning.errors import RegistryError
 from provisioning.registry._sql import in_batches
 from provisioning.registry.schema import CERT_ACTIVE, CURRENT_CERT_STATUSES, DEVICE_ACTIVE
 
-# (serial, device id, fingerprint, public-key hash, not_before, not_after, issued_at, pem)
-CertificateInsert = tuple[str, str, str, str, str, str, str, str]
+# (serial, device id, fingerprint, public-key hash, not_before, not_after, issued_at, pem,
+#  issuer_key_id)
+CertificateInsert = tuple[str, str, str, str, str, str, str, str, str]
 # device id -> (status, group)
 DeviceStates = dict[str, tuple[str, str | None]]
 # device id -> [[serial, status, public-key hash, pem], ...], oldest first
@@ -22,7 +23,8 @@ DeviceCertificates = dict[str, list[list[str]]]
 
 _INSERT_CERTIFICATE = (
     "INSERT INTO certificates (serial, device_id, fingerprint, public_key_sha256, not_before, "
-    "not_after, status, issued_at, pem) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)")
+    "not_after, status, issued_at, pem, issuer_key_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)")
 
 
 class SerialCollisionError(RegistryError):

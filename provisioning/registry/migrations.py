@@ -66,8 +66,16 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
                     "OR hold_prior_status = 'superseded'", (iso(utcnow()),))
 
 
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    """``certificates.issuer_key_id``: which issuing CA signed the certificate (issue 14's
+    issuing-CA rotation). Rows from before stay NULL: they were all signed by the one
+    issuing CA the PKI had, and ``issuing-ca rotate`` stamps them with its key identifier
+    before a second one exists (an UPDATE of the NULL rows, no PEM parsed)."""
+    db.table("certificates").add_column("issuer_key_id", str)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
+    1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4}
 
 
 def upgrade(db: sqlite_utils.Database, version: int) -> None:

@@ -82,12 +82,29 @@ class RevocationWrites:
                               "reason = NULL WHERE serial = ?", (s,))
         return serials
 
-    def crl_entries(self, now_iso: str) -> list[CRLEntry]:
-        """Revoked and held certificates not yet expired at *now_iso*, oldest first."""
+    def crl_entries(self, now_iso: str, issuer_key_id: str | None = None,
+                    *, unstamped: bool = True) -> list[CRLEntry]:
+        """Revoked and held certificates not yet expired at *now_iso*, oldest first.
+
+        With *issuer_key_id*: only that issuing CA's, plus (*unstamped*) the rows from before
+        the registry recorded issuers (the current CA's, see :mod:`.schema`)."""
+        if issuer_key_id is None:
+            return self.conn.execute(
+                "SELECT serial, status, revoked_at, reason FROM certificates "
+                "WHERE status IN ('revoked', 'on_hold') AND not_after > ? "
+                "ORDER BY revoked_at, serial", (now_iso,)).fetchall()
+        null = " OR issuer_key_id IS NULL" if unstamped else ""
         return self.conn.execute(
-            "SELECT serial, status, revoked_at, reason FROM certificates "
-            "WHERE status IN ('revoked', 'on_hold') AND not_after > ? "
-            "ORDER BY revoked_at, serial", (now_iso,)).fetchall()
+            "SELECT serial, status, revoked_at, reason FROM certificates "  # noqa: S608
+            f"WHERE status IN ('revoked', 'on_hold') AND not_after > ? "
+            f"AND (issuer_key_id = ?{null}) ORDER BY revoked_at, serial",
+            (now_iso, issuer_key_id)).fetchall()
+
+    def stamp_issuer(self, issuer_key_id: str) -> int:
+        """Record *issuer_key_id* on every certificate row that names no issuer (written
+        before v4, when the PKI had one issuing CA); how many rows."""
+        return self.conn.execute("UPDATE certificates SET issuer_key_id = ? WHERE "
+                                 "issuer_key_id IS NULL", (issuer_key_id,)).rowcount
 
     def crl_number(self) -> int:
         """The number of the last CRL published (0 before the first)."""

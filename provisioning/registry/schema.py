@@ -17,7 +17,11 @@ so the read-only view imports it without the CA. The tables are created by
     ``status`` (:data:`CERT_STATUSES`), ``revoked_at``, ``reason`` (RFC 5280 name),
     ``hold_prior_status`` (the status a hold returns to), ``issued_at``, ``pem``,
     ``superseded_at`` (v3: when a renewal superseded it; its ``renew_grace`` counts from
-    then, :mod:`provisioning.grace`).
+    then, :mod:`provisioning.grace`), ``issuer_key_id`` (v4: the key identifier, lowercase
+    hex of the SKI, of the issuing CA that signed it, so ``issuing-ca retire``, the CRL of
+    each live issuer and OCSP tell the issuers' certificates apart without parsing a PEM;
+    NULL for a row written before v4, when the PKI had one issuing CA: ``issuing-ca rotate``
+    stamps those with it, :mod:`provisioning.rotation`).
 ``events``
     The audit chain (:mod:`provisioning.registry.audit`): ``id``, ``time``, ``actor``,
     ``action``, ``device_id``, ``serial``, ``detail`` (JSON), ``prev_hash``, ``hash``.
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 from typing import Final
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 # devices.status
 DEVICE_ACTIVE: Final = "active"

@@ -194,11 +194,28 @@ class Registry:
             (serial,)).fetchone()
         return CertificateHolder(*row) if row else None
 
-    def revocation_status(self, serial: str) -> tuple[str, str | None, str | None] | None:
-        """(status, revoked_at, reason) of a certificate, for OCSP; None when unknown."""
-        row = self.conn.execute("SELECT status, revoked_at, reason FROM certificates WHERE "
-                                "serial = ?", (serial,)).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+    def issued_status(self, serial: str,
+                      ) -> tuple[str, str | None, str | None, str | None] | None:
+        """(status, revoked_at, reason, issuer_key_id) of a certificate, for OCSP (which of
+        the live issuing CAs answers for it); None when unknown."""
+        row = self.conn.execute("SELECT status, revoked_at, reason, issuer_key_id FROM "
+                                "certificates WHERE serial = ?", (serial,)).fetchone()
+        return (row[0], row[1], row[2], row[3]) if row else None
+
+    def in_service_by_issuer(self, now_iso: str) -> dict[str | None, tuple[int, str]]:
+        """issuer_key_id (None: not recorded, from before v4) -> (how many certificates are
+        still in service, the latest not-after among them): active, superseded (grace not
+        over) or on hold, not expired at *now_iso*. What ``issuing-ca retire`` checks and
+        ``issuing-ca show`` counts: one scan of the table, no PEM parsed."""
+        return {row[0]: (int(row[1]), str(row[2])) for row in self.conn.execute(
+            "SELECT issuer_key_id, count(*), max(not_after) FROM certificates WHERE status IN "
+            "('active', 'superseded', 'on_hold') AND not_after > ? GROUP BY issuer_key_id",
+            (now_iso,))}
+
+    def count_events(self, action: str) -> int:
+        """How many audit events of *action* the chain holds."""
+        return int(self.conn.execute("SELECT count(*) FROM events WHERE action = ?",
+                                     (action,)).fetchone()[0])
 
     def superseded_due(self, cutoff: str, limit: int = -1) -> list[SupersededRow]:
         """(serial, device id, superseded_at) of superseded certificates superseded before

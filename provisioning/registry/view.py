@@ -83,7 +83,10 @@ _CHUNK: Final = 500  # devices per "IN (...)" query (SQLite allows 999 parameter
 QUIET_ACTIONS: Final = frozenset({
     PKI_INIT_ACTION, SERVER_ISSUE_ACTION, "crl.publish", "token.create", "token.revoke",
     "http.request", "est.cacerts", "est.csrattrs", "est.enroll", "est.reenroll", "crl.fetch",
-    "ocsp.query", "feed.fetch", "certificate.renew.refuse", "policy.set"})
+    "ocsp.query", "feed.fetch", "certificate.renew.refuse", "policy.set",
+    # No registry row moves; the feed re-reads the issuers (ca-chain.pem) when the head
+    # moves (provisioning.feed.issuers), which moves its version: every gateway hears it.
+    "issuing-ca.rotate", "issuing-ca.retire"})
 DEVICE_ACTIONS: Final = frozenset({
     "device.create", "device.group", "device.suspend", "device.resume", "device.revoke",
     "device.password.set", "device.password.clear", "certificate.issue",

@@ -56,6 +56,7 @@ def test_a_v2_registry_gives_its_superseded_certificates_a_grace_from_the_upgrad
     with sqlite3.connect(pki_dir / "registry.db") as conn:
         conn.execute("DROP INDEX certificates_superseded")  # v3's
         conn.execute("ALTER TABLE certificates DROP COLUMN superseded_at")
+        conn.execute("ALTER TABLE certificates DROP COLUMN issuer_key_id")  # v4's
         conn.execute("PRAGMA user_version = 2")
     upgraded = utcnow().replace(microsecond=0)
     with Registry(pki_dir / "registry.db") as registry:

@@ -244,7 +244,7 @@ def test_responder_answers_sha256_cert_ids_and_omits_unspecified_reasons(
         cert = x509.load_pem_x509_certificate(result.pem.encode())
         authority.revoke("plain", None, "unspecified")
         responder = Responder(authority.ca, lambda serial: (
-            ("revoked", authority.registry.certificate(serial).revoked_at, "unspecified")  # type: ignore[union-attr]
+            ("revoked", authority.registry.certificate(serial).revoked_at, "unspecified", None)  # type: ignore[union-attr]
             if authority.registry.certificate(serial) else None))
         now = dt.datetime.now(dt.UTC)
         answer = responder.respond(_request_der(cert, authority.ca.cert,

@@ -118,10 +118,11 @@ def test_a_v1_registry_is_migrated_to_v2(pki_dir: Path) -> None:
         conn.execute("DROP TABLE tokens")
         conn.execute("DROP INDEX certificates_superseded")  # v3's
         conn.execute("ALTER TABLE certificates DROP COLUMN superseded_at")  # v3's
+        conn.execute("ALTER TABLE certificates DROP COLUMN issuer_key_id")  # v4's
         conn.execute("PRAGMA user_version = 1")
     with Registry(pki_dir / "registry.db") as registry:
         version = registry.conn.execute("PRAGMA user_version").fetchone()[0]
-        assert version == SCHEMA_VERSION == 3
+        assert version == SCHEMA_VERSION == 4
         assert registry.device("old-dev") is not None
         assert registry.verify_audit().ok
     done = fleet_provision("token", "create", "--pki", pki_dir, "after-migration")

@@ -15,7 +15,7 @@ from provisioning.registry.view import DEVICE_ACTIONS, QUIET_ACTIONS, FleetView,
 from provisioning.timefmt import iso, utcnow
 from tests.provisioning.csrs import make_csr, make_key
 
-_ACTION = re.compile(r'"([a-z]+(?:\.[a-z]+)+)"')
+_ACTION = re.compile(r'"([a-z][a-z-]*(?:\.[a-z-]+)+)"')
 
 
 def _issue(authority: Authority, *names: str) -> None:
