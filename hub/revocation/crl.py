@@ -11,7 +11,8 @@ live issuing CA, concatenated). Each is verified against its own issuer and kept
 :class:`CrlLists` (its own rollback floor); :class:`CrlSet` unites them: a serial is refused
 when any issuer's CRL lists it (serials are random and unique fleet-wide). An issuer whose CRL
 is missing from a later blob keeps its last lists in force while it is still a CA of
-``client_ca`` (a serial once revoked stays revoked), but no longer makes the source stale.
+``client_ca`` (a serial once revoked stays revoked), but no longer makes the source stale;
+one not yet in ``client_ca`` is left out while another issuer's CRL is there.
 The number to beat is that of the last *good* CRL: one that arrived before its nextUpdate. A
 higher-numbered CRL that arrives already past its nextUpdate (a CA with a slow clock) does not
 replace the good list: it is enforced together with it (a serial listed by either is refused),
@@ -26,6 +27,7 @@ sources call it from worker threads.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 
 from hub.errors import RevocationError, SourceError
 from hub.revocation.model import SourceData, iso_utc
+
+logger = logging.getLogger("hub.revocation")
 
 __all__ = ["CrlLists", "CrlSet", "CrlVerifier", "VerifiedCrl", "load_ca_bundle", "split_pem"]
 
@@ -134,7 +138,11 @@ class CrlVerifier:
 
     def check(self, blob: bytes) -> tuple[VerifiedCrl, ...]:
         """Every CRL of *blob*, each verified; SourceError for the first that is not, or for
-        two of one issuer. Runs in a worker thread: parsing and signatures are CPU work."""
+        two of one issuer. A CRL whose issuer is no CA of client_ca is left out (logged) when
+        another one is of a CA there: a rotation's new intermediate may reach crl.pem before
+        this gateway's client_ca, and no certificate of it is admitted meanwhile, while the
+        other issuers' CRLs must go on being enforced. Runs in a worker thread: parsing and
+        signatures are CPU work."""
         if not blob.strip():
             raise SourceError("empty CRL")
         cas = self._cas  # one read: a reload meanwhile applies to the next blob
@@ -146,15 +154,22 @@ class CrlVerifier:
                 raise SourceError("not a valid CRL: want complete PEM X509 CRL blocks only")
             else:
                 crls = [x509.load_der_x509_crl(blob)]
+            known = {ca.subject for ca in cas}
+            foreign = [crl for crl in crls if crl.issuer not in known]
+            if len(foreign) < len(crls):
+                crls = [crl for crl in crls if crl.issuer in known]
+                for left_out in foreign:
+                    logger.warning("a CRL of %r, no CA of client_ca, is left out; the other "
+                                   "issuers' CRLs are used", left_out.issuer.rfc4514_string())
             verified = tuple(_verify(crl, cas) for crl in crls)
         except ValueError as exc:  # cryptography's word for malformed DER, anywhere in it
             raise SourceError(f"not a valid CRL: {exc}") from exc
         seen: set[bytes] = set()
-        for crl in verified:
-            if crl.issuer in seen:
-                raise SourceError(f"two CRLs of issuer {crl.name!r} in one source; want one "
+        for taken in verified:
+            if taken.issuer in seen:
+                raise SourceError(f"two CRLs of issuer {taken.name!r} in one source; want one "
                                   "per issuer")
-            seen.add(crl.issuer)
+            seen.add(taken.issuer)
         return verified
 
 

@@ -50,9 +50,14 @@ class _CrlSource(PolledSource):
         return lists.take(verifier.check(blob), time.time(), verifier.issuers())
 
     def replace_ca_certs(self, ca_certs: Sequence[x509.Certificate], cadata: str) -> None:
-        """A reloaded client_ca: later CRLs are checked against its CAs."""
+        """A reloaded client_ca: later CRLs are checked against its CAs (and the source's
+        CRLs taken again: one of them may be of a CA left out so far)."""
         del cadata  # a file needs no TLS
         self._verifier.replace(ca_certs)
+        self._again()
+
+    def _again(self) -> None:
+        """Take the source's CRLs again at the next look, even if unchanged."""
 
     def _accept(self, lists: CrlSet) -> SourceData:
         """On the event loop: the new lists are the source's, their union its data."""
@@ -72,6 +77,9 @@ class CrlFileSource(_CrlSource):
         super().__init__(str(path), verifier)
         self._path = path
         self._key: tuple[int, int, int, int] | None = None  # the file last accepted
+
+    def _again(self) -> None:
+        self._key = None
 
     async def _attempt(self, budget: float | None) -> Outcome:
         outcome = await asyncio.to_thread(self._read, self.lists)
@@ -120,6 +128,9 @@ class CrlUrlSource(_CrlSource):
         trusts them for the CRL server's certificate."""
         super().replace_ca_certs(ca_certs, cadata)
         self._cadata, self._reload = cadata, True
+
+    def _again(self) -> None:
+        self._validators = {}  # no 304: the whole answer again
 
     async def _attempt(self, budget: float | None) -> Outcome:
         if self._inflight is None:

@@ -104,7 +104,6 @@ def test_an_issuer_left_out_keeps_its_refusals_while_it_is_trusted(
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    ("foreign", "is not a CA of the client_ca bundle"),
     ("twice", "two CRLs of issuer"),
     ("cut", "not a valid CRL: want complete PEM X509 CRL blocks"),
     ("certificate", "not a valid CRL: want complete PEM X509 CRL blocks"),
@@ -113,12 +112,50 @@ def test_a_blob_with_one_bad_crl_is_refused_whole(fleet: Fleet, second: IssuingC
                                                   damage: str, message: str) -> None:
     first = fleet.issuing_ca()
     good = _crl(first, 2, (OLD_SERIAL, KEY_COMPROMISE))
-    extra = {"foreign": _crl(second, 1), "twice": _crl(first, 3),
+    extra = {"twice": _crl(first, 3),
              "cut": _crl(second, 1)[:-40],
              "certificate": second.cert.public_bytes(Encoding.PEM)}
     verifier = CrlVerifier(load_ca_bundle(fleet.chain))  # client_ca without the second
     with pytest.raises(SourceError, match=message):
         verifier.check(good + extra[damage])
+
+
+def test_a_crl_of_an_issuer_not_yet_in_client_ca_is_left_out_while_another_is_there(
+        fleet: Fleet, second: IssuingCA) -> None:
+    """crl.pem may carry a rotation's new intermediate before this gateway's client_ca does:
+    the known issuer's CRL is enforced meanwhile. Alone, an unknown issuer's CRL is refused."""
+    first = fleet.issuing_ca()
+    verifier = CrlVerifier(load_ca_bundle(fleet.chain))  # client_ca without the second
+    crls = verifier.check(_crl(second, 1, (NEW_SERIAL, KEY_COMPROMISE))
+                          + _crl(first, 2, (OLD_SERIAL, KEY_COMPROMISE)))
+    assert [c.name for c in crls] == [first.cert.subject.rfc4514_string()]
+    with pytest.raises(SourceError, match="is not a CA of the client_ca bundle"):
+        verifier.check(_crl(second, 1))
+
+
+def test_a_client_ca_reload_takes_the_unchanged_crl_file_again(
+        fleet: Fleet, second: IssuingCA) -> None:
+    """The new intermediate's CRL, left out so far, counts once client_ca carries it, though
+    the file did not change."""
+    fleet.crl.write_bytes(_crl(second, 1, (NEW_SERIAL, KEY_COMPROMISE))
+                          + _crl(fleet.issuing_ca(), 5, (OLD_SERIAL, KEY_COMPROMISE)))
+
+    async def scenario() -> list[dict[int, str]]:
+        watcher = RevocationWatcher(RevocationConfig(crl_file=fleet.crl, refresh_seconds=60),
+                                    load_ca_bundle(fleet.chain))
+        await watcher.start()
+        try:
+            seen = [dict(watcher.snapshot.revoked)]
+            cas = _cas(fleet, second)
+            watcher.replace_ca_certs(cas, "".join(
+                c.public_bytes(Encoding.PEM).decode() for c in cas))
+            assert await watcher.refresh() is True
+            return [*seen, dict(watcher.snapshot.revoked)]
+        finally:
+            await watcher.stop()
+
+    assert asyncio.run(scenario()) == [{OLD_SERIAL: "revoked"},
+                                       {NEW_SERIAL: "revoked", OLD_SERIAL: "revoked"}]
 
 
 def test_a_crl_file_of_two_issuers_through_the_watcher(fleet: Fleet, second: IssuingCA) -> None:
