@@ -17,32 +17,46 @@ from typing import Annotated
 import typer
 
 from fleetcli import new_app
-from hub.config import load_config
+from hub.config import HubConfig, load_config
 from hub.errors import ConfigError
 from hub.findings import quarantine
+from provisioning.serial import parse_serial
 
 app = new_app("Certificates quarantined at this gateway by the audit checks.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", envvar="FLEET_HUB_CONFIG",
                                                 help="hub.toml")]
+PkiOpt = Annotated[Path | None, typer.Option("--pki", help="A hub serving with --pki DIR: "
+                                             "DIR/hub-quarantine.json.")]
 
 
-def _file(config: Path | None) -> Path:
-    if config is None:
-        raise ConfigError(None, "--config", "missing: give --config hub.toml")
-    path = load_config(config).checks.quarantine_file
+def _file(config: Path | None, pki: Path | None) -> Path:
+    if config is not None and pki is not None:
+        raise ConfigError(None, "--config", "give --config or --pki, not both")
+    if config is None and pki is None:
+        raise ConfigError(None, "--config", "missing: give --config hub.toml or --pki DIR")
+    loaded = load_config(config) if config is not None else HubConfig.from_pki(pki or Path())
+    path = loaded.checks.quarantine_file
     assert path is not None  # noqa: S101 - load_config always sets it
     return path
 
 
+def _serial(text: str) -> int:
+    try:
+        return parse_serial(text)
+    except ValueError:
+        raise ConfigError(None, "SERIAL", f"{text!r} is not a hexadecimal serial (as "
+                          "`fleet-hub quarantine list` prints it)") from None
+
+
 @app.command("list")
-def list_(config: ConfigOpt = None,
+def list_(config: ConfigOpt = None, pki: PkiOpt = None,
           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print the quarantined certificates (serial, device, check, since); exit 0.
 
     Example: fleet-hub quarantine list --config hub.toml --json
     """
-    entries = quarantine.read(_file(config))
+    entries = quarantine.read(_file(config, pki))
     rows = [entries[s] for s in sorted(entries)]
     if as_json:
         sys.stdout.write(json.dumps([asdict(e) for e in rows], indent=2) + "\n")
@@ -54,13 +68,13 @@ def list_(config: ConfigOpt = None,
 @app.command()
 def clear(serials: Annotated[list[str], typer.Argument(metavar="SERIAL...",
                                                        help="hex, as `list` prints it")],
-          config: ConfigOpt = None) -> None:
+          config: ConfigOpt = None, pki: PkiOpt = None) -> None:
     """Let quarantined certificates in again; exit 1 if a serial is not quarantined.
 
     Example: fleet-hub quarantine clear 5f3a...c1 --config hub.toml
     """
-    path = _file(config)
-    wanted = [quarantine.serial_of(text) for text in serials]
+    path = _file(config, pki)
+    wanted = [_serial(text) for text in serials]
     released = quarantine.clear(path, wanted)
     for e in released:
         sys.stdout.write(f"cleared {e.serial} ({e.device_id}, {e.check} since {e.since})\n")

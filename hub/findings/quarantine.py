@@ -106,14 +106,6 @@ def clear(path: Path, serials: Iterable[int]) -> list[Entry]:
         return released
 
 
-def serial_of(text: str) -> int:
-    """A serial as the operator types it (``0x``, colons, any case); QuarantineError if not."""
-    try:
-        return parse_serial(text)
-    except ValueError as exc:
-        raise QuarantineError(str(exc)) from None
-
-
 def entry(serial: int, device_id: str, check: str, since: str) -> tuple[int, Entry]:
     return serial, Entry(format_serial(serial), device_id, check, since)
 

@@ -424,3 +424,30 @@ def test_the_file_keeps_both_writers_entries_and_refuses_a_foreign_file(
     path.write_text('{"serials": []}')
     with pytest.raises(quarantine.QuarantineError, match="not one fleet-hub wrote"):
         quarantine.read(path)
+
+
+# -- fleet-hub quarantine ---------------------------------------------------------------------
+
+
+def test_quarantine_cli_lists_clears_and_refuses_bad_input(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub.cli import main
+    from tests.integration.fleet import Fleet
+
+    fleet = Fleet.create(tmp_path)
+    config = fleet.write_config(extra='[checks]\nquarantine_file = "q.json"\n')
+    quarantine.add(tmp_path / "q.json", [quarantine.entry(0x0A, "dev-1", "weak-key",
+                                                          "2026-12-03T10:00:00.000Z")])
+    assert main(["quarantine", "list", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"serial": "0a", "device_id": "dev-1", "check": "weak-key",
+         "since": "2026-12-03T10:00:00.000Z"}]
+    assert main(["quarantine", "clear", "zz", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == ("error: SERIAL: 'zz' is not a hexadecimal serial (as "
+                                       "`fleet-hub quarantine list` prints it)\n")
+    assert main(["quarantine", "list"]) == 2
+    assert "--config: missing" in capsys.readouterr().err
+    assert main(["quarantine", "clear", "0x0A", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == ("cleared 0a (dev-1, weak-key since "
+                                       "2026-12-03T10:00:00.000Z)\n")
+    assert quarantine.read(tmp_path / "q.json") == {}
