@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from provisioning.feed.jws import header, raw_signature
 from provisioning.pki import PKI
@@ -89,9 +90,13 @@ def revoked(device_id: str, status: str = "revoked") -> Revocation:
 
 def state(version: int, devices: Mapping[str, Device] | None = None,
           refused: Mapping[int, Revocation] | None = None,
-          trust_domain: str = TRUST_DOMAIN) -> FeedState:
+          trust_domain: str = TRUST_DOMAIN,
+          issuers: tuple[x509.Certificate, ...] = ()) -> FeedState:
+    """A state of the CA; *issuers*: the live issuing CAs it names (contract C1), none by
+    default (an older CA)."""
     return FeedState(version, trust_domain, MappingProxyType(dict(devices or {})),
-                     MappingProxyType(dict(refused or {})))
+                     MappingProxyType(dict(refused or {})),
+                     tuple(c.public_bytes(Encoding.DER) for c in issuers))
 
 
 def snapshot(at: FeedState, issued: str, gateway: str = GATEWAY) -> dict[str, Any]:

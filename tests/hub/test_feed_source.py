@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography import x509
 
 from hub.config import BindAddress
 from hub.errors import RevocationError
@@ -37,6 +38,7 @@ from hub.revocation.feed_client import FeedClient
 from hub.revocation.feed_verify import FeedVerifier
 from provisioning.authority import Authority
 from provisioning.registry.feeddoc import Device, b64url, b64url_decode
+from tests.hub.cabundle_support import second_intermediate
 from tests.hub.feed_support import (
     GATEWAY,
     FeedServer,
@@ -414,3 +416,56 @@ def test_a_bad_answer_keeps_the_state_and_the_next_good_one_is_taken(
             await server.stop()
 
     _run(scenario())
+
+
+def test_the_feeds_issuers_are_verified_and_told_and_survive_a_restart(
+        fleet: Fleet, ca: Signer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Contract C1: each document's issuers are checked against client_ca's roots; a changed
+    set goes to on_issuers (the hub's trust). After a rotation the CA signs with the new
+    intermediate, which client_ca does not list (the root signed it: accepted). An issuer of
+    another root is left out, logged. The cache keeps them for a start with the CA down."""
+    caplog.set_level(logging.WARNING, "hub.revocation")
+    second = second_intermediate(fleet.pki)
+    foreign = second_intermediate(Fleet.create(tmp_path / "other").pki)
+    told: asyncio.Queue[tuple[str, ...] | None] = asyncio.Queue()
+
+    def tell(certs: tuple[x509.Certificate, ...] | None) -> None:
+        told.put_nowait(None if certs is None else tuple(
+            c.subject.rfc4514_string() for c in certs))
+
+    async def next_told() -> tuple[str, ...] | None:
+        return await asyncio.wait_for(told.get(), 10)
+
+    first, new = ca.cert.subject.rfc4514_string(), second.cert.subject.rfc4514_string()
+    cache = tmp_path / "c.json"
+
+    async def scenario() -> None:
+        server = await FeedServer(fleet, ca, state(1, issuers=(ca.cert,))).start()
+        try:
+            source = make_source(fleet, server.url, cache)
+            source.on_issuers = tell
+            async with watching(source) as watch:
+                assert await next_told() == (first,)
+                server.signer = Signer(second.key, second.cert)  # rotated
+                server.publish(state(2, {"d1": Device(status="suspended")},
+                                     issuers=(second.cert, ca.cert)))
+                await watch.change()
+                assert await next_told() == (new, first)
+                server.publish(state(3, issuers=(foreign.cert, second.cert)))
+                await watch.change()
+                assert await next_told() == (new,)
+                assert watch.source.ok
+        finally:
+            await server.stop()
+        restarted = make_source(fleet, server.url, cache, start_budget=0.5)
+        restarted.on_issuers = tell
+        async with watching(restarted):
+            assert await next_told() == (new,)
+            assert [c.subject.rfc4514_string() for c in restarted.issuers or ()] == [new]
+
+    _run(scenario())
+    # Once by the first source, once by the one restarted from the cache.
+    warnings = [r.getMessage() for r in caplog.records if "issuers refused" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "issuers[0]" in warnings[0]
+    assert "not signed by a root of client_ca; the others are taken" in warnings[0]
