@@ -10,7 +10,9 @@ records in a fresh WAL file:
 - chained: the real :class:`hub.audit.AuditStore`: the records are queued with ``record()``
   before ``open()``, then open() and close() time the writer thread draining them (ids, one
   SHA-256 per record, the head read and moved per batch, the same batch size);
-- seal only: :func:`hub.audit.chain.seal` over the same rows, no SQLite.
+- seal only: :func:`hub.audit.chain.seal` over the same rows, no SQLite;
+- verify: ``fleet-hub events verify``'s walk (:func:`hub.audit.verify.verify_store`) over the
+  chained file; ``events prune`` holds the write lock for about this long per record.
 
 Also ``record()``'s own cost per call (the event loop's side), which the chain does not touch.
 
@@ -30,6 +32,8 @@ from pathlib import Path
 
 from hub.audit import AuditStore
 from hub.audit.chain import GENESIS, seal
+from hub.audit.checkpoint import CheckpointTrust
+from hub.audit.verify import verify_store
 
 BATCH = 512
 _PLAIN_SCHEMA = """CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL,
@@ -82,6 +86,15 @@ def chained(path: Path, batch: list[Row]) -> tuple[float, float]:
     return elapsed, recorded
 
 
+def verify(path: Path, count: int) -> float:
+    started = time.perf_counter()
+    report = verify_store(path, CheckpointTrust(frozenset(), ()))
+    elapsed = time.perf_counter() - started
+    if not report.ok or report.records != count:
+        raise SystemExit(f"verify: {report.problem}, {report.records} records")
+    return elapsed
+
+
 def seal_only(batch: list[Row]) -> float:
     prev = GENESIS
     started = time.perf_counter()
@@ -98,11 +111,13 @@ def main() -> int:
     args = parser.parse_args()
     batch = rows(args.count)
     best = {"plain": float("inf"), "chained": float("inf"), "seal": float("inf"),
-            "record": float("inf")}
+            "record": float("inf"), "verify": float("inf")}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for round_ in range(args.rounds):
             best["plain"] = min(best["plain"], plain(Path(folder) / f"plain-{round_}.db", batch))
-            writer, recorded = chained(Path(folder) / f"chained-{round_}.db", batch)
+            path = Path(folder) / f"chained-{round_}.db"
+            writer, recorded = chained(path, batch)
+            best["verify"] = min(best["verify"], verify(path, args.count))
             best["chained"] = min(best["chained"], writer)
             best["record"] = min(best["record"], recorded)
             best["seal"] = min(best["seal"], seal_only(batch))
@@ -112,11 +127,13 @@ def main() -> int:
     print(f"chained (AuditStore writer): {rate['chained']:10.0f} records/s "
           f"({ratio:.2f} of plain)")
     print(f"seal only (SHA-256 + JSON):  {rate['seal']:10.0f} records/s")
+    print(f"verify (events verify walk): {rate['verify']:10.0f} records/s")
     print(f"record() on the loop:        {1e9 * best['record'] / args.count:10.0f} ns/call")
     print(json.dumps({"count": args.count, "rounds": args.rounds,
                       "plain_per_s": round(rate["plain"]),
                       "chained_per_s": round(rate["chained"]),
-                      "seal_per_s": round(rate["seal"]), "ratio": round(ratio, 3),
+                      "seal_per_s": round(rate["seal"]),
+                      "verify_per_s": round(rate["verify"]), "ratio": round(ratio, 3),
                       "record_ns": round(1e9 * best["record"] / args.count)}))
     return 0
 
