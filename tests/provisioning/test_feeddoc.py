@@ -261,3 +261,45 @@ def test_history_merges_the_steps_since_a_version_it_holds() -> None:
     assert history.since(14) is not None
     with pytest.raises(ValueError, match="not after"):
         history.record(21, Changes())
+
+
+OLD_CA, NEW_CA = b"\x30\x03\x02\x01\x01", b"\x30\x03\x02\x01\x02"  # stand-ins: DER SEQUENCEs
+
+
+def _with_issuers(state: FeedState, *issuers: bytes) -> FeedState:
+    return FeedState(state.version, state.trust_domain, state.devices, state.revoked, issuers)
+
+
+@pytest.mark.parametrize("base", [0, 10, 14])  # snapshot, delta, heartbeat
+def test_every_document_carries_the_issuers_current_first(base: int) -> None:
+    """issuers (contract C1): standard base64 DER, in the state's order, in a snapshot, a
+    delta and a heartbeat alike; parsed back as bytes and kept by apply."""
+    state = _with_issuers(B, NEW_CA, OLD_CA)
+    moved = None if base == 0 else (Changes() if base == 14 else changes(A, B))
+    raw = document(state, base=base, moved=moved, issued=ISSUED, gateway="gw")
+    assert raw["issuers"] == ["MAMCAQI=", "MAMCAQE="]
+    doc = parse_document(_wire(raw))
+    assert doc.issuers == (NEW_CA, OLD_CA)
+    assert apply(_with_issuers(A, OLD_CA), doc).issuers == (NEW_CA, OLD_CA)
+
+
+def test_a_document_without_issuers_means_unknown_and_keeps_what_was_held() -> None:
+    """An older CA's document has no issuers: parsed as None (unknown, not none), and the
+    state keeps the issuers it had; a state that never had any says ()."""
+    doc = parse_document(_wire(document(B, base=0, moved=None, issued=ISSUED, gateway="gw")))
+    assert "issuers" not in json.loads(_wire(document(B, base=0, moved=None, issued=ISSUED,
+                                                      gateway="gw")))
+    assert doc.issuers is None
+    assert apply(_with_issuers(A, OLD_CA), doc).issuers == (OLD_CA,)
+    assert apply(None, doc).issuers == ()
+
+
+@pytest.mark.parametrize("value", [[], "MAMCAQE=", [1], [""], ["not base64!"], ["AAAA"]])
+def test_malformed_issuers_are_refused_by_name(value: object) -> None:
+    """Not a non-empty list of base64 DER certificates: FeedFormatError naming issuers."""
+    raw = document(B, base=0, moved=None, issued=ISSUED, gateway="gw")
+    raw["issuers"] = value
+    with pytest.raises(FeedFormatError) as caught:
+        parse_document(_wire(raw))
+    assert caught.value.where is not None
+    assert caught.value.where.startswith("issuers")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from provisioning import rotation
 from provisioning.authority import Authority
@@ -259,3 +260,17 @@ def test_a_rotation_that_fails_before_its_commit_puts_every_file_back(
     assert list((pki_dir / "retiring").iterdir()) == []
     with Authority(pki_dir) as authority:
         assert authority.registry.count_events("issuing-ca.rotate") == 0
+
+
+def test_an_issuing_key_that_is_not_its_certificates_pair_is_one_line(
+        pki_dir: Path, cli: Callable[..., CliResult]) -> None:
+    """What a rotate cut between its key and its certificate would leave: every command that
+    loads the issuing CA says so in one line (exit 2) instead of signing with a mismatch."""
+    other = ec.generate_private_key(ec.SECP256R1())
+    (pki_dir / "issuing-ca.key").write_bytes(other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    done = cli("crl", "--pki", pki_dir)
+    assert done.code == 2
+    assert done.err.count("\n") == 1
+    assert "not the pair of its certificate" in done.err

@@ -7,6 +7,7 @@ the signed ``/feed`` (its ``issuers``) follow, and after ``retire`` only the new
 from __future__ import annotations
 
 import base64
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,12 +95,13 @@ def test_a_running_service_takes_a_rotation_and_a_retirement_without_restart(
         new_ca = x509.load_pem_x509_certificate((pki / "issuing-ca.pem").read_bytes())
         retiring = next((pki / "retiring").glob("*.pem"))
 
+        fresh_key = make_key()
         fresh = issued(request(server, "POST", "/.well-known/est/simpleenroll",
-                               enroll_body(make_csr(cn="dev-b")), token, pki=pki))
+                               enroll_body(make_csr(cn="dev-b", key=fresh_key)), token,
+                               pki=pki))
         assert fresh.issuer == new_ca.subject
         fresh.verify_directly_issued_by(new_ca)
-        fresh_pem = tmp_path / "dev-b.pem"
-        fresh_pem.write_bytes(fresh.public_bytes(serialization.Encoding.PEM))
+        fresh_pem, fresh_key_path = write_identity(tmp_path, "dev-b", fresh, fresh_key)
         renewed = issued(request(server, "POST", "/.well-known/est/simplereenroll",
                                  enroll_body(make_csr(cn="dev-a", key=make_key())), PKCS10,
                                  client_context(pki, first_pem, first_key_path), pki=pki))
@@ -127,6 +129,14 @@ def test_a_running_service_takes_a_rotation_and_a_retirement_without_restart(
 
         assert old_ca in _until(cacerts, lambda certs: new_ca in certs)
         assert new_ca in cacerts()
+        # The listener now trusts the new CA: its device renews presenting its leaf alone
+        # (a client trusting the root only has no intermediate to add to what it sends).
+        leaf_only = ssl.create_default_context(cafile=str(pki / "root-ca.pem"))
+        leaf_only.load_cert_chain(fresh_pem, fresh_key_path)
+        again = issued(request(server, "POST", "/.well-known/est/simplereenroll",
+                               enroll_body(make_csr(cn="dev-b", key=make_key())), PKCS10,
+                               leaf_only, pki=pki))
+        assert again.issuer == new_ca.subject
 
         def feed() -> dict[str, object]:
             return signed_document(request(server, "GET", "/feed?since=0",
