@@ -276,3 +276,34 @@ def test_the_safety_net_takes_the_whole_state_when_they_differ(
         assert len([r for r in caplog.records if "differs" in r.message]) == 1
 
     _follow(authority, test, interval=3600, check_seconds=0)
+
+
+def test_new_issuers_move_the_version_and_are_told_once(authority: Authority) -> None:
+    """The issuers are asked when the head moved: unchanged, a quiet action leaves the
+    version; changed (a rotation rewrote ca-chain.pem before its event committed), the same
+    kind of action moves it, wakes a long-poll, and on_issuers hears the new list once."""
+    current: list[tuple[bytes, ...]] = [(b"\x30\x01",)]
+    told: list[tuple[bytes, ...]] = []
+
+    async def main() -> None:
+        follower = Follower(FleetView(authority.paths.registry), "fleet.test",
+                            issuers=lambda: current[0], on_issuers=told.append)
+        await follower.start()
+        try:
+            first = follower.state.version
+            assert follower.state.issuers == (b"\x30\x01",)
+            _audit(authority, "issuing-ca.retire")
+            await follower.sync()
+            assert follower.state.version == first
+            current[0] = (b"\x30\x02", b"\x30\x01")
+            waiting = asyncio.ensure_future(follower.wait_change(first, 30))
+            _audit(authority, "issuing-ca.rotate")
+            await follower.sync()
+            await asyncio.wait_for(waiting, 5)
+            assert follower.state.version > first
+            assert follower.state.issuers == (b"\x30\x02", b"\x30\x01")
+            assert follower.since(first) is not None  # a delta (of no device) from before
+            assert told == [(b"\x30\x02", b"\x30\x01")]
+        finally:
+            await follower.close()
+    asyncio.run(main())
