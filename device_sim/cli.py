@@ -7,11 +7,13 @@ the fleet), 2 usage. Every expected failure is one line on stderr: ``error: <wha
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,8 +34,11 @@ from device_sim.lab import (
     write_gateway_config,
     write_hub_config,
 )
+from device_sim.lab.policy import rotation_service
 from device_sim.report import render
+from device_sim.rotation import RotateSettings
 from fleetcli import new_app, run_cli
+from provisioning.duration import format_duration, parse_duration
 from provisioning.errors import ProvisioningError
 from provisioning.pki import PKI
 
@@ -43,6 +48,9 @@ DEFAULT_PKI = Path("fleet-pki")
 TOKEN_ENV = "FLEET_SIM_TOKEN"  # noqa: S105  (the name of a variable, not a secret)
 QUICKSTART_DEVICES = 500
 MAX_GATEWAYS = 32
+DEFAULT_VALIDITY = "4m"  # --rotate: DESIGN section 10's example
+DEFAULT_RENEW_AT = 0.67
+DEFAULT_ROUNDS = 2
 
 out = Console(highlight=False, soft_wrap=True)
 
@@ -111,11 +119,37 @@ def run(
         "--revocation-timeout", min=0.1,
         help="Seconds a revoked live device may stay connected.")] = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No live progress.")] = False,
+    rotate: Annotated[bool, typer.Option(
+        "--rotate", help="The devices renew their certificates (EST simplereenroll) and "
+        "switch to them mid-run; the report adds a rotation object.")] = False,
+    validity: Annotated[str | None, typer.Option(
+        "--validity", metavar="DURATION",
+        help="With --rotate: the certificates' lifetime (the PKI's policy for the run) "
+             "[default: 4m]")] = None,
+    renew_at: Annotated[float | None, typer.Option(
+        "--renew-at", min=0.1, max=0.9, metavar="FRACTION",
+        help="With --rotate: renew at this fraction of a certificate's life [default: 0.67]",
+    )] = None,
+    renew_grace: Annotated[str | None, typer.Option(
+        "--renew-grace", metavar="DURATION",
+        help="With --rotate: how long a replaced certificate stays valid [default: an "
+             "eighth of the validity]")] = None,
+    no_renew: Annotated[int | None, typer.Option(
+        "--no-renew", min=0, metavar="N",
+        help="With --rotate: N devices do not renew and must be closed at their not-after "
+             "[default: 2, fewer in a fleet under 8]")] = None,
+    rounds: Annotated[int | None, typer.Option(
+        "--rounds", min=1, max=100,
+        help="With --rotate: hold until every renewing device has renewed this many times "
+             "(and at least --duration) [default: 2]")] = None,
 ) -> None:
     """Enroll a fleet, connect it to a broker, attack, revoke, and report.
 
     Example: fleet-sim run --pki fleet-pki --broker 127.0.0.1:8883 --devices 1000 --attacks
     --revoke 0.05 --report report.json
+
+    Rotation: fleet-sim run --pki fleet-pki --broker 127.0.0.1:8883 --devices 100 --rotate
+    --validity 4m --renew-at 0.67
     """
     brokers = parse_brokers(broker)
     (host, port), several = brokers[0], len(brokers) > 1
@@ -129,8 +163,33 @@ def run(
         processes=processes, fleet_dir=fleet_dir, enroll_url=enroll,
         enroll_token=_token(token_env) if enroll is not None else None,
         connect_timeout=connect_timeout, revocation_timeout=revocation_timeout)
-    with Display(quiet=quiet) as display:
-        result = run_fleet(settings, display)
+    given = {"--validity": validity, "--renew-at": renew_at, "--renew-grace": renew_grace,
+             "--no-renew": no_renew, "--rounds": rounds}
+    if not rotate:
+        for option, value in given.items():
+            if value is not None:
+                raise UsageError("needs --rotate", option)
+        with Display(quiet=quiet) as display:
+            result = run_fleet(settings, display)
+        _finish(result, report)
+        return
+    life = parse_duration(validity or DEFAULT_VALIDITY, "--validity")
+    grace = (parse_duration(renew_grace, "--renew-grace") if renew_grace is not None
+             else dt.timedelta(seconds=max(1, int(life.total_seconds() / 8))))
+    if grace >= life:
+        raise UsageError(f"{format_duration(grace)} is not shorter than the validity "
+                         f"{format_duration(life)}", "--renew-grace")
+    told = no_renew if no_renew is not None else min(2, devices // 4)
+    if told >= devices:
+        raise UsageError(f"{told} of {devices} devices would not renew; want fewer",
+                         "--no-renew")
+    with rotation_service(pki, format_duration(life), format_duration(grace),
+                          enroll) as est_url, Display(quiet=quiet) as display:
+        display.phase(f"renewing through {est_url} (validity {format_duration(life)}, "
+                      f"renew_grace {format_duration(grace)})")
+        result = run_fleet(replace(settings, rotate=RotateSettings(
+            est_url, life, grace, renew_at=renew_at or DEFAULT_RENEW_AT, no_renew=told,
+            rounds=rounds or DEFAULT_ROUNDS)), display)
     _finish(result, report)
 
 

@@ -33,7 +33,8 @@ from device_sim.brokers import Endpoint, apportion, check_broker, label, scenari
 from device_sim.display import Display
 from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
 from device_sim.errors import UsageError
-from device_sim.report import RunFacts, build
+from device_sim.report import RotationFacts, RunFacts, build
+from device_sim.rotation import RotateSettings, sweep_allowance, wait_superseded
 from device_sim.scenarios import AttackKit, AttackRunner, ScenarioResult, prepare
 from device_sim.squatters import SQUATTERS, SquatFacts, Squatters
 from device_sim.worker import (
@@ -48,6 +49,7 @@ from device_sim.worker import (
     worker_main,
 )
 from provisioning.authority import Authority
+from provisioning.duration import format_duration
 
 Observer = Callable[[str], None]  # told "enrolled", "ramp-start", "ramp-end", "stop", "done"
 DEVICES_PER_PROCESS = 1000
@@ -76,6 +78,7 @@ class RunSettings:
     squatters: int = SQUATTERS  # one-byte TLS connections during the ramp (with attacks)
     # Several brokers (host and port are then the first): devices dealt out round-robin.
     brokers: tuple[Endpoint, ...] = ()
+    rotate: RotateSettings | None = None  # --rotate: the fleet renews itself (rotation.py)
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -164,6 +167,12 @@ class _Parent:
         self.scenarios: list[ScenarioResult] = []
         self.squats: dict[str, SquatFacts] = {}  # broker -> what its squatters did
         self.errors: list[str] = []
+        rotate = settings.rotate
+        # The last devices of the fleet are told not to renew (dealt over the workers).
+        self.no_renew = ([f.device_id for f in enrollment.devices[-rotate.no_renew:]]
+                         if rotate is not None and rotate.no_renew > 0 else [])
+        self.rotation = (rotate.plan(settings.pki / "ca-chain.pem", self.no_renew)
+                         if rotate is not None else None)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -179,7 +188,8 @@ class _Parent:
                      if i % count == index]
             plan = WorkerPlan(index, share, s.host, s.port, self.ca_pem, s.rate,
                               s.publish_interval, s.connect_timeout, s.check_hostname,
-                              spread_sources=spread, brokers=brokers)
+                              spread_sources=spread, brokers=brokers,
+                              rotation=self.rotation)
             ours, theirs = context.Pipe()
             process = context.Process(target=worker_main, args=(plan, theirs),
                                       name=f"fleet-sim-worker-{index}", daemon=True)
@@ -278,7 +288,10 @@ class _Parent:
                 jobs.append(asyncio.create_task(self._attacks(self.kit)))
             if s.revoke > 0:
                 jobs.append(asyncio.create_task(self._revocation()))
-            await asyncio.sleep(max(0.0, hold_end - time.monotonic()))
+            if s.rotate is not None:
+                await self._rotation_hold(s.rotate, hold_end)
+            else:
+                await asyncio.sleep(max(0.0, hold_end - time.monotonic()))
             if jobs:
                 await asyncio.gather(*jobs)
             self.notify("stop")
@@ -298,10 +311,45 @@ class _Parent:
         results = [k.result or WorkerResult(k.index, [], 0.0, 0.0, 0.0, 0.0,
                                             [f"worker {k.index} sent no result"])
                    for k in self.links]
+        rotation = await self._superseded(results) if s.rotate is not None else None
         return RunFacts(s.devices, s.broker, results, ramp_start, self.scenarios,
                         self.revoked_at, s.revocation_timeout, s.revoke > 0,
                         parent_cpu_s=_cpu() - cpu_start, errors=self.errors,
-                        squats=self.squats, limits=s.limits if self.kit else None)
+                        squats=self.squats, limits=s.limits if self.kit else None,
+                        rotation=rotation)
+
+    async def _rotation_hold(self, rotate: RotateSettings, hold_end: float) -> None:
+        """With --rotate the hold lasts --duration and until every renewing device has
+        renewed --rounds times and every device told not to renew has been closed at its
+        not-after; at most :meth:`RotateSettings.deadline_s`."""
+        renewing = self.settings.devices - len(self.no_renew)
+        self.display.phase(
+            f"rotating: {renewing} devices renew at {rotate.renew_at:g} of their "
+            f"{format_duration(rotate.validity)} certificates until each has renewed "
+            f"{rotate.rounds} times; {len(self.no_renew)} told not to renew")
+
+        def done() -> bool:
+            total = self.total()
+            return (time.monotonic() >= hold_end and total.rounds_done >= renewing
+                    and total.expired_kicked >= len(self.no_renew))
+
+        await self._until(done, rotate.deadline_s(self.settings.duration))
+
+    async def _superseded(self, results: list[WorkerResult]) -> RotationFacts:
+        """Every certificate a renewal replaced, revoked (superseded) at the CA once the
+        grace is over: polled in the registry until then."""
+        rotate = self.settings.rotate
+        assert rotate is not None  # noqa: S101
+        serials = [serial for w in results for r in w.records for serial in r.superseded]
+        if serials:
+            self.display.phase(f"waiting for the CA to revoke {len(serials)} superseded "
+                               f"certificates (renew_grace "
+                               f"{format_duration(rotate.renew_grace)})")
+        deadline = time.monotonic() + sweep_allowance(rotate.renew_grace)
+        revoked = await wait_superseded(self.settings.pki, serials, deadline) if serials else 0
+        return RotationFacts(rotate.rounds, len(self.no_renew), len(serials), revoked,
+                             format_duration(rotate.validity), rotate.renew_at,
+                             format_duration(rotate.renew_grace))
 
     async def _attacks(self, kit: AttackKit) -> None:
         """The attack and abuse scenarios at every broker at once (each must refuse)."""

@@ -30,6 +30,19 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+@dataclass(frozen=True)
+class RotationFacts:
+    """What the parent of a ``--rotate`` run knows beyond the device records."""
+
+    rounds: int  # renewals each renewing device had to complete
+    no_renew: int  # devices told not to renew
+    superseded: int  # certificates the renewals replaced (the CA answered)
+    superseded_revoked: int  # of those, revoked with reason superseded at the CA
+    validity: str
+    renew_at: float
+    renew_grace: str
+
+
 @dataclass
 class RunFacts:
     """What the parent gathered; :func:`build` turns it into the report."""
@@ -48,6 +61,7 @@ class RunFacts:
     errors: list[str] = field(default_factory=list)
     squats: dict[str, squatters.SquatFacts] = field(default_factory=dict)  # per broker
     limits: Limits | None = None  # what the abuse scenarios expected (with attacks)
+    rotation: RotationFacts | None = None  # with --rotate
 
 
 def _peak(records: list[DeviceRecord]) -> int:
@@ -150,7 +164,9 @@ def build(facts: RunFacts) -> dict[str, Any]:
     sent = sum(r.sent for r in records)
     received = sum(r.received for r in records)
     acked = sum(r.acked for r in records)
-    lost = sum(max(0, r.sent - r.received) for r in records if not r.revoked)
+    # A revoked device, or one told not to renew, loses its session and what was in flight.
+    lost = sum(r.lost if r.lost is not None else max(0, r.sent - r.received)
+               for r in records if not r.revoked and not r.no_renew)
     messages = {"sent": sent, "acked": acked, "received": received, "lost": lost}
     connect = _connect(records, facts.ramp_start)
     revocation, revocation_scenarios = _revocation(records, facts)
@@ -163,6 +179,10 @@ def build(facts: RunFacts) -> dict[str, Any]:
                                    connect if not several else _connect(mine, facts.ramp_start))
         scenarios.append(replace(found, name=scenario_name(found.name, broker, several)))
     scenarios += [*facts.scenarios, *revocation_scenarios]
+    rotation = expected = None
+    if facts.rotation is not None:
+        rotation, expected, rotation_scenarios = _rotation(records, facts.rotation)
+        scenarios += rotation_scenarios
     scenarios += [ScenarioResult("simulator", "no simulator errors", e, passed=False)
                   for e in facts.errors + [e for w in facts.workers for e in w.errors]]
     workers_cpu = sum(w.cpu_total_s + w.boot_s for w in facts.workers)
@@ -191,7 +211,62 @@ def build(facts: RunFacts) -> dict[str, Any]:
     }
     if facts.limits is not None:
         report["limits"] = facts.limits.to_json()
+    if rotation is not None:
+        report["rotation"] = rotation
+        report["rotation_expected"] = expected
     return report
+
+
+def _rotation(records: list[DeviceRecord], facts: RotationFacts,
+              ) -> tuple[dict[str, int], dict[str, int], list[ScenarioResult]]:
+    """DESIGN section 10's ``rotation`` object (observed), the same keys expected (renewed:
+    the least that passes), and one scenario per key."""
+    renewing = [r for r in records if not r.no_renew and not r.revoked]
+    told = [r for r in records if r.no_renew]
+    sent = sum(r.sent for r in renewing)
+    observed = {
+        "renewed": sum(r.renewed for r in records),
+        "failed": sum(r.renew_failed for r in records),
+        "messages_lost": sum(r.lost or 0 for r in renewing),
+        "expired_kicked": sum(1 for r in told if r.expired_kick),
+        "superseded_revoked": facts.superseded_revoked,
+    }
+    expected = {"renewed": facts.rounds * len(renewing), "failed": 0, "messages_lost": 0,
+                "expired_kicked": len(told), "superseded_revoked": facts.superseded}
+    fewest = min((r.renewed for r in renewing), default=0)
+    errors = Counter(r.renew_error for r in records if r.renew_failed and r.renew_error)
+    failed = f"{observed['failed']} failed attempts"
+    if errors:
+        (error, count), = errors.most_common(1)
+        failed += f" (most often: {error} x{count})"
+    stayed = [r.device_id for r in told if not r.expired_kick]
+    kicked = f"{observed['expired_kicked']} of {len(told)} closed at not-after"
+    if stayed:
+        kicked += f"; not: {', '.join(stayed[:3])}"
+    scenarios = [
+        ScenarioResult("rotation-renewed",
+                       f"each of the {len(renewing)} renewing devices renews at least "
+                       f"{facts.rounds} times ({facts.validity} certificates, at "
+                       f"{facts.renew_at:g} of their life)",
+                       f"{observed['renewed']} renewals, fewest per device {fewest}",
+                       bool(renewing) and fewest >= facts.rounds),
+        ScenarioResult("rotation-failed", "no renewal attempt fails", failed,
+                       observed["failed"] == 0),
+        ScenarioResult("rotation-messages-lost",
+                       "every QoS 1 sequence number published across the switches comes back",
+                       f"{observed['messages_lost']} of {sent} lost",
+                       observed["messages_lost"] == 0),
+        ScenarioResult("rotation-expired-kicked",
+                       f"the {len(told)} devices told not to renew are closed by the broker "
+                       "at their certificate's not-after", kicked,
+                       observed["expired_kicked"] == len(told)),
+        ScenarioResult("rotation-superseded-revoked",
+                       f"each of the {facts.superseded} replaced certificates is revoked "
+                       f"(superseded) after renew_grace {facts.renew_grace}",
+                       f"{facts.superseded_revoked} of {facts.superseded} revoked",
+                       facts.superseded_revoked == facts.superseded),
+    ]
+    return observed, expected, scenarios
 
 
 def _per_broker(brokers: list[str], records: list[DeviceRecord],
@@ -232,6 +307,14 @@ def _fmt(value: object, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _rotation_line(rotation: dict[str, int] | None) -> str:
+    if rotation is None:
+        return ""
+    return (f"rotation: {rotation['renewed']} renewed, {rotation['failed']} failed, "
+            f"{rotation['messages_lost']} messages lost, {rotation['expired_kicked']} kicked "
+            f"at expiry, {rotation['superseded_revoked']} superseded revoked\n")
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """The scenario table and the figures, as the terminal shows them."""
     table = Table(title=f"fleet-sim: {report['devices']} devices against {report['broker']}",
@@ -270,6 +353,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{_fmt(b['revocation_p99_ms'], ' ms')}), {b['reconnects_refused']} reconnects "
             f"refused, {b['unexpected_disconnects']} dropped\n"
             for b in report.get("brokers", []) if len(report.get("brokers", [])) > 1)
+        + _rotation_line(report.get("rotation"))
         + f"simulator CPU: {cpu['simulator_s']:.2f} s ({_fmt(cpu['per_connect_ms'], ' ms')} "
         f"per connect during the ramp) in {report['processes']} processes",
         highlight=False)

@@ -26,6 +26,7 @@ from typing import Any
 from device_sim.brokers import apportion, assign, label
 from device_sim.device import SUBACK_FAILURE, Device, Outcome
 from device_sim.enroll import DeviceFiles
+from device_sim.rotation import RotationPlan, Rotator
 from device_sim.transport import ClientTLS, Credentials, client_context
 
 PROGRESS_EVERY = 0.25
@@ -52,6 +53,7 @@ class WorkerPlan:
     # Several brokers: device *ordinal* connects to brokers[ordinal % n] (device_sim.brokers);
     # empty: host and port above, for every device.
     brokers: tuple[tuple[str, int], ...] = ()
+    rotation: RotationPlan | None = None  # --rotate: each device renews (device_sim.rotation)
 
     def endpoint(self, ordinal: int) -> tuple[str, int]:
         """Where fleet device *ordinal* connects."""
@@ -70,6 +72,8 @@ class Counters:
     reconnects: int = 0
     reconnects_refused: int = 0
     peak: int = 0
+    rounds_done: int = 0  # --rotate: renewing devices that completed their rounds
+    expired_kicked: int = 0  # --rotate: devices told not to renew, closed at not-after
 
 
 @dataclass
@@ -94,6 +98,16 @@ class DeviceRecord:
     reconnect: str | None = None
     reconnect_refused: bool | None = None
     broker: str = ""  # HOST:PORT it connects to
+    # --rotate (device_sim.rotation): renewals completed, attempts failed, the serials the
+    # renewals replaced, sequence numbers never received, told not to renew, closed by the
+    # broker at its certificate's not-after.
+    renewed: int = 0
+    renew_failed: int = 0
+    renew_error: str | None = None
+    superseded: list[str] = field(default_factory=list)
+    lost: int | None = None
+    no_renew: bool = False
+    expired_kick: bool = False
 
 
 @dataclass
@@ -176,6 +190,22 @@ class _Worker:
         self.reconnects: list[asyncio.Task[None]] = []
         self.errors: list[str] = []
         self.ramp_end = 0.0
+        self.files = {files.device_id: files for _, files in plan.devices}
+        self.rotator = (Rotator(plan.rotation, self.new_context) if plan.rotation is not None
+                        else None)
+        if self.rotator is not None:
+            self.rotator.on_round = self.round_done
+
+    def new_context(self, device_id: str) -> ClientTLS:
+        """The device's TLS context from its files (again, after a renewal replaced them)."""
+        files = self.files[device_id]
+        context = client_context(self.plan.ca_pem, Credentials(files.cert, files.key),
+                                 check_hostname=self.plan.check_hostname)
+        self.contexts[device_id] = context
+        return context
+
+    def round_done(self, _device_id: str) -> None:
+        self.counters.rounds_done += 1
 
     def on_message(self) -> None:
         try:
@@ -215,6 +245,8 @@ class _Worker:
                               strict=True):
             chosen += [ids[int(i * len(ids) / share)] for i in range(share)]
         for device_id in chosen:
+            if self.rotator is not None:
+                self.rotator.forget(device_id)
             self.revoking.add(device_id)
             self.records[device_id].revoked = True
         return chosen
@@ -225,12 +257,16 @@ class _Worker:
         # their TLS contexts (trust bundle, own key and certificate) and paho clients are
         # made now, so that work does not compete with the broker during the ramp.
         boot_start = cpu_seconds()
+        if self.rotator is not None:
+            await self.rotator.open()
         for ordinal, files in self.plan.devices:
             self.records[files.device_id] = DeviceRecord(
                 files.device_id, broker=label(self.plan.endpoint(ordinal)))
-            self.contexts[files.device_id] = client_context(
-                self.plan.ca_pem, Credentials(files.cert, files.key),
-                check_hostname=self.plan.check_hostname)
+            self.new_context(files.device_id)
+            if self.rotator is not None:
+                self.rotator.track(files.device_id, files.cert)
+                self.records[files.device_id].no_renew = (
+                    files.device_id in self.rotator.plan.no_renew)
             self.booted[files.device_id] = self.device(files.device_id, ordinal)
             await asyncio.sleep(0)  # stay responsive to the parent
         boot_s = cpu_seconds() - boot_start
@@ -272,8 +308,15 @@ class _Worker:
         plan = self.plan
         host, port = plan.endpoint(ordinal)
         source = source_address(ordinal) if plan.spread_sources and on_loopback(host) else None
+        rotator = self.rotator
+        if rotator is None:
+            return Device(device_id, self.contexts[device_id], host, port,
+                          keepalive=plan.keepalive, source=source)
+        # Rotating: a persistent session, so nothing is lost across a certificate switch,
+        # and every telemetry sequence number that comes back is noted.
         return Device(device_id, self.contexts[device_id], host, port,
-                      keepalive=plan.keepalive, source=source)
+                      keepalive=plan.keepalive, source=source, clean_session=False,
+                      on_message=lambda _topic, payload: rotator.received(device_id, payload))
 
     async def life(self, ordinal: int, device_id: str) -> None:
         """Connect, subscribe; publishing is driven by :meth:`publisher` until stop."""
@@ -314,16 +357,18 @@ class _Worker:
         self.counters.connected += 1
         self.counters.peak = max(self.counters.peak, self.counters.connected)
         asyncio.create_task(self.publisher(device))  # noqa: RUF006  (ends with the device)
+        if self.rotator is not None:
+            files = self.files[device_id]
+            self.rotator.start(device, files.cert, files.key)
 
     async def publisher(self, device: Device) -> None:
         interval = self.plan.publish_interval
         topic = f"devices/{device.client_id}/telemetry"
         # Spread the fleet's publishes over the interval instead of in lockstep.
         await asyncio.sleep(random.uniform(0, interval))  # noqa: S311
-        seq = 0
         while device.connected and not self.stop.is_set():
-            seq += 1
-            device.publish(topic, b'{"seq":%d,"t":%.3f}' % (seq, time.time()))
+            # seq counts the messages taken: a gap at the receiver is a lost message.
+            device.publish(topic, b'{"seq":%d,"t":%.3f}' % (device.sent + 1, time.time()))
             await asyncio.sleep(interval)
 
     def gone(self, device: Device) -> None:
@@ -333,7 +378,12 @@ class _Worker:
         if device.closing or record.survived:
             return
         record.lost_at = device.disconnected_at
-        if device.client_id in self.revoking:
+        if self.rotator is not None:
+            self.rotator.forget(device.client_id)
+        if self.rotator is not None and self.rotator.expiry_kick(device.client_id, time.time()):
+            record.expired_kick = True
+            self.counters.expired_kicked += 1
+        elif device.client_id in self.revoking:
             self.counters.revoked_gone += 1
             self.try_again(device.client_id)
         else:
@@ -356,17 +406,31 @@ class _Worker:
         if outcome.accepted:
             await device.disconnect()
 
+    def missing(self, device: Device) -> bool:
+        """Whether telemetry of *device* has not all come back yet."""
+        if self.rotator is not None:
+            return self.rotator.lost(device.client_id, device.sent) > 0
+        return device.received < device.sent
+
     async def teardown(self) -> None:
-        """Wait (briefly) for telemetry still in flight, then DISCONNECT every device."""
+        """Stop the renewal agents, wait (briefly) for telemetry still in flight, then
+        DISCONNECT every device."""
+        if self.rotator is not None:
+            await self.rotator.close()
         live = [d for d in self.live.values() if d.connected]
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while time.monotonic() < deadline and any(
-                d.received < d.sent for d in live if d.connected):
+                self.missing(d) for d in live if d.connected):
             await asyncio.sleep(0.05)
         for device in self.live.values():
             record = self.records[device.client_id]
             record.sent, record.received = device.sent, device.received
             record.acked = device.acked
+            if self.rotator is not None:
+                stats = self.rotator.stats(device.client_id)
+                record.renewed, record.renew_failed = stats.renewed, stats.failed
+                record.renew_error, record.superseded = stats.last_error, stats.superseded
+                record.lost = self.rotator.lost(device.client_id, device.sent)
         results = await asyncio.gather(*(d.disconnect() for d in live if d.connected),
                                        return_exceptions=True)
         for failure in results:

@@ -8,20 +8,24 @@ fleet issuing four-minute certificates.
 ``fleet-provision serve`` issues its own TLS certificate (``est-server.pem``) with the
 fleet's validity when the one on disk has less than 30 days left: under a 4-minute policy
 it would issue one that ends mid-run, every start. :func:`ensure_service_cert` issues it for
-a year first (the service then keeps it).
+a year first (the service then keeps it). :func:`rotation_service` does all of it around a
+run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
 
 from device_sim.errors import UsageError
+from device_sim.lab.gateways import CAServiceProcess
 from provisioning.authority import Authority
 
 SERVICE_CERT_DAYS = 365
@@ -63,3 +67,31 @@ def ensure_service_cert(pki: Path, host: str = "127.0.0.1") -> None:
     with Authority(pki, actor="fleet-sim") as authority:
         authority.server_cert("localhost", [host], pki, days=SERVICE_CERT_DAYS,
                               basename="est-server")
+
+
+@contextlib.contextmanager
+def rotation_service(pki: Path, validity: str, renew_grace: str,
+                     url: str | None = None) -> Iterator[str]:
+    """The EST service a rotation run renews through; yields its URL.
+
+    With *url* (``--enroll``: a service the operator runs) the PKI's policy must already be
+    *validity* (the service read it when it started). Without, the policy is set, the
+    service started on a free loopback port for the run, then stopped and the policy put
+    back as it was.
+    """
+    if url is not None:
+        current = policy(pki)["validity"]
+        if current != validity:
+            raise UsageError(
+                f"the PKI's validity is {current}, not {validity}: run fleet-provision policy "
+                f"set --pki {pki} validity={validity} renew_grace={renew_grace} and restart "
+                "the service, or leave --enroll out", "--validity")
+        yield url
+        return
+    before = set_policy(pki, validity, renew_grace)
+    try:
+        ensure_service_cert(pki)
+        with CAServiceProcess(pki) as service:
+            yield service.url
+    finally:
+        set_policy(pki, before["validity"], before["renew_grace"])
