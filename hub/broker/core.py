@@ -185,7 +185,10 @@ class HubBroker(RoutingBroker):
         if existing is not None and existing[0].transitions.is_connected():
             old = getattr(existing[0], "connection", None)
             if old is not None and identity is not None:
-                self.hub_runtime.findings.took_over(client_id, old, identity, peer)
+                handler = existing[1]
+                idle = handler.idle_seconds(asyncio.get_running_loop().time()) \
+                    if isinstance(handler, HubHandler) else None
+                self.hub_runtime.findings.took_over(client_id, old, identity, peer, idle)
             await self._take_over(client_id, existing[1])  # the old one has ended on return
             existing = self._sessions.get(client_id)
         if incoming.clean_session or (existing is not None and existing[0].clean_session):

@@ -81,6 +81,11 @@ class HubHandler(ControlHandler):
         # lines carry the client id in their text anyway.
         self.logger = _AMQTT_LOG
 
+    def idle_seconds(self, now: float) -> float | None:
+        """Seconds (loop time) since this connection last sent anything; None before start."""
+        last: float | None = getattr(self, "_last_read", None)
+        return None if last is None else max(0.0, now - last)
+
     def check_idle(self, now: float) -> None:
         """Close the connection if nothing came within 1.5x keep-alive [MQTT-3.1.2-24].
 

@@ -103,11 +103,13 @@ class Findings:
             self._admitted[serial] = _Admitted(
                 identity, None if serial in self._keys_done else der, peer, self.clock.time())
 
-    def took_over(self, client_id: str, old: Live, identity: DeviceIdentity, peer: str) -> None:
-        """*identity* from *peer* is taking *client_id* over from the live connection *old*."""
+    def took_over(self, client_id: str, old: Live, identity: DeviceIdentity, peer: str,
+                  old_idle: float | None = None) -> None:
+        """*identity* from *peer* is taking *client_id* over from the live connection *old*
+        (silent for *old_idle* seconds: long for a half-open connection, short for a clone)."""
         finding = self.takeovers.observe(Takeover(self.clock.time(), client_id,
                                                   old.identity.serial, old.peer,
-                                                  identity.serial, peer))
+                                                  identity.serial, peer, old_idle))
         if finding is not None:
             asyncio.get_running_loop().call_soon(self.found, finding)
 

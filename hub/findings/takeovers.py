@@ -33,7 +33,7 @@ _K = TypeVar("_K", int, str)
 @dataclass(frozen=True, slots=True)
 class Takeover:
     """One CONNECT (*new_serial* from *new_peer*) that took *client_id* over from a live
-    connection (*old_serial* from *old_peer*) at *time*."""
+    connection (*old_serial* from *old_peer*, silent for *old_idle* seconds) at *time*."""
 
     time: float
     client_id: str
@@ -41,6 +41,7 @@ class Takeover:
     old_peer: str
     new_serial: int
     new_peer: str
+    old_idle: float | None = None  # seconds the displaced connection had been silent
 
 
 class TakeoverDetector:
@@ -87,6 +88,10 @@ def _drop_before(history: deque[Takeover], cutoff: float) -> None:
         history.popleft()
 
 
+def _idle(event: Takeover) -> float | None:
+    return None if event.old_idle is None else round(event.old_idle, 3)
+
+
 def _peers(history: deque[Takeover]) -> list[str]:
     peers: dict[str, None] = {}
     for event in history:
@@ -102,7 +107,8 @@ def _shared(history: deque[Takeover], window: float) -> Finding:
         CERTIFICATE_SHARED, serial, last.client_id, serial, last.new_peer,
         {"peers": _peers(history), "window_seconds": window,
          "takeovers": [{"time": format_time(e.time), "from_peer": e.old_peer,
-                        "to_peer": e.new_peer} for e in history]},
+                        "to_peer": e.new_peer, "from_idle_seconds": _idle(e)}
+                       for e in history]},
         ((last.new_serial, last.client_id),))
 
 
@@ -119,5 +125,6 @@ def _conflict(history: deque[Takeover], window: float) -> Finding:
          "peers": _peers(history), "window_seconds": window,
          "takeovers": [{"time": format_time(e.time), "from_serial": serial_hex(e.old_serial),
                         "from_peer": e.old_peer, "to_serial": serial_hex(e.new_serial),
-                        "to_peer": e.new_peer} for e in history]},
+                        "to_peer": e.new_peer, "from_idle_seconds": _idle(e)}
+                       for e in history]},
         tuple((s, last.client_id) for s in serials))

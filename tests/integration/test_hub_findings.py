@@ -154,6 +154,8 @@ def test_one_certificate_in_two_boxes_is_certificate_shared(site: Site) -> None:
     assert isinstance(evidence, dict)
     assert evidence["peers"] == peers
     assert len(evidence["takeovers"]) == 2
+    for takeover in evidence["takeovers"]:  # the displaced box had been silent that long
+        assert isinstance(takeover["from_idle_seconds"], float | int)
     assert evidence["window_seconds"] == 60
     assert site.findings("steady") == []
     counted = metric(site.hub, re.escape('fleet_hub_findings_total{check="certificate-shared"}'))
