@@ -116,10 +116,11 @@ class Findings:
     # -- start, stop, the pass ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the quarantine file (a corrupt one stops the start: QuarantineError), then run
-        the pass every second."""
+        """Load the quarantine file (a corrupt one stops the start: QuarantineError), look at
+        client_ca, then run the pass every second."""
         if self._file is not None:
             await self._reload_quarantine()
+        self._ca(self.clock.time())  # ca-expiring at start, not a pass later
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hub findings")
 
     async def stop(self) -> None:
