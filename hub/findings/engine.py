@@ -159,9 +159,9 @@ class Findings:
     def _expiring(self, sessions: Sequence[Live], now: float) -> None:
         told = self._expiring_told
         fresh = [s for s in sessions if now - told.get(s.identity.serial, -DAY) >= DAY]
-        for finding in expiring(fresh, now, self.config.warn_days):
+        for serial, finding in expiring(fresh, now, self.config.warn_days):
             self.found(finding)
-            told[int(finding.serial or "0", 16)] = now
+            told[serial] = now
         if len(told) > 2 * len(sessions) + 1000:
             for serial in [s for s, t in told.items() if now - t >= DAY]:
                 del told[serial]
@@ -180,7 +180,7 @@ class Findings:
         if not self.gatekeeper.auth.registered_only:
             snapshot = self.gatekeeper.watcher.snapshot
             if snapshot.certificates is not None:
-                self._unregistered(admitted, snapshot.certificates, now)
+                self._unregistered(admitted, now)
         keys = [(a.identity, a.der, a.peer) for a in admitted.values() if a.der is not None]
         if not keys:
             return
@@ -194,8 +194,7 @@ class Findings:
                 self.found(Finding(WEAK_KEY, serial, identity.device_id, serial, peer, problem,
                                    ((identity.serial, identity.device_id),)))
 
-    def _unregistered(self, admitted: dict[int, _Admitted],
-                      listed: object, now: float) -> None:
+    def _unregistered(self, admitted: dict[int, _Admitted], now: float) -> None:
         snapshot = self.gatekeeper.watcher.snapshot
         self._unlisted.update(admitted)
         for serial, seen in list(self._unlisted.items()):

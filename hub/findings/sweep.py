@@ -41,18 +41,20 @@ class Live(Protocol):
     def peer(self) -> str: ...
 
 
-def expiring(sessions: Iterable[Live], now: float, warn_days: int) -> Iterator[Finding]:
-    """A finding for each session whose certificate ends within *warn_days* days of *now*."""
+def expiring(sessions: Iterable[Live], now: float,
+             warn_days: int) -> Iterator[tuple[int, Finding]]:
+    """(serial, finding) for each session whose certificate ends within *warn_days* days of
+    *now*."""
     horizon = now + warn_days * DAY
     for session in sessions:
         identity = session.identity
         if identity.not_after <= horizon:
             serial = identity.serial_hex
-            yield Finding(CERTIFICATE_EXPIRING, serial, identity.device_id, serial,
-                          session.peer,
-                          {"not_after": format_time(identity.not_after),
-                           "days_left": round((identity.not_after - now) / DAY, 3),
-                           "warn_days": warn_days})
+            yield identity.serial, Finding(
+                CERTIFICATE_EXPIRING, serial, identity.device_id, serial, session.peer,
+                {"not_after": format_time(identity.not_after),
+                 "days_left": round((identity.not_after - now) / DAY, 3),
+                 "warn_days": warn_days})
 
 
 def ca_expiring(certificates: Iterable[x509.Certificate], now: float, warn_days: int,
