@@ -55,7 +55,7 @@ def test_open_creates_a_wal_database_with_the_events_table_and_indexes(db: Path)
         conn.close()
     assert columns == ["id", "time", "event", "device_id", "serial", "peer", "reason",
                        "evidence", "prev_hash", "hash"]
-    assert indexes == {"events_device_time", "events_time"}
+    assert indexes == {"events_device_time", "events_time", "events_findings"}
 
 
 def test_records_from_many_threads_all_land(db: Path) -> None:

@@ -346,6 +346,20 @@ def test_audit_since_leaves_older_findings_out(config: Path, store: AuditStore) 
     assert bad.stderr.startswith("error: --since: 'yesterday' is not a time")
 
 
+def test_findings_are_read_through_their_partial_index(config: Path, store: AuditStore) -> None:
+    """fleet-hub audit does not scan every accept: SQLite plans the partial index."""
+    findings(store)
+    with sqlite3.connect(config.parent / "hub-audit.db") as conn:
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT id FROM events WHERE time >= 0 AND "
+                            "event = 'finding' ORDER BY time DESC, id DESC").fetchall()
+    conn.close()
+    assert "USING INDEX events_findings" in str(plan)
+    from hub.audit.findings import read_findings
+
+    assert [g.check for g in read_findings(config.parent / "hub-audit.db", since=0)] == [
+        "ca-expiring", "certificate-shared", "client-id-conflict"]
+
+
 def test_audit_on_a_missing_store_names_the_file(config: Path) -> None:
     done = hub("audit", "--config", config)
     assert done.returncode == 1
