@@ -95,3 +95,34 @@ def test_prune_on_a_live_hub_then_an_edit_is_named(fleet: Fleet, hub: RunningHub
     assert broken.returncode == 1
     assert broken.stderr.startswith(f"error: audit chain broken at record #{record_id} "
                                     f"({row['time']}): altered")
+
+
+def test_a_hub_upgrading_a_version_1_store_seals_it_and_writes_on(
+        fleet: Fleet, tmp_path: Path, connect: Callable[..., Client]) -> None:
+    """A store as the hub before the chain left it: a new hub opens it, seals the old rows
+    first, then its own accept; verify ok and says how many were sealed on upgrade."""
+    store = tmp_path / "old-audit.db"
+    conn = sqlite3.connect(store, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL NOT NULL, "
+                 "event TEXT NOT NULL, device_id TEXT, serial TEXT, peer TEXT, reason TEXT)")
+    conn.executemany("INSERT INTO events (time, event, device_id, serial, peer, reason) "
+                     "VALUES (?, 'reject', ?, NULL, '127.0.0.1:1', 'untrusted')",
+                     [(1764000000.5 + i, f"old-{i}") for i in range(250)])
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    config = fleet.write_config("hub-upgrade.toml", extra=f'[audit]\npath = "{store}"\n')
+    running = RunningHub.start(config)
+    try:
+        assert connect(fleet.device("chain-upgrade"), port=running.port).connect() == ACCEPTED
+        [row] = running.wait_events("chain-upgrade", event="accept")
+        done = fleet_hub("events", "verify", "--config", config)
+        assert done.returncode == 0, done.stderr
+        assert "250 records written by a version 1 hub were sealed on upgrade" in done.stdout
+        as_json = json.loads(fleet_hub("events", "verify", "--config", config,
+                                       "--json").stdout)
+        assert as_json["migrated"]["records"] == 250
+        assert as_json["records"] >= 251
+    finally:
+        assert running.stop() == 0, "".join(running.log)
+    assert row["device_id"] == "chain-upgrade"
