@@ -409,7 +409,8 @@ def test_two_crls_in_one_file_refuse_the_revoked_of_both_issuers(
         status, body = healthz(running)
         assert status == 200
         [source] = body["revocation"]
+        first_issuer = x509.load_pem_x509_crl((fleet.pki / "crl.pem").read_bytes())
         assert (source["name"], source["ok"], source["stale"], source["entries"]) == (
-            "crl-file", True, False, 2)
+            "crl-file", True, False, len(first_issuer) + 1)  # the module's earlier ones too
     finally:
         assert running.stop() == 0, "".join(running.log)
