@@ -4,6 +4,7 @@ intermediate, whatever chain it sends. Real certificates of a real PKI, a real T
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from hub.cabundle import BundleWatcher
 from hub.config import ListenerConfig
 from hub.issuers import ANY_UNDER_ROOT, allowed_issuers, issuer_name
 from hub.listener import TLSListener
+from hub.revocation import load_ca_bundle
 from hub.tls import HandshakeRefusal, server_context
 from provisioning.pki import IssuingCA
 from tests.hub.cabundle_support import leaf_from, second_intermediate
@@ -139,3 +142,17 @@ def test_both_intermediates_in_client_ca_admit_both(fleet: Fleet, foreign: Issui
     outcomes, refused = _run(fleet, both, newcomer, fleet.device("ours-3"))
     assert outcomes == [b"hello", b"hello"]
     assert refused == []
+
+
+def test_a_root_only_client_ca_is_said_loudly_at_start(fleet: Fleet, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    root_only = tmp_path / "root-only.pem"
+    root_only.write_bytes((fleet.pki / "root-ca.pem").read_bytes())
+    caplog.set_level(logging.INFO, "hub.cabundle")
+    BundleWatcher(root_only, load_ca_bundle)
+    BundleWatcher(fleet.ca, load_ca_bundle)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "hub.cabundle"]
+    assert said[0][0] == logging.WARNING
+    assert "holds no intermediate (a root only)" in said[0][1]
+    assert said[1][0] == logging.INFO
+    assert "device certificates are admitted from 'CN=" in said[1][1]
