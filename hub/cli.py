@@ -125,8 +125,15 @@ SinceOpt = Annotated[str | None, typer.Option("--since", metavar="T",
                                               help="ISO 8601 time or 10m / 2h / 1d")]
 
 
-def _store(config: Path | None, pki: Path | None) -> HubConfig:
+def _store(config: Path | None, pki: Path | None, ctx: typer.Context | None = None
+           ) -> HubConfig:
+    if ctx is not None and config is None and pki is None and isinstance(ctx.obj, dict):
+        config, pki = ctx.obj.get("config"), ctx.obj.get("pki")
     return HubConfig.from_pki(pki) if pki is not None and config is None else _load(config)
+
+
+def _group_json(ctx: typer.Context, as_json: bool) -> bool:
+    return as_json or (isinstance(ctx.obj, dict) and bool(ctx.obj.get("json")))
 
 
 def _since(text: str | None, option: str = "--since") -> float | None:
@@ -156,6 +163,13 @@ def events(
     Example: fleet-hub events --config hub.toml --device sensor-0042 --since 1h --json
     """
     if ctx.invoked_subcommand is not None:
+        # `events --config hub.toml verify` reads as well as `events verify --config ...`:
+        # the subcommand takes --config, --pki (and --json) from here unless given its own.
+        for option, given in (("--device", device), ("--since", since), ("--follow", follow)):
+            if given:
+                raise ConfigError(None, option, f"does not apply to `events "
+                                  f"{ctx.invoked_subcommand}`")
+        ctx.obj = {"config": config, "pki": pki, "json": as_json}
         return
     from hub.audit import read_records  # noqa: PLC0415
 
@@ -210,6 +224,7 @@ def _follow(path: Path, since: float | None, device: str | None, *, as_json: boo
 
 @events_app.command("verify")
 def events_verify(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     pki: PkiOpt = None,
     anchor: Annotated[list[str] | None, typer.Option(
@@ -226,7 +241,8 @@ def events_verify(
     from hub.audit.checkpoint import CheckpointTrust  # noqa: PLC0415
     from hub.audit.verify import verify_store  # noqa: PLC0415
 
-    loaded = _store(config, pki)
+    loaded = _store(config, pki, ctx)
+    as_json = _group_json(ctx, as_json)
     anchors = [_anchor(text) for text in anchor or ()]
     trust = CheckpointTrust.load(loaded.listener.server_cert, loaded.listener.client_ca)
     report = verify_store(loaded.audit.path, trust, anchors)
@@ -294,6 +310,7 @@ def _report_text(report: ChainReport) -> str:
 
 @events_app.command("prune")
 def events_prune(
+    ctx: typer.Context,
     before: Annotated[str, typer.Option("--before", metavar="T", help="Prune records older "
                                         "than this: ISO 8601 time or 90d / 12w")],
     config: ConfigOpt = None,
@@ -308,7 +325,7 @@ def events_prune(
     from hub.audit.checkpoint import CheckpointTrust, load_signer  # noqa: PLC0415
     from hub.audit.prune import prune  # noqa: PLC0415
 
-    loaded = _store(config, pki)
+    loaded = _store(config, pki, ctx)
     cutoff = _since(before, "--before")
     assert cutoff is not None  # noqa: S101 - before is a required option
     listener = loaded.listener

@@ -96,6 +96,18 @@ def test_verify_usage_errors_exit_2(config: Path, store: AuditStore) -> None:
     assert missing.stderr.startswith("error: --config: missing")
 
 
+def test_group_options_before_the_subcommand(config: Path, store: AuditStore) -> None:
+    """`events --config X verify` works like `events verify --config X` (also --json);
+    the listing's own options with a subcommand are a usage error."""
+    fill(store, 2)
+    done = hub("events", "--config", config, "--json", "verify")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["records"] == 2
+    wrong = hub("events", "--config", config, "--device", "d1", "verify")
+    assert (wrong.returncode, wrong.stderr) == (
+        2, "error: --device: does not apply to `events verify`\n")
+
+
 def test_verify_with_an_anchor_from_a_follow_line(config: Path, store: AuditStore) -> None:
     fill(store, 5)
     last = read_records(config.parent / "hub-audit.db")[-1]
