@@ -2,8 +2,12 @@
 
 Split by job: :mod:`~hub.audit.store` (the writer the event loop feeds, off the loop),
 :mod:`~hub.audit.records` (reading, as ``fleet-hub events`` prints), :mod:`~hub.audit.chain`
-(the seal of one record), :mod:`~hub.audit.schema` (tables and migrations). Everything the rest
-of the hub and the CLI use is re-exported here: ``from hub.audit import AuditStore``.
+(the seal of one record), :mod:`~hub.audit.schema` (tables and migrations); the commands'
+parts, imported only by the CLI: :mod:`~hub.audit.verify`, :mod:`~hub.audit.checkpoint` and
+:mod:`~hub.audit.prune` (``events verify`` / ``prune``), :mod:`~hub.audit.follow`
+(``events --follow``), :mod:`~hub.audit.findings` (``fleet-hub audit``). What the rest of the
+hub uses is re-exported here: ``from hub.audit import AuditStore``. Operators' guide:
+docs/audit-log.md.
 """
 
 from __future__ import annotations
