@@ -40,15 +40,23 @@ def _roots(ca_certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
     return [c for c in ca_certs if c.subject == c.issuer and is_ca(c)]
 
 
-def under_root(cert: x509.Certificate, ca_certs: Sequence[x509.Certificate],
-               now: dt.datetime) -> str | None:
-    """Why *cert* is not a CA directly signed by a root of *ca_certs*, in its validity; None
-    when it is."""
+def _live_ca(cert: x509.Certificate, now: dt.datetime) -> str | None:
+    """Why *cert* is not a CA certificate in its validity; None when it is."""
     if not is_ca(cert):
         return "not a CA certificate (BasicConstraints ca=TRUE)"
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         return (f"outside its validity ({cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
                 f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+    return None
+
+
+def under_root(cert: x509.Certificate, ca_certs: Sequence[x509.Certificate],
+               now: dt.datetime) -> str | None:
+    """Why *cert* is not a CA directly signed by a root of *ca_certs*, in its validity; None
+    when it is."""
+    why = _live_ca(cert, now)
+    if why is not None:
+        return why
     for root in _roots(ca_certs):
         if root.subject != cert.issuer:
             continue
@@ -60,8 +68,9 @@ def under_root(cert: x509.Certificate, ca_certs: Sequence[x509.Certificate],
 
 def verify_issuers(ders: Sequence[bytes], ca_certs: Sequence[x509.Certificate],
                    now: dt.datetime) -> tuple[tuple[x509.Certificate, ...], tuple[str, ...]]:
-    """The certificates of *ders* a hub may take as issuing CAs, and why each other one was
-    not (one line each)."""
+    """The certificates of *ders* a hub may take as issuing CAs (each a CA in its validity,
+    byte for byte one of *ca_certs* or signed directly by a root there), and why each other
+    one was not (one line each)."""
     known = {_der(c) for c in ca_certs if is_ca(c)}
     taken: list[x509.Certificate] = []
     problems: list[str] = []
@@ -71,7 +80,8 @@ def verify_issuers(ders: Sequence[bytes], ca_certs: Sequence[x509.Certificate],
         except ValueError as exc:
             problems.append(f"issuers[{n}]: not a certificate: {exc}")
             continue
-        why = None if der in known else under_root(cert, ca_certs, now)
+        # A CA of the trust in force is taken as it is, once it is a CA in its validity.
+        why = _live_ca(cert, now) if der in known else under_root(cert, ca_certs, now)
         if why is None:
             taken.append(cert)
         else:

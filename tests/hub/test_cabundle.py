@@ -261,6 +261,10 @@ def test_the_feeds_issuers_are_verified_against_client_cas_roots(
     assert "not a CA certificate" in problems[1]
     assert problems[2].startswith("issuers[4]: not a certificate")
     assert under_root(second.cert, chain, now + dt.timedelta(days=400)) is not None
+    # One of client_ca itself, past its validity: not taken either.
+    [(taken_late, [late])] = [verify_issuers(ders[1:2], chain, now + dt.timedelta(days=3650))]
+    assert taken_late == ()
+    assert "outside its validity" in late
     # Without the root, only what client_ca lists itself.
     issuing_only = [c for c in chain if c.subject != c.issuer]
     assert _subjects(verify_issuers(ders[:2], issuing_only, now)[0]) == _subjects([first.cert])
