@@ -131,13 +131,16 @@ class AttackRunner:
         self.victim_inbox: list[tuple[str, bytes]] = []
 
     def device(self, files: DeviceFiles | None, client_id: str, *,
-                inbox: list[tuple[str, bytes]] | None = None) -> Device:
-        """A device with *files* (None: no certificate) for this broker, not yet connected."""
+               inbox: list[tuple[str, bytes]] | None = None,
+               source: str | None = None) -> Device:
+        """A device with *files* (None: no certificate) for this broker, not yet connected
+        (from *source*, a local address, when given)."""
         creds = (Credentials(files.cert, files.key) if files is not None
                  else Credentials(None, None))
         context = client_context(self.ca_pem, creds, check_hostname=self.check_hostname)
         on_message = None if inbox is None else (lambda t, p: inbox.append((t, p)))
-        return Device(client_id, context, self.host, self.port, on_message=on_message)
+        return Device(client_id, context, self.host, self.port, on_message=on_message,
+                      source=source)
 
     async def _refused(self, name: str, files: DeviceFiles | None,
                        client_id: str) -> ScenarioResult:

@@ -50,6 +50,13 @@ LOOPBACK: Final[Mapping[str, Mapping[str, Any]]] = {
 """Listener and metrics on free loopback ports (the ready line names both)."""
 
 
+QUICKSTART_CHECKS: Final[Mapping[str, Any]] = {
+    "action": "report", "warn_days": 1, "shared_window_seconds": 60}
+"""The quickstart's [checks] (DESIGN section 11): report only, so the defender scenarios'
+clones keep being admitted; warn_days 1, so a device certificate of an hour (the
+``expiring-soon`` scenario's) is reported and the fleet's year-long ones are not."""
+
+
 def merge(base: Mapping[str, Any], layer: Layer) -> Table:
     """*base* with *layer* over it (a new table; neither argument changes)."""
     out: Table = {key: merge(value, {}) if isinstance(value, Mapping) else value
@@ -87,13 +94,15 @@ def write_hub_config(root: Path, pki: Path, *, refresh: float = 0.5,
     """hub.toml for a loopback hub on a free port, watching the PKI's registry and CRL.
 
     The quickstart's policy: every device its own topics (and *subscribe*), no group rules,
-    no [limits] (the hub's defaults, DESIGN's); the audit store in *root*.
+    no [limits] (the hub's defaults, DESIGN's); the audit store in *root*; [checks] that
+    report (:data:`QUICKSTART_CHECKS`).
     """
     path = root / name
     path.write_text(hub_toml(pki, LOOPBACK, {
         "revocation": {"refresh_seconds": refresh},
         "acl": {"subscribe": list(subscribe), "groups": None},
-        "audit": {"path": str(root / "hub-audit.db")}, "limits": None}, *layers))
+        "audit": {"path": str(root / "hub-audit.db")}, "limits": None,
+        "checks": dict(QUICKSTART_CHECKS)}, *layers))
     return path
 
 
