@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Final
 
@@ -86,7 +87,11 @@ class RevocationWatcher:
     state (down, stale, up again), including a failure in :meth:`start`. *sources*, when
     given, replace those *config* names (its ``refresh_seconds`` still counts): see
     :meth:`over` and :class:`~hub.revocation.memory.MemorySource`. *certificates*: the sources
-    also list each device's valid serials (``[auth] registered_only``).
+    also list each device's valid serials (``[auth] registered_only``, and the audit checks);
+    *versioned_certificates* False: a change of those lists alone is taken into the snapshot
+    at the same version, without ``on_change`` (nothing enforces them: only
+    :mod:`hub.findings` reads them), so ``revocation_version`` still moves only when what
+    the hub enforces does.
     """
 
     def __init__(
@@ -98,8 +103,10 @@ class RevocationWatcher:
         on_source: SourceCallback | None = None,
         sources: Sequence[RevocationSource] | None = None,
         certificates: bool = False,
+        versioned_certificates: bool = True,
     ) -> None:
         self._config = config
+        self._versioned_certificates = versioned_certificates
         self._on_change = on_change
         self._sources = (list(sources) if sources is not None
                          else configured_sources(config, ca_certs, certificates=certificates))
@@ -257,13 +264,17 @@ class RevocationWatcher:
             hashes.update(data.password_hashes)
             groups.update(data.groups)
         old = self._snapshot
-        if (revoked == old.revoked and devices == old.devices
-                and hashes == old.password_hashes and groups == old.groups
-                and certificates == old.certificates):
+        enforced_same = (revoked == old.revoked and devices == old.devices
+                         and hashes == old.password_hashes and groups == old.groups)
+        if enforced_same and certificates == old.certificates:
+            return False
+        listed = None if certificates is None else MappingProxyType(certificates)
+        if enforced_same and not self._versioned_certificates:
+            self._snapshot = replace(old, certificates=listed)  # read only: same version
             return False
         new = Snapshot(MappingProxyType(revoked), MappingProxyType(devices),
                        MappingProxyType(hashes), old.version + 1, MappingProxyType(groups),
-                       None if certificates is None else MappingProxyType(certificates))
+                       listed)
         self._snapshot = new
         if notify and self._on_change is not None:
             try:
