@@ -47,10 +47,13 @@ class HubRuntime:
                                          on_change=self._revocation_changed,
                                          on_source=self._source_changed,
                                          # The fleet's serials: registered_only refuses the
-                                         # others, the unregistered-certificate check
-                                         # reports them (hub.findings).
+                                         # others; without it, only the
+                                         # unregistered-certificate check reads them
+                                         # (hub.findings), and a change of them alone is
+                                         # no new revocation version.
                                          certificates=config.auth.registered_only
-                                         or config.revocation.lists_devices)
+                                         or config.revocation.lists_devices,
+                                         versioned_certificates=config.auth.registered_only)
         self.feed = next((s for s in self.watcher.sources if isinstance(s, FeedSource)), None)
         if self.feed is not None:  # the feed's issuing CAs join the trust (contract C1)
             self.feed.on_issuers = self.client_ca.announce

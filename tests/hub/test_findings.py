@@ -451,3 +451,36 @@ def test_quarantine_cli_lists_clears_and_refuses_bad_input(
     assert capsys.readouterr().out == ("cleared 0a (dev-1, weak-key since "
                                        "2026-12-03T10:00:00.000Z)\n")
     assert quarantine.read(tmp_path / "q.json") == {}
+
+
+# -- the fleet's serials without registered_only ----------------------------------------------
+
+
+def test_serials_read_for_the_checks_alone_move_no_revocation_version() -> None:
+    """Without registered_only the watcher lists certificates for unregistered-certificate
+    only: an enrollment changes the lists but not the version, and tells no one (scripts wait
+    for the version to grow after a revocation; an enrollment must not look like one)."""
+    from hub.config import RevocationConfig
+    from hub.revocation import MemorySource, RevocationWatcher
+
+    source = MemorySource()
+    changes: list[int] = []
+    watcher = RevocationWatcher(RevocationConfig(), (), lambda _o, new: changes.append(
+        new.version), sources=[source], certificates=True, versioned_certificates=False)
+
+    async def main() -> None:
+        source.set(certificates={"dev-1": [1]})
+        await watcher.start()
+        version = watcher.snapshot.version
+        source.set(certificates={"dev-1": [1], "dev-2": [2]})
+        await watcher.refresh()
+        assert watcher.snapshot.version == version
+        assert watcher.snapshot.certificates == {"dev-1": {1}, "dev-2": {2}}
+        assert changes == []
+        source.set(revoked={2: "revoked"}, certificates={"dev-1": [1]})
+        await watcher.refresh()
+        assert watcher.snapshot.version == version + 1
+        assert changes == [version + 1]
+        await watcher.stop()
+
+    asyncio.run(main())
