@@ -1,4 +1,4 @@
-"""fleet-sim: thousands of virtual devices exercising mutual TLS, attacks and revocation.
+"""fleet-sim: thousands of virtual devices exercising mutual TLS, attacks, revocation, renewal.
 
     factory.py    a device's own EC P-256 key and CSR
     enroll.py     certificates in bulk (provisioning library or EST), the fleet folder cache
@@ -9,7 +9,10 @@
     fleet.py      the parent: enrollment, workers, the hold, revocation
     report.py     the report: JSON and rich tables
     display.py    live progress
-    lab.py        a PKI, hub.toml and ``fleet-hub serve`` in a folder (quickstart, tests)
+    lab/          a PKI, hub.toml, ``fleet-hub serve`` and the CA service in a folder
+                  (quickstart, tests, benches); lab/policy.py the policy of a rotation run
+    agent/        the device agent: when to renew, EST re-enrollment, the renewal loop
+    rotation.py   ``--rotate``: an agent per device in the workers, the CA checked after
     cli.py        ``fleet-sim`` (typer)
 
 Import rule: provisioning yes, hub never (the hub is a process on the network).

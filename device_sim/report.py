@@ -214,7 +214,24 @@ def build(facts: RunFacts) -> dict[str, Any]:
     if rotation is not None:
         report["rotation"] = rotation
         report["rotation_expected"] = expected
+        report["rotation_rate"] = _renewal_rate([t for r in records for t in r.renewed_at])
     return report
+
+
+def _renewal_rate(times: list[float], window: float = 10.0) -> dict[str, float | None]:
+    """Renewals per second from the first to the last (sustained), and the busiest
+    *window* seconds."""
+    if not times:
+        return {"per_second": None, "peak_per_second": None, "span_s": 0.0}
+    times.sort()
+    span = times[-1] - times[0]
+    peak, start = 0, 0
+    for end, t in enumerate(times):
+        while t - times[start] > window:
+            start += 1
+        peak = max(peak, end - start + 1)
+    return {"per_second": round(len(times) / span, 2) if span > 0 else None,
+            "peak_per_second": round(peak / window, 2), "span_s": round(span, 1)}
 
 
 def _rotation(records: list[DeviceRecord], facts: RotationFacts,

@@ -102,6 +102,7 @@ class DeviceRecord:
     # renewals replaced, sequence numbers never received, told not to renew, closed by the
     # broker at its certificate's not-after.
     renewed: int = 0
+    renewed_at: list[float] = field(default_factory=list)
     renew_failed: int = 0
     renew_error: str | None = None
     superseded: list[str] = field(default_factory=list)
@@ -429,6 +430,7 @@ class _Worker:
             if self.rotator is not None:
                 stats = self.rotator.stats(device.client_id)
                 record.renewed, record.renew_failed = stats.renewed, stats.failed
+                record.renewed_at = stats.renewed_at
                 record.renew_error, record.superseded = stats.last_error, stats.superseded
                 record.lost = self.rotator.lost(device.client_id, device.sent)
         results = await asyncio.gather(*(d.disconnect() for d in live if d.connected),

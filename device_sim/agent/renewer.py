@@ -101,6 +101,7 @@ class Stats:
     left behind (superseded at the CA, revoked once their grace ends)."""
 
     renewed: int = 0
+    renewed_at: list[float] = field(default_factory=list)  # epoch seconds of each switch
     failed: int = 0
     superseded: list[str] = field(default_factory=list)
     last_error: str | None = None
@@ -151,6 +152,7 @@ class Renewer:
             if not await self._switch(validity_of(renewed.cert)):
                 return
             self.stats.renewed += 1
+            self.stats.renewed_at.append(self.clock().timestamp())
 
     async def _renew(self, current: Validity) -> Renewed | None:
         """EST with retries and backoff; None when stopped or past the last useful moment."""
