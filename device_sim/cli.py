@@ -22,6 +22,7 @@ from rich.console import Console
 
 from device_sim.abuse import Limits
 from device_sim.brokers import parse_brokers
+from device_sim.defender import lab_watch, parse_hub_metrics
 from device_sim.display import Display
 from device_sim.errors import SimError, UsageError
 from device_sim.fleet import RunSettings, run_fleet
@@ -119,6 +120,10 @@ def run(
         "--revocation-timeout", min=0.1,
         help="Seconds a revoked live device may stay connected.")] = 10.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No live progress.")] = False,
+    hub_metrics: Annotated[list[str] | None, typer.Option(
+        "--hub-metrics", metavar="HOST:PORT",
+        help="With --attacks: each broker's metrics listener (same order as --broker), "
+             "where the defender scenarios read the hub's findings.")] = None,
     rotate: Annotated[bool, typer.Option(
         "--rotate", help="The devices renew their certificates (EST simplereenroll) and "
         "switch to them mid-run; the report adds a rotation object.")] = False,
@@ -156,13 +161,16 @@ def run(
     PKI(pki)  # a missing or incomplete PKI is a usage error now, not mid-run
     if enroll is not None and not enroll.startswith(("https://", "http://")):
         raise UsageError(f"{enroll!r} is not an http(s) URL", "--enroll")
+    if hub_metrics and not attacks:
+        raise UsageError("needs --attacks", "--hub-metrics")
     settings = RunSettings(
         pki=pki, host=host, port=port, brokers=tuple(brokers) if several else (),
         devices=devices, rate=rate, duration=duration,
         publish_interval=publish_interval, revoke=revoke, attacks=attacks,
         processes=processes, fleet_dir=fleet_dir, enroll_url=enroll,
         enroll_token=_token(token_env) if enroll is not None else None,
-        connect_timeout=connect_timeout, revocation_timeout=revocation_timeout)
+        connect_timeout=connect_timeout, revocation_timeout=revocation_timeout,
+        hub_watch=parse_hub_metrics(hub_metrics or [], len(brokers)))
     given = {"--validity": validity, "--renew-at": renew_at, "--renew-grace": renew_grace,
              "--no-renew": no_renew, "--rounds": rounds}
     if not rotate:
@@ -229,12 +237,13 @@ def quickstart(
 
 
 def _quickstart_settings(pki: Path, endpoints: list[tuple[str, int]], devices: int,
-                         config: Path) -> RunSettings:
+                         config: Path, hubs: list[tuple[HubProcess, Path]]) -> RunSettings:
     (host, port), several = endpoints[0], len(endpoints) > 1
     return RunSettings(pki=pki, host=host, port=port, devices=devices, rate=500.0,
                        duration=3.0, publish_interval=2.0, revoke=0.05, attacks=True,
                        limits=Limits.from_hub_config(config),
-                       brokers=tuple(endpoints) if several else ())
+                       brokers=tuple(endpoints) if several else (),
+                       hub_watch=tuple(lab_watch(h.metrics_port, c) for h, c in hubs))
 
 
 def _one_hub(root: Path, devices: int, display: Display) -> tuple[dict[str, Any], Path]:
@@ -246,7 +255,7 @@ def _one_hub(root: Path, devices: int, display: Display) -> tuple[dict[str, Any]
     with HubProcess(config) as hub:
         display.phase(f"hub ready on {hub.host}:{hub.port}")
         result = run_fleet(_quickstart_settings(pki, [("127.0.0.1", hub.port)], devices,
-                                                config), display)
+                                                config, [(hub, config)]), display)
         display.phase("stopping the hub")
     return result, config
 
@@ -267,7 +276,8 @@ def _fed_gateways(root: Path, devices: int, count: int,
             display.phase("gateways ready: " + ", ".join(
                 f"{name} on {hub.host}:{hub.port}" for name, hub in zip(names, hubs,
                                                                          strict=True)))
-            result = run_fleet(_quickstart_settings(pki, hubs.endpoints, devices, configs[0]),
+            result = run_fleet(_quickstart_settings(pki, hubs.endpoints, devices, configs[0],
+                                                    list(zip(hubs, configs, strict=True))),
                                display)
             display.phase("stopping the gateways")
         display.phase("stopping the CA service")

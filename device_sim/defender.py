@@ -38,7 +38,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +50,8 @@ from device_sim.brokers import Endpoint, label, parse_broker
 from device_sim.device import Device
 from device_sim.enroll import DeviceFiles
 from device_sim.errors import EnrollError, UsageError
-from device_sim.scenarios import ATTACK_TIMEOUT, REVOCATION_GRACE, ScenarioResult
+from device_sim.scenarios import ATTACK_TIMEOUT, REVOCATION_GRACE, AttackRunner, ScenarioResult
+from device_sim.worker import on_loopback
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
 from provisioning.issuer import SignOptions
@@ -134,6 +135,18 @@ class HubWatch:
         return None
 
 
+def watch_at(watches: Sequence[HubWatch], endpoints: Sequence[Endpoint],
+             endpoint: Endpoint) -> HubWatch:
+    """The watch of *endpoint* (``watches`` pairs with ``endpoints``; none: not observed)."""
+    return dict(zip(endpoints, watches, strict=False)).get(endpoint, HubWatch())
+
+
+def lab_watch(metrics_port: int | None, config: Path) -> HubWatch:
+    """A hub the run started itself (quickstart): its metrics, audit store and [checks]."""
+    return HubWatch(None if metrics_port is None else ("127.0.0.1", metrics_port), config,
+                    Checks.from_hub_config(config))
+
+
 def parse_hub_metrics(values: list[str], brokers: int) -> tuple[HubWatch, ...]:
     """``--hub-metrics HOST:PORT`` values (each one or a comma-separated list), one per
     broker in the order of ``--broker``."""
@@ -203,6 +216,17 @@ MakeDevice = Callable[[DeviceFiles, str | None], Device]  # files, source addres
 class _Sighting:
     seen: bool | None  # None: not observed (no channel)
     text: str
+
+
+async def defend(kit: DefenderKit | None, attack: AttackRunner,
+                 watch: HubWatch) -> list[ScenarioResult]:
+    """The scenarios at the broker of *attack* (its devices: TLS, host, port); none without
+    material."""
+    if kit is None:
+        return []
+    runner = DefenderRunner(kit, lambda files, source: attack.device(
+        files, files.device_id, source=source), watch, loopback=on_loopback(attack.host))
+    return await runner.run()
 
 
 class DefenderRunner:

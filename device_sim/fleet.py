@@ -30,6 +30,7 @@ from typing import Any
 
 from device_sim.abuse import AbuseKit, AbuseRunner, Limits
 from device_sim.brokers import Endpoint, apportion, check_broker, label, scenario_name
+from device_sim.defender import HubWatch, defend, watch_at
 from device_sim.display import Display
 from device_sim.enroll import Enroller, Enrollment, ESTEnroller, FleetDir, LibraryEnroller
 from device_sim.errors import UsageError
@@ -79,6 +80,8 @@ class RunSettings:
     # Several brokers (host and port are then the first): devices dealt out round-robin.
     brokers: tuple[Endpoint, ...] = ()
     rotate: RotateSettings | None = None  # --rotate: the fleet renews itself (rotation.py)
+    # Where each broker's audit-check findings are read (defender.py), paired with endpoints.
+    hub_watch: tuple[HubWatch, ...] = ()
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -366,8 +369,10 @@ class _Parent:
         abuse = AbuseRunner(AbuseKit(*kit.abusers), self.settings.limits,
                             lambda files, inbox: runner.device(files, files.device_id,
                                                                inbox=inbox))
-        refused, abused = await asyncio.gather(runner.run(), abuse.run())
-        return refused + abused
+        watch = watch_at(self.settings.hub_watch, self.settings.endpoints, endpoint)
+        refused, abused, defended = await asyncio.gather(
+            runner.run(), abuse.run(), defend(kit.defender, runner, watch))
+        return refused + abused + defended
 
     def _shares(self, total: int) -> list[int]:
         """Split *total* over the workers in proportion to their live devices."""

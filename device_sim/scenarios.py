@@ -3,8 +3,9 @@
 Material (made before the run, in ``FLEET_DIR/attack``): a foreign PKI made with the
 provisioning library and a certificate from it; an expired and a not-yet-valid certificate
 signed by the real issuing CA with chosen dates; a device enrolled and then revoked; and two
-valid devices, a victim and an attacker, for client-id spoofing and the ACL checks; and four
-more valid devices for the abuse scenarios (:mod:`device_sim.abuse`).
+valid devices, a victim and an attacker, for client-id spoofing and the ACL checks; four
+more valid devices for the abuse scenarios (:mod:`device_sim.abuse`); and the defender
+scenarios' devices, new every run (:mod:`device_sim.defender`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
@@ -25,6 +27,9 @@ from device_sim.transport import Credentials, client_context
 from provisioning.authority import Authority, initialize
 from provisioning.config import PKIConfig
 from provisioning.profile import device_certificate, random_serial
+
+if TYPE_CHECKING:
+    from device_sim.defender import DefenderKit
 
 REFUSE = "refused (in TLS, by CONNACK, or closed before CONNACK)"
 ATTACK_TIMEOUT = 10.0
@@ -56,16 +61,20 @@ class AttackKit:
     revoked: DeviceFiles
     revoked_at: float  # time.monotonic() of its revocation (-inf: an earlier run)
     abusers: tuple[DeviceFiles, ...] = ()  # flooder, bystander, hoarder, bulky
+    defender: DefenderKit | None = None  # device_sim.defender's devices
 
 
 def prepare(pki: Path, root: Path) -> AttackKit:
     """Everything the scenarios need; cached pieces are reused (the rogue PKI, the pair)."""
+    # defender builds on this module (ScenarioResult, the timeouts): imported when used.
+    from device_sim.defender import prepare_defender  # noqa: PLC0415
+
     root.mkdir(parents=True, exist_ok=True)
     crew = FleetDir(root / "pair", prefix="atk-").prepare(pki, 2 + ABUSERS,
                                                          LibraryEnroller(pki))
     victim, attacker, *abusers = crew.devices
     return AttackKit(victim, attacker, _rogue(root), *_dated(pki, root), *_revoked(pki, root),
-                     abusers=tuple(abusers))
+                     abusers=tuple(abusers), defender=prepare_defender(pki, root / "defender"))
 
 
 def _rogue(root: Path) -> DeviceFiles:
