@@ -9,7 +9,10 @@ in one transaction with one audit event per certificate (``certificate.revoke``,
 ``policy``, reason superseded: RFC 5280 §5.3.1 CRLReason 4), and the CRL re-signed when it
 revoked anything; OCSP and the fleet-state feed read the same rows. The enrollment service
 runs it every :func:`sweep_interval` (:mod:`provisioning.est.engine`); ``fleet-provision
-crl`` runs it before it signs (:meth:`provisioning.authority.Authority.publish_crl`).
+crl`` runs it before it signs (:meth:`provisioning.authority.Authority.publish_crl`), and
+every other command that writes the registry at its start (``provisioning/cli/_common.py``:
+one indexed read when nothing is due; a command that needs no CA key sweeps only when the
+issuing key opens without a passphrase, since the CRL is re-signed with the sweep).
 
 Times are whole seconds (``superseded_at`` is ISO 8601 text), so a certificate is due only
 when a whole grace has passed since the second after its renewal: never early, at most a

@@ -1,4 +1,5 @@
-"""The PKI folder: where each file lives, creating it once, and loading the issuing CA."""
+"""The PKI folder: where each file lives, creating it once, and loading the issuing CA (and
+the retiring one an ``issuing-ca rotate`` keeps live until ``retire``: :mod:`.rotation`)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ in a worker thread). Every request is audited in the registry's hash chain by th
 who/what/result, unless its handler says it is not worth a record (``Note.record``: the feed
 records state changes and refusals only, :mod:`provisioning.feed.auditing`). If the worker
 process dies, requests get 503, not a hang.
+
+An ``issuing-ca rotate`` or ``retire`` run beside the service is taken without a restart: the
+worker re-reads the issuing CAs when ``ca-chain.pem`` changed (one ``stat`` per batch), and
+this side, told by the feed's follower, answers ``cacerts`` with the new chain and adds a new
+issuing CA to the TLS listener's trust for client certificates.
 """
 
 from __future__ import annotations
