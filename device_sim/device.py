@@ -128,6 +128,7 @@ class Device:
         self.disconnected_at: float | None = None
         self.closing = False  # we asked to leave: a disconnect now is not the broker's doing
         self.switching = False  # moving to a new certificate (switch): not gone meanwhile
+        self.carried = 0  # QoS 1/2 messages unacknowledged at a switch, resent on the new one
         self._left: asyncio.Future[None] | None = None
         self.sent = 0
         self.acked = 0
@@ -229,6 +230,9 @@ class Device:
         try:
             await self._leave(timeout)
             self._context = context
+            # paho keeps them (not acknowledged, or queued behind max_inflight) and sends
+            # them after the CONNACK; no public call counts them.
+            self.carried += len(self.client._out_messages)
             outcome = await self._session(opened, timeout)
         finally:
             self.switching = False

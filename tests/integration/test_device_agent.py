@@ -30,6 +30,8 @@ from provisioning.authority import Authority
 from tests.integration.mqtt import Client
 
 DEVICE = "agent-0001"
+BURST = "agent-0002"
+BURST_SIZE = 150
 TOPIC = f"devices/{DEVICE}/telemetry"
 GRACE_S = 3
 DEADLINE_S = 40.0
@@ -53,6 +55,7 @@ class Lab:
     ca: CAServiceProcess
     device: Enrolled
     operator: Enrolled
+    burst: Enrolled
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +67,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     # Enrolled before the hub starts: it knows the operator's group from its first read.
     (device,) = enroll(pki, root, [DEVICE])
     (operator,) = enroll(pki, root, ["operator-1"], group="operators")
+    (burst,) = enroll(pki, root, [BURST])
     config = write_hub_config(root, pki, layers=(
         {"acl": {"groups": {"operators": {"subscribe": ["#"]}}}},))
     with HubProcess(config) as hub, CAServiceProcess(pki) as ca:
-        yield Lab(root, pki, hub, ca, device, operator)
+        yield Lab(root, pki, hub, ca, device, operator, burst)
 
 
 def _seq(payload: bytes) -> int:
@@ -164,3 +168,43 @@ def test_device_renews_twice_and_loses_no_qos1_message(lab: Lab) -> None:
         history = authority.registry.certificates(DEVICE)
     assert len(history) == 3
     assert len({row.public_key_sha256 for row in history}) == 3  # a new key each time
+
+
+async def _burst_then_switch(lab: Lab, cert: Path, key: Path) -> tuple[int, int, set[int]]:
+    """Renew once, then publish 150 QoS 1 messages at once and switch at the same moment:
+    paho has most of them unacknowledged (20 in flight, the rest queued) when the old
+    connection is closed. Returns (sent, carried over the switch, sequence numbers back).
+
+    150, not more: the hub's publish_rate bucket holds 200 messages (2 s of 100/s) and the
+    resent DUPs count against it; past it the hub acknowledges and drops (rate-limited)."""
+    ca_pem = (lab.pki / "ca-chain.pem").read_text()
+    received: set[int] = set()
+    device = Device(BURST, client_context(ca_pem, Credentials(cert, key)), "127.0.0.1",
+                    lab.hub.port, clean_session=False,
+                    on_message=lambda _t, payload: received.add(_seq(payload)))
+    assert (await device.connect(10)).accepted
+    assert await device.subscribe([f"devices/{BURST}/telemetry"]) == [1]
+    async with aiohttp.ClientSession() as session:
+        renewed = await ESTRenewal(lab.ca.url, lab.pki / "ca-chain.pem", session).renew(
+            BURST, cert, key)
+    FileStore(cert, key).save(renewed)
+    new_context = client_context(ca_pem, Credentials(cert, key))
+    for seq in range(1, BURST_SIZE + 1):
+        assert device.publish(f"devices/{BURST}/telemetry", b'{"seq":%d}' % seq)
+    assert (await device.switch(new_context)).accepted
+    deadline = time.monotonic() + 10
+    while len(received) < device.sent and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await device.disconnect()
+    return device.sent, device.carried, received
+
+
+def test_qos1_messages_in_flight_at_the_switch_are_resent(lab: Lab) -> None:
+    """The messages paho holds unacknowledged when the old connection closes (in flight or
+    queued behind its in-flight window) go out on the new connection after the CONNACK, and
+    every one comes back on the device's persistent subscription."""
+    sent, carried, received = asyncio.run(_burst_then_switch(lab, lab.burst.cert,
+                                                             lab.burst.key))
+    assert sent == BURST_SIZE
+    assert carried > BURST_SIZE // 2  # the switch really did have messages in flight
+    assert set(range(1, BURST_SIZE + 1)) - received == set()
