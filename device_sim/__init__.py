@@ -6,6 +6,8 @@
     device.py     one paho-mqtt client driven by the loop (aiomqtt's wiring), no threads
     worker.py     a worker process: its share of the fleet on one loop
     scenarios.py  the attack scenarios and their material
+    defender.py   clones, client-id fights, expiring certificates: what the hub's audit
+                  checks must report, read from its /metrics or audit store
     fleet.py      the parent: enrollment, workers, the hold, revocation
     report.py     the report: JSON and rich tables
     display.py    live progress
