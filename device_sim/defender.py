@@ -295,7 +295,9 @@ class DefenderRunner:
                 live.append(device)
                 if problem:
                     break
-            sighting = await self._sighting(check, device_id, before)
+            sighting = (await self._sighting(check, device_id, before)
+                        if takeovers >= TAKEOVERS else
+                        _Sighting(None, "the hub's findings not looked at"))
             quarantined = await self._quarantined(files[0], sighting)
         finally:
             await asyncio.gather(*(d.disconnect(1.0) for d in live))

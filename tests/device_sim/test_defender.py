@@ -4,7 +4,8 @@ own /metrics and audit store.
 One hub has the quickstart's [checks] (report, warn_days 1): every scenario must see its
 finding, attributed to its device through ``fleet-hub audit``. A second hub's checks cannot
 find anything (warn_days 0, a take-over window of a millisecond): the same scenarios must fail
-there, saying the hub did not report, so the observation is not a formality.
+there, saying the hub did not report, so the observation is not a formality. A third hub
+quarantines: the clone's and the fight's certificates must be refused after the finding.
 """
 
 from __future__ import annotations
@@ -129,3 +130,25 @@ def test_hub_metrics_option_pairs_with_the_brokers() -> None:
         parse_hub_metrics(["127.0.0.1:9883"], 2)
     with pytest.raises(UsageError, match="not HOST:PORT"):
         parse_hub_metrics(["nope"], 1)
+
+
+def test_with_quarantine_the_certificates_are_refused_after(site: Site,
+                                                             tmp_path: Path) -> None:
+    """A hub whose config says action = "quarantine": the finding, then a refusal."""
+    config = write_hub_config(tmp_path, site.pki, layers=({"checks": {"action": "quarantine"}},))
+    process = HubProcess(config)
+    try:
+        assert process.metrics_port is not None
+        watch = HubWatch(("127.0.0.1", process.metrics_port), config,
+                         Checks.from_hub_config(config))
+        results = site.run(process, watch)
+    finally:
+        assert process.stop() == 0
+    for name in (CLONED, FIGHT):
+        result = results[name]
+        assert result.passed, result
+        assert "quarantines its certificates" in result.expected
+        assert "action quarantine" in result.observed
+        assert result.observed.endswith("; a new connection: refused: CONNACK 5 "
+                                        "(not authorised)")
+    assert results[EXPIRING].passed, results[EXPIRING]
