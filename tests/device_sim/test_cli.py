@@ -65,3 +65,38 @@ def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     """Bare ``fleet-sim`` shows the commands and exits 2."""
     assert main([]) == 2
     assert "quickstart" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--validity", "4m"], "needs --rotate (--validity)"),
+    (["--renew-at", "0.5"], "needs --rotate (--renew-at)"),
+    (["--rotate", "--validity", "4x"], "(--validity)"),
+    (["--rotate", "--validity", "4m", "--renew-grace", "4m"], "(--renew-grace)"),
+    (["--rotate", "--no-renew", "3"], "(--no-renew)"),
+    (["--rotate", "--renew-at", "0.95"], "'--renew-at'"),
+])
+def test_rotate_options(args: list[str], fragment: str, lab: Lab,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--rotate's options need --rotate; a bad duration, a grace not shorter than the
+    validity, every device told not to renew, a fraction out of range: one line naming the
+    option, exit 2, before anything is started or changed."""
+    before = (lab.pki / "pki.toml").read_bytes()
+    assert main(["run", "--pki", str(lab.pki), "--broker", lab.broker, "--devices", "3",
+                 "--quiet", *args]) == 2
+    assert fragment in _one_line_error(capsys.readouterr().err)
+    assert (lab.pki / "pki.toml").read_bytes() == before
+
+
+def test_rotate_with_a_service_on_another_validity(
+        lab: Lab, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rotate --enroll URL: the service's PKI must already issue --validity certificates
+    (it read pki.toml when it started); otherwise the line says what to run."""
+    monkeypatch.setenv("FLEET_SIM_TOKEN", "t:s")
+    assert main(["run", "--pki", str(lab.pki), "--broker", lab.broker, "--devices", "3",
+                 "--quiet", "--rotate", "--validity", "4m", "--enroll",
+                 "https://127.0.0.1:1"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "validity is 365d, not 4m" in line
+    assert "policy set" in line
+    assert line.endswith("(--validity)")
