@@ -42,8 +42,14 @@ class RenewalError(SimError):
     """One renewal attempt failed: the EST service refused it or could not be reached.
 
     Not fatal to a device or a run: the agent counts it and tries again later
-    (:mod:`device_sim.agent.renewer`).
+    (:mod:`device_sim.agent.renewer`). ``answered`` is False when no answer came (the CA may
+    have issued the certificate all the same): the retry then sends the same key again.
     """
+
+    def __init__(self, message: str, where: str | None = None, *,
+                 answered: bool = True) -> None:
+        super().__init__(message, where)
+        self.answered = answered
 
 
 class HandshakeError(SimError):

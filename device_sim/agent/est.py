@@ -1,11 +1,11 @@
 """One renewal over EST ``simplereenroll`` (RFC 7030 §4.2.2): a new key, a CSR, mutual TLS.
 
 The device proves who it is with the certificate it is renewing (the TLS client
-certificate), so no token or password is involved. Each attempt makes a **new key**: the CA
-refuses a key the device has used before (``renew-key-reused``), and a key that never leaves
-the device is the point of renewing at all. A retry after a lost answer may send the same
-CSR again (the CA answers with the certificate it issued for it); a new key per attempt is
-simpler and costs a few hundred microseconds, so this module does that.
+certificate), so no token or password is involved. The caller brings the **new key**: a key
+the device has not used before (the CA refuses one it has, ``renew-key-reused``). After an
+attempt that got no answer the caller sends the same key again: the CA may have issued the
+certificate and superseded the current one, and then answers the same key with that
+certificate, but a new key with ``403 renew-not-active`` (the device would be stranded).
 
 The answer is a base64 PKCS#7 holding the new certificate (:func:`device_sim.enroll.
 est_certificate`); the device presents it with its issuing CA, picked from its trust bundle
@@ -67,10 +67,10 @@ class ESTRenewal:
         context.load_cert_chain(cert, key)
         return context
 
-    async def renew(self, device_id: str, cert: Path, key: Path) -> Renewed:
-        """A new key and certificate for *device_id*, authenticated by *cert*/*key* (its
-        current ones). RenewalError with the service's answer when it fails."""
-        new_key = factory.new_key()
+    async def renew(self, device_id: str, cert: Path, key: Path,
+                    new_key: factory.DevicePrivateKey) -> Renewed:
+        """A certificate for *new_key*, authenticated by *cert*/*key* (the device's current
+        ones). RenewalError with the service's answer (``answered``) or without one."""
         csr = factory.new_csr(device_id, new_key).public_bytes(serialization.Encoding.DER)
         try:
             context = self._context(cert, key)
@@ -80,12 +80,16 @@ class ESTRenewal:
                     timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as response:
                 body = await response.read()
         except (OSError, ssl.SSLError) as exc:
-            raise RenewalError(f"cannot reach the EST service: {exc}", self.endpoint) from None
+            raise RenewalError(f"cannot reach the EST service: {exc}", self.endpoint,
+                               answered=False) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RenewalError(f"EST request failed: {exc!r}", self.endpoint) from None
+            raise RenewalError(f"EST request failed: {exc!r}", self.endpoint,
+                               answered=False) from None
         if response.status != 200:
             text = body.decode(errors="replace").strip()[:200]
-            raise RenewalError(f"HTTP {response.status}: {text}", self.endpoint)
+            # 5xx: the service failed, perhaps after issuing; 4xx: refused, nothing issued.
+            raise RenewalError(f"HTTP {response.status}: {text}", self.endpoint,
+                               answered=response.status < 500)
         try:
             new_cert = est_certificate(body)
         except ValueError as exc:

@@ -4,7 +4,8 @@
 
     loop:
         sleep until schedule.renew_time(current certificate)
-        try EST simplereenroll with a new key; on failure count it, back off, try again,
+        try EST simplereenroll with a new key (the same one again after an attempt that got
+            no answer); on failure count it, back off, try again,
             but start no attempt after schedule.give_up_at(current): the certificate ends,
             the broker closes the session, and the device needs its factory path again
         store the new key and certificate (before using them: a reboot must come back with
@@ -42,8 +43,9 @@ SWITCH_ATTEMPTS = 5
 
 
 class Renewal(Protocol):
-    async def renew(self, device_id: str, cert: Path, key: Path) -> Renewed:
-        """A new certificate and key, authenticated by the current ones; RenewalError."""
+    async def renew(self, device_id: str, cert: Path, key: Path,
+                    new_key: factory.DevicePrivateKey) -> Renewed:
+        """A certificate for *new_key*, authenticated by the current ones; RenewalError."""
         ...
 
 
@@ -155,14 +157,22 @@ class Renewer:
             self.stats.renewed_at.append(self.clock().timestamp())
 
     async def _renew(self, current: Validity) -> Renewed | None:
-        """EST with retries and backoff; None when stopped or past the last useful moment."""
+        """EST with retries and backoff; None when stopped or past the last useful moment.
+
+        A new key for each attempt, except after one that got no answer: the CA may have
+        issued for that key (and superseded the current certificate), and answers the same
+        key with that certificate again, where a new key would be refused."""
         attempt = 0
+        new_key: factory.DevicePrivateKey | None = None
         while self.clock() < self.schedule.give_up_at(current):
+            new_key = new_key or factory.new_key()
             try:
                 return await self.renewal.renew(self.device_id, self.store.cert,
-                                                self.store.key)
+                                                self.store.key, new_key)
             except RenewalError as exc:
                 self._failed(str(exc))
+                if exc.answered:
+                    new_key = None
             delay = self.schedule.retry_delay(attempt, current, self.rng)
             attempt += 1
             if not await self._sleep_until(self.clock() + delay):

@@ -16,6 +16,8 @@ import pytest
 
 from device_sim.agent import ESTRenewal, FileStore, Renewer, Schedule, Stats, read_validity
 from device_sim.device import Device
+from device_sim.errors import RenewalError
+from device_sim.factory import new_key
 from device_sim.lab import (
     CAServiceProcess,
     Enrolled,
@@ -32,6 +34,7 @@ from tests.integration.mqtt import Client
 DEVICE = "agent-0001"
 BURST = "agent-0002"
 BURST_SIZE = 150
+LOST = "agent-0003"
 TOPIC = f"devices/{DEVICE}/telemetry"
 GRACE_S = 3
 DEADLINE_S = 40.0
@@ -56,6 +59,7 @@ class Lab:
     device: Enrolled
     operator: Enrolled
     burst: Enrolled
+    lost: Enrolled
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +72,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     (device,) = enroll(pki, root, [DEVICE])
     (operator,) = enroll(pki, root, ["operator-1"], group="operators")
     (burst,) = enroll(pki, root, [BURST])
+    (lost,) = enroll(pki, root, [LOST])
     config = write_hub_config(root, pki, layers=(
         {"acl": {"groups": {"operators": {"subscribe": ["#"]}}}},))
     with HubProcess(config) as hub, CAServiceProcess(pki) as ca:
-        yield Lab(root, pki, hub, ca, device, operator, burst)
+        yield Lab(root, pki, hub, ca, device, operator, burst, lost)
 
 
 def _seq(payload: bytes) -> int:
@@ -186,7 +191,7 @@ async def _burst_then_switch(lab: Lab, cert: Path, key: Path) -> tuple[int, int,
     assert await device.subscribe([f"devices/{BURST}/telemetry"]) == [1]
     async with aiohttp.ClientSession() as session:
         renewed = await ESTRenewal(lab.ca.url, lab.pki / "ca-chain.pem", session).renew(
-            BURST, cert, key)
+            BURST, cert, key, new_key())
     FileStore(cert, key).save(renewed)
     new_context = client_context(ca_pem, Credentials(cert, key))
     for seq in range(1, BURST_SIZE + 1):
@@ -208,3 +213,30 @@ def test_qos1_messages_in_flight_at_the_switch_are_resent(lab: Lab) -> None:
     assert sent == BURST_SIZE
     assert carried > BURST_SIZE // 2  # the switch really did have messages in flight
     assert set(range(1, BURST_SIZE + 1)) - received == set()
+
+
+async def _lost_answer(lab: Lab) -> tuple[str, str, RenewalError]:
+    """simplereenroll for key K whose answer the device never sees, then K again, then a
+    new key; all with the current (now superseded) certificate."""
+    cert, key = lab.lost.cert, lab.lost.key
+    async with aiohttp.ClientSession() as session:
+        est = ESTRenewal(lab.ca.url, lab.pki / "ca-chain.pem", session)
+        k = new_key()
+        first = await est.renew(LOST, cert, key, k)  # the answer "lost"
+        again = await est.renew(LOST, cert, key, k)
+        with pytest.raises(RenewalError) as refused:
+            await est.renew(LOST, cert, key, new_key())
+    return (format(first.cert.serial_number, "x"), format(again.cert.serial_number, "x"),
+            refused.value)
+
+
+def test_a_lost_answer_is_retried_with_the_same_key(lab: Lab) -> None:
+    """Why the agent keeps the key of an attempt that got no answer: the CA has issued for
+    it and superseded the current certificate, so the same key gets the same certificate
+    back, while a new key is refused (403 renew-not-active), an answer, not to be retried
+    with that key."""
+    first, again, refused = asyncio.run(_lost_answer(lab))
+    assert first == again
+    assert refused.answered is True
+    assert "403" in str(refused)
+    assert "renew-not-active" in str(refused)
