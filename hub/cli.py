@@ -202,6 +202,7 @@ def _follow(path: Path, since: float | None, device: str | None, *, as_json: boo
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())
+
     def started(last: int) -> None:
         # On stderr, so stdout stays pure JSON lines: a supervisor (or a test) knows that
         # every record committed from now on will be printed.
