@@ -8,8 +8,9 @@ cannot:
   device's certificate and key throw each other off: two take-overs of one serial, which the
   hub reports as ``certificate-shared``;
 - ``client-id-fight``: a device's superseded certificate (renewed by the library as
-  ``sign --renew`` does: it stays valid for ``renew_grace``) and its renewal fight over the
-  client id: two take-overs between different serials, ``client-id-conflict``;
+  ``sign --renew`` does, when the scenario starts: it stays valid for ``renew_grace``) and its
+  renewal fight over the client id: two take-overs between different serials,
+  ``client-id-conflict``;
 - ``expiring-soon``: a device whose certificate ends within the hour connects and stays
   until the hub's pass reports ``certificate-expiring`` (any ``warn_days`` of 1 or more).
 
@@ -49,11 +50,12 @@ from device_sim import factory
 from device_sim.brokers import Endpoint, label, parse_broker
 from device_sim.device import Device
 from device_sim.enroll import DeviceFiles
-from device_sim.errors import EnrollError, UsageError
+from device_sim.errors import EnrollError, SimError, UsageError
 from device_sim.scenarios import ATTACK_TIMEOUT, REVOCATION_GRACE, AttackRunner, ScenarioResult
 from device_sim.worker import on_loopback
 from provisioning.authority import Authority
 from provisioning.csr import CSRInput
+from provisioning.errors import ProvisioningError
 from provisioning.issuer import SignOptions
 
 CLONED, FIGHT, EXPIRING = "cloned-device", "client-id-fight", "expiring-soon"
@@ -167,44 +169,74 @@ def parse_hub_metrics(values: list[str], brokers: int) -> tuple[HubWatch, ...]:
 # -- material --------------------------------------------------------------------------------
 
 
+class Renewal:
+    """The fight's renewal (``sign --renew`` through the library), made once for every broker
+    when the first fight starts: as late as possible, so that a short ``renew_grace`` (a
+    ``--rotate`` run's) has not had the superseded certificate revoked before it is used."""
+
+    def __init__(self, pki: Path, device_id: str, files: DeviceFiles) -> None:
+        self.pki, self.device_id, self.files = pki, device_id, files
+        self.at: float | None = None  # time.monotonic() of the renewal, once made
+        self._task: asyncio.Task[float] | None = None
+
+    def renew(self) -> float:
+        """Blocking; EnrollError when the CA refuses."""
+        with Authority(self.pki, actor="fleet-sim") as authority:
+            _issue(authority, self.files, self.device_id, SignOptions(renew=True))
+        self.at = time.monotonic()
+        return self.at
+
+    async def made(self) -> float:
+        """The renewal's time, making it first if no one has."""
+        if self.at is not None:
+            return self.at
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.renew))
+        return await asyncio.shield(self._task)
+
+
 @dataclass(frozen=True)
 class DefenderKit:
     clone: DeviceFiles  # one certificate, played by two boxes
-    superseded: DeviceFiles  # the fight: the device's first certificate, renewed since
-    renewed: DeviceFiles  # its renewal (same device id, another key and serial)
+    superseded: DeviceFiles  # the fight: the device's first certificate, renewed in the run
+    renewed: DeviceFiles  # its renewal's files (same device id, another key and serial)
     expiring: DeviceFiles  # valid for EXPIRING_VALIDITY
-    renewed_at: float  # time.monotonic() of the renewal: the hub may take a moment to learn it
+    renewal: Renewal
 
 
 def prepare_defender(pki: Path, root: Path) -> DefenderKit:
-    """New devices for this run (see the module docstring), issued by the library."""
+    """New devices for this run (see the module docstring), issued by the library; the
+    fight's renewal is made when the scenario starts (:class:`Renewal`)."""
     shutil.rmtree(root, ignore_errors=True)  # the previous run's: their subjects are spent
     root.mkdir(parents=True)
     stamp = int(time.time())
-    ids = {name: f"atk-{name}-{stamp}" for name in ("clone", "fight", "expiring")}
-    keys = {name: factory.new_key() for name in (*ids, "renewed")}
+    files = {name: DeviceFiles(f"atk-{name}-{stamp}", root / f"{name}.pem",
+                               root / f"{name}.key")
+             for name in ("clone", "fight", "expiring")}
+    fight_id = files["fight"].device_id
+    renewed = DeviceFiles(fight_id, root / "renewed.pem", root / "renewed.key")
     with Authority(pki, actor="fleet-sim") as authority:
-        chain = authority.ca.chain_pem
-        issuer = authority.issuer()
+        for name, options in (("clone", SignOptions()), ("fight", SignOptions()),
+                              ("expiring", SignOptions(validity=EXPIRING_VALIDITY))):
+            _issue(authority, files[name], files[name].device_id, options)
+    return DefenderKit(files["clone"], files["fight"], renewed, files["expiring"],
+                       Renewal(pki, fight_id, renewed))
 
-        def sign(name: str, device_id: str, options: SignOptions) -> DeviceFiles:
-            csr = factory.csr_pem(device_id, keys[name])
-            result = issuer.sign([CSRInput(device_id, csr)], options)[0]
-            if result.status != "issued" or result.pem is None:
-                raise EnrollError(f"the CA refused {device_id} for the defender scenarios: "
-                                  f"{result.reason or result.status}")
-            files = DeviceFiles(device_id, root / f"{name}.pem", root / f"{name}.key")
-            factory.write_key(files.key, keys[name])
-            leaf = x509.load_pem_x509_certificate(result.pem.encode())  # the leaf alone
-            files.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + chain)
-            return files
 
-        clone = sign("clone", ids["clone"], SignOptions())
-        first = sign("fight", ids["fight"], SignOptions())
-        renewed = sign("renewed", ids["fight"], SignOptions(renew=True))
-        renewed_at = time.monotonic()
-        expiring = sign("expiring", ids["expiring"], SignOptions(validity=EXPIRING_VALIDITY))
-    return DefenderKit(clone, first, renewed, expiring, renewed_at)
+def _issue(authority: Authority, files: DeviceFiles, device_id: str,
+           options: SignOptions) -> None:
+    """A new key and CSR for *device_id*, signed; key and certificate (with the chain) into
+    *files*."""
+    key = factory.new_key()
+    result = authority.issuer().sign([CSRInput(device_id, factory.csr_pem(device_id, key))],
+                                     options)[0]
+    if result.status != "issued" or result.pem is None:
+        raise EnrollError(f"the CA refused {device_id} for the defender scenarios: "
+                          f"{result.reason or result.status}")
+    factory.write_key(files.key, key)
+    leaf = x509.load_pem_x509_certificate(result.pem.encode())  # the leaf alone
+    files.cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)
+                           + authority.ca.chain_pem)
 
 
 # -- the scenarios ---------------------------------------------------------------------------
@@ -242,9 +274,6 @@ class DefenderRunner:
                                                        else (None, None))
 
     async def run(self) -> list[ScenarioResult]:
-        wait = self.kit.renewed_at + REVOCATION_GRACE - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
         results = await asyncio.gather(self.cloned(), self.fight(), self.expiring())
         return list(results)
 
@@ -267,6 +296,13 @@ class DefenderRunner:
         expected = (f"{old.device_id}'s superseded certificate and its renewal (both valid "
                     f"during renew_grace) take its client id from each other {TAKEOVERS} "
                     "times; " + self._expect(CONFLICT_CHECK, old.device_id))
+        try:
+            renewed_at = await self.kit.renewal.made()
+        except (SimError, ProvisioningError, OSError) as exc:
+            return ScenarioResult(FIGHT, expected, f"the renewal failed: {exc}", passed=False)
+        wait = renewed_at + REVOCATION_GRACE - time.monotonic()
+        if wait > 0:  # for the broker to learn of the new certificate
+            await asyncio.sleep(wait)
         return await self._flap(FIGHT, expected, CONFLICT_CHECK, old.device_id, (old, new),
                                 "certificate")
 

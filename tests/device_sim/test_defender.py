@@ -67,13 +67,27 @@ def hub(site: Site) -> Iterator[tuple[HubProcess, Path]]:
 
 
 def test_material_is_the_ca_s_own(site: Site) -> None:
-    """Registered certificates: the fight's two are one device's superseded and active
-    ones, the expiring one ends within the hour."""
+    """Registered certificates; the fight's renewal is made once, when first asked for: then
+    the device has a superseded and an active one. The expiring one has its chain."""
     kit = site.kit
     assert kit.superseded.device_id == kit.renewed.device_id
-    with Authority(site.pki) as authority:
-        history = authority.registry.certificates(kit.superseded.device_id)
-    assert sorted(c.status for c in history) == ["active", "superseded"]
+
+    def statuses() -> list[str]:
+        with Authority(site.pki) as authority:
+            return sorted(c.status for c in
+                          authority.registry.certificates(kit.superseded.device_id))
+
+    assert statuses() == ["active"]
+    assert not kit.renewed.cert.exists()
+
+    async def twice() -> tuple[float, float]:
+        made = await asyncio.gather(kit.renewal.made(), kit.renewal.made())
+        return made[0], made[1]
+
+    first, second = asyncio.run(twice())
+    assert first == second == asyncio.run(kit.renewal.made())
+    assert statuses() == ["active", "superseded"]
+    assert kit.renewed.cert.read_bytes().count(b"BEGIN CERTIFICATE") >= 2
     assert kit.expiring.cert.read_bytes().count(b"BEGIN CERTIFICATE") >= 2
 
 
