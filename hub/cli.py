@@ -276,7 +276,7 @@ def _report_json(report: ChainReport) -> dict[str, object]:
         "first_id": report.first[0] if report.first else None,
         "last_id": report.last[0] if report.last else None,
         "checkpoints": len(report.checkpoints), "pruned": report.pruned,
-        "anchors": report.anchors,
+        "anchors": report.anchors, "notes": list(report.notes),
         "migrated": None if report.migrated is None else dict(report.migrated),
         "problem": None if problem is None else {
             "record_id": problem.record_id, "checkpoint_id": problem.checkpoint_id,
@@ -299,6 +299,7 @@ def _report_text(report: ChainReport) -> str:
                      f"records pruned; newest: {newest.describe()}")
     if report.anchors:
         lines.append(f"  {report.anchors} anchor(s) match")
+    lines.extend(f"  {note}" for note in report.notes)
     migrated = report.migrated
     if migrated is not None:
         when = migrated.get("time")

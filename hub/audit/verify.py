@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hub.audit.chain import GENESIS, seal
@@ -57,7 +57,7 @@ class ChainReport:
     migrated: Mapping[str, object] | None = None
     anchors: int = 0  # --anchor values checked against the store
     problem: Break | None = None
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()  # what could not be checked (an --anchor since pruned)
 
     @property
     def ok(self) -> bool:
@@ -100,10 +100,11 @@ def verify_chain(conn: sqlite3.Connection, trust: CheckpointTrust,
             "FROM events ORDER BY id"))
     if problem is None:
         problem = _check_head(conn, walk)
+    notes: list[str] = []
     if problem is None:
-        problem = _check_anchors(wanted, walk, checkpoints)
-    return ChainReport(walk.count, walk.first, walk.last, checkpoints, migrated, len(wanted),
-                       problem)
+        problem = _check_anchors(wanted, walk, checkpoints, notes)
+    return ChainReport(walk.count, walk.first, walk.last, checkpoints, migrated,
+                       len(wanted) - len(notes), problem, tuple(notes))
 
 
 def _meta_json(conn: sqlite3.Connection, key: str) -> Mapping[str, object] | None:
@@ -259,7 +260,9 @@ def _check_head(conn: sqlite3.Connection, walk: _Walk) -> Break | None:
 
 
 def _check_anchors(wanted: Mapping[int, str], walk: _Walk,
-                   checkpoints: tuple[Checkpoint, ...]) -> Break | None:
+                   checkpoints: tuple[Checkpoint, ...], notes: list[str]) -> Break | None:
+    """Each --anchor against the store; one that was pruned (and is no checkpoint's head)
+    cannot be checked any more: a note, not a match."""
     pruned = {c.head_id: c.head_hash for c in checkpoints}
     for record_id, digest in sorted(wanted.items()):
         if record_id in walk.seen:
@@ -272,8 +275,10 @@ def _check_anchors(wanted: Mapping[int, str], walk: _Walk,
             if pruned[record_id] != digest:
                 return Break(record_id, None, "differs from the copy shipped elsewhere (it is "
                              "a checkpoint's head, with another hash)")
-        elif walk.last is None or record_id > walk.last[0]:
+        elif record_id > walk.prev_id:
             return Break(record_id, None, "missing: shipped elsewhere (--anchor) but no longer "
                          f"in the store, which ends at #{walk.prev_id}: records were removed "
                          "from the end and the head rewritten")
+        else:
+            notes.append(f"anchor #{record_id} was pruned: not checked")
     return None

@@ -249,3 +249,20 @@ def test_a_checkpoint_of_a_renewed_server_certificate_still_verifies(
     assert (renewed / "server.pem").read_bytes() != (fleet.pki / "server.pem").read_bytes()
     report = verify(db, trust)
     assert report.ok, report.problem
+
+
+def test_anchors_after_a_prune(db: Path, signer: CheckpointSigner,
+                               trust: CheckpointTrust) -> None:
+    """An anchor on the checkpoint's head is checked against it; one on another pruned record
+    can no longer be: a note, not a match; a wrong hash on the head is named."""
+    shipped = {r.id: str(r.hash) for r in read_records(db)}
+    checkpoint = cut(db, signer, trust, 31).checkpoint
+    assert checkpoint is not None
+    head, other = checkpoint.head_id, checkpoint.head_id - 1
+    report = verify_store(db, trust, [(head, shipped[head]), (other, shipped[other])])
+    assert report.ok, report.problem
+    assert (report.anchors, report.notes) == (1, (f"anchor #{other} was pruned: not checked",))
+    wrong = verify_store(db, trust, [(head, shipped[other])])
+    assert wrong.problem is not None
+    assert wrong.problem.record_id == head
+    assert "differs from the copy shipped elsewhere" in wrong.problem.what
