@@ -93,7 +93,7 @@ def verify_chain(conn: sqlite3.Connection, trust: CheckpointTrust,
     migrated = _meta_json(conn, MIGRATED_KEY)
     wanted = dict(anchors)
     problem = _check_checkpoints(checkpoints, trust)
-    walk = _Walk(checkpoints[-1] if checkpoints else None, wanted)
+    walk = _Walk(checkpoints[-1] if checkpoints else None, wanted, conn)
     if problem is None:
         problem = walk.run(conn.execute(
             "SELECT id, time, event, device_id, serial, peer, reason, evidence, prev_hash, hash "
@@ -141,8 +141,10 @@ def _check_checkpoints(checkpoints: tuple[Checkpoint, ...], trust: CheckpointTru
 class _Walk:
     """The record-by-record part: state kept between rows, the first Break returned."""
 
-    def __init__(self, anchor: Checkpoint | None, wanted: Mapping[int, str]) -> None:
+    def __init__(self, anchor: Checkpoint | None, wanted: Mapping[int, str],
+                 conn: sqlite3.Connection) -> None:
         self.anchor = anchor
+        self.conn = conn  # to look at the next record once something does not fit
         self.prev_id = anchor.head_id if anchor else 0
         self.prev_hash = anchor.head_hash if anchor else GENESIS
         self.prev_time: float | None = None
@@ -186,6 +188,13 @@ class _Walk:
             if other != record_id and _seal(other, fields, row[8]) == row[9]:
                 return (f"holds what was sealed as record #{other}: records were moved or "
                         "reordered")
+        # The next record sealed this one's hash as its prev_hash: it says which side moved.
+        after = self.conn.execute("SELECT id, prev_hash FROM events WHERE id > ? ORDER BY id "
+                                  "LIMIT 1", (record_id,)).fetchone()
+        if after is not None and after[1] != row[9] \
+                and after[1] == _seal(record_id, fields, row[8]):
+            return (f"its stored hash was altered; its fields are as written (record #{after[0]} "
+                    "continues from them)")
         hint = ""
         at = row[1]
         if not isinstance(at, float):

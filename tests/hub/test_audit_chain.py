@@ -266,3 +266,12 @@ def test_verify_reads_a_consistent_snapshot_while_the_hub_writes(tmp_path: Path)
         assert verify(path).records == 4000
     finally:
         store.close()
+
+
+def test_an_edited_hash_is_told_from_edited_fields(db: Path) -> None:
+    """Only the stored hash of #8 changed: its fields still seal to what #9 continues from."""
+    sql(db, "UPDATE events SET hash = '" + "ab" * 32 + "' WHERE id = 8")
+    text = problem(db)
+    assert text.startswith("record #8 (")
+    assert text.endswith("its stored hash was altered; its fields are as written (record #9 "
+                         "continues from them)")
