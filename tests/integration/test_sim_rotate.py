@@ -4,6 +4,9 @@ closed by the hub at its not-after, the superseded certificates revoked after th
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,25 +20,26 @@ ROTATION_KEYS = {"renewed", "failed", "messages_lost", "expired_kicked", "supers
 
 
 @pytest.fixture(scope="module")
-def rotated(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimRun, Path]:
+def rotated(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimRun, Path, Path]:
     root = tmp_path_factory.mktemp("rotate")
     pki = make_pki(root)
-    with HubProcess(write_hub_config(root, pki)) as hub:
+    config = write_hub_config(root, pki)
+    with HubProcess(config) as hub:
         run = fleet_sim("run", "--pki", pki, "--broker", f"127.0.0.1:{hub.port}",
                         "--devices", "3", "--rate", "50", "--duration", "1",
                         "--publish-interval", "0.2", "--processes", "1", "--quiet",
                         "--fleet-dir", root / "fleet", "--rotate", "--validity", "1m",
                         "--renew-at", "0.2", "--renew-grace", "3s", "--no-renew", "1",
                         "--rounds", "2", report=root / "report.json", timeout=180)
-    return run, pki
+    return run, pki, config
 
 
-def test_rotation_report_expected_and_observed(rotated: tuple[SimRun, Path]) -> None:
+def test_rotation_report_expected_and_observed(rotated: tuple[SimRun, Path, Path]) -> None:
     """The report's rotation object has DESIGN section 10's five keys; every renewing device
     renewed at least twice with no failed attempt and no lost sequence number, the one device
     told not to renew was closed at its not-after, every replaced certificate was revoked
     (superseded); exit 0."""
-    run, _ = rotated
+    run, _, _ = rotated
     assert run.report is not None, run.stderr
     assert run.code == 0, run.stdout + run.stderr
     rotation, expected = run.report["rotation"], run.report["rotation_expected"]
@@ -54,12 +58,13 @@ def test_rotation_report_expected_and_observed(rotated: tuple[SimRun, Path]) -> 
     assert run.report["messages"]["sent"] > 100
 
 
-def test_registry_shows_the_renewals_and_the_policy_is_put_back(
-        rotated: tuple[SimRun, Path]) -> None:
+def test_registry_and_hub_audit_show_the_renewals_and_the_expiry(
+        rotated: tuple[SimRun, Path, Path]) -> None:
     """At the CA: each renewing device has a chain of certificates, all but the newest
     revoked with reason superseded; the device told not to renew has its one certificate,
-    still active (it expired; nobody revoked it). The PKI's policy is as before the run."""
-    run, pki = rotated
+    still active (it expired; nobody revoked it), and the hub's audit store has exactly one
+    kick, reason expired, for it. The PKI's policy is as before the run."""
+    run, pki, config = rotated
     assert run.report is not None
     with Authority(pki) as authority:
         rows = [r for r in authority.registry.certificates() if r.device_id.startswith("sim-")]
@@ -69,6 +74,12 @@ def test_registry_shows_the_renewals_and_the_policy_is_put_back(
             f"{row.status}/{row.reason}" if row.status == "revoked" else row.status)
     histories = sorted(by_device.values(), key=len)
     assert histories[0] == ["active"]  # the one told not to renew
+    told = next(d for d, h in by_device.items() if h == ["active"])
+    events = subprocess.run([sys.executable, "-m", "hub.cli", "events", "--config",
+                             str(config), "--json"], capture_output=True, text=True,
+                            check=True, timeout=60)
+    kicks = [e for e in json.loads(events.stdout) if e["event"] == "kick"]
+    assert [(k["device_id"], k["reason"]) for k in kicks] == [(told, "expired")]
     for history in histories[1:]:
         assert len(history) >= 3
         assert history.count("active") == 1
