@@ -16,6 +16,7 @@ from device_sim.lab import Enrolled
 from provisioning.config import load_config
 from provisioning.pki import IssuingCA, load_private_key
 from provisioning.profile import device_certificate, random_serial
+from provisioning.serial import format_serial
 
 
 def second_intermediate(pki: Path) -> IssuingCA:
@@ -61,4 +62,4 @@ def leaf_from(pki: Path, ca: IssuingCA, device_id: str, out: Path, *, chain: boo
     path = out / f"{device_id}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
                      + (ca.cert.public_bytes(serialization.Encoding.PEM) if chain else b""))
-    return Enrolled(device_id, path, key_path, format(cert.serial_number, "x"))
+    return Enrolled(device_id, path, key_path, format_serial(cert.serial_number))
