@@ -226,6 +226,9 @@ class Device:
             return Outcome(exc.phase, exc.reason)
         except TimeoutError:
             return Outcome("timeout", f"no TLS handshake within {timeout:g} s")
+        if not self.connected:  # the broker closed the old connection meanwhile
+            opened.sock.close()
+            return Outcome("closed", "not connected")
         self.switching = True
         try:
             await self._leave(timeout)
