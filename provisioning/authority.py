@@ -102,15 +102,23 @@ class Authority:
         for name in ("ca", "retiring"):
             self.__dict__.pop(name, None)
 
-    def refresh_cas(self) -> bool:
+    def refresh_cas(self, *, settle: bool = True) -> bool:
         """Re-read the issuing CAs when ``ca-chain.pem`` changed since they were loaded (an
         ``issuing-ca rotate`` or ``retire`` by another process: both rewrite it last, under
         the registry's write lock); True when it did. One ``stat`` otherwise: the
         enrollment service's worker asks before each batch. When the new files cannot be
-        loaded, raises and keeps the CAs it had."""
+        loaded, raises and keeps the CAs it had.
+
+        *settle*: when it changed, first wait for the registry's write lock (taken and given
+        back at once), so a rotation still in its transaction has committed, or rolled back
+        and put the files back, before they are read: nothing signs with a CA that was never
+        committed. Inside a write transaction (the lock held already) pass False."""
         stamp = file_stamp(self.paths.chain)
         if "ca" not in self.__dict__ or stamp == self._chain_stamp:
             return False
+        if settle:
+            self.registry.settle()
+            stamp = file_stamp(self.paths.chain)
         pki = PKI(self.paths.root)  # all of it loaded before any of it is taken
         ca = pki.load_issuing_ca(self._passphrase)
         retiring = pki.load_retiring(self._passphrase)
@@ -119,10 +127,11 @@ class Authority:
         self._chain_stamp = stamp
         return True
 
-    def _signers(self) -> tuple[IssuingCA, tuple[IssuingCA, ...]]:
-        """The live issuing CAs (current, retiring), as of now: called again inside a write
-        transaction, where a rotation by another process is either whole or not begun."""
-        self.refresh_cas()
+    def _signers(self, *, locked: bool = False) -> tuple[IssuingCA, tuple[IssuingCA, ...]]:
+        """The live issuing CAs (current, retiring), as of now: called before a write
+        transaction, then again inside it (*locked*), where a rotation by another process is
+        either whole or not begun."""
+        self.refresh_cas(settle=not locked)
         return self.ca, self.retiring
 
     def issuer(self) -> Issuer:
@@ -137,7 +146,7 @@ class Authority:
         now = utcnow()
         stamp = iso(now)
         with self.registry.write(self.actor) as tx:
-            ca, others = self._signers()
+            ca, others = self._signers(locked=True)
             serials = self._revoke_in(tx, device_id, serial, canonical, stamp)
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
         return Change(device_id, tuple(serials), _crl_number(crl))
@@ -154,7 +163,7 @@ class Authority:
         stamp = iso(now)
         unique = list(dict.fromkeys(device_ids))
         with self.registry.write(self.actor) as tx:
-            ca, others = self._signers()
+            ca, others = self._signers(locked=True)
             touched = [(device_id, self._revoke_in(tx, device_id, None, canonical, stamp))
                        for device_id in unique]
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
@@ -197,7 +206,7 @@ class Authority:
         now = utcnow()
         stamp = iso(now)
         with self.registry.write(self.actor) as tx:
-            ca, others = self._signers()
+            ca, others = self._signers(locked=True)
             status = self._device_status(tx, device_id)
             if status == DEVICE_REVOKED:
                 raise UsageError(f"device {device_id!r} is revoked; a revocation cannot be "
@@ -238,7 +247,7 @@ class Authority:
                 return []
             raise
         with self.registry.write(POLICY_ACTOR) as tx:
-            ca, others = self._signers()
+            ca, others = self._signers(locked=True)
             swept = revoke_due(tx, grace, now)
             if swept:
                 publish_crl(tx, ca, self.config, self.paths.crl, now, others=others)
@@ -257,7 +266,7 @@ class Authority:
         self._signers()
         now = utcnow()
         with self.registry.write(self.actor) as tx:
-            ca, others = self._signers()
+            ca, others = self._signers(locked=True)
             revoke_due(tx, self.config.renew_grace, now)
             crl = publish_crl(tx, ca, self.config, self.paths.crl, now, extra_out=out,
                               others=others)

@@ -18,7 +18,8 @@ Both run in one registry write transaction, with their audit event (``issuing-ca
 ``issuing-ca.retire``), and write the files inside it, ``ca-chain.pem`` last among the
 issuers' files: another process holding the CAs (the enrollment service's worker,
 :meth:`provisioning.authority.Authority.refresh_cas`) re-reads them when ``ca-chain.pem``
-changed, and under the same lock it finds the files whole. If anything fails before the
+changed, once it got the same lock (so after the commit, or after a rollback put the files
+back): it never signs with a CA that was not committed. If anything fails before the
 commit, every file is put back as it was.
 """
 

@@ -129,6 +129,16 @@ class Registry:
                 self.conn.execute("ROLLBACK")
             raise
 
+    def settle(self) -> None:
+        """Wait until no other connection is writing: take the write lock and give it back
+        (an empty ``BEGIN IMMEDIATE``/``COMMIT``)."""
+        try:
+            with self._transaction():
+                pass
+        except sqlite3.OperationalError as exc:
+            raise RegistryError(f"registry write lock not available: {exc}",
+                                str(self.path)) from exc
+
     @contextlib.contextmanager
     def write(self, actor: str) -> Iterator[Transaction]:
         """One atomic unit: rows and their audit events commit together or not at all."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -274,3 +275,29 @@ def test_an_issuing_key_that_is_not_its_certificates_pair_is_one_line(
     assert done.code == 2
     assert done.err.count("\n") == 1
     assert "not the pair of its certificate" in done.err
+
+
+def test_a_process_holding_the_cas_never_takes_an_uncommitted_rotation(
+        pki_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process (the service's worker) that sees ca-chain.pem change while a rotation
+    is still in its transaction waits for the registry's lock: the rotation fails and puts
+    the files back, and that process still holds the old issuing CA, never the new one."""
+    worker = Authority(pki_dir)
+    old = worker.ca
+    outcome: list[bool] = []
+    reader = threading.Thread(target=lambda: outcome.append(worker.refresh_cas()))
+
+    def failing_publish(*_: object, **__: object) -> None:
+        # The new files are in place, the transaction is open: the worker looks now.
+        reader.start()
+        reader.join(timeout=0.5)  # it waits on the lock (it cannot finish before we do)
+        assert reader.is_alive()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rotation, "publish_crl", failing_publish)
+    with Authority(pki_dir) as authority, pytest.raises(OSError, match="disk full"):
+        rotation.rotate(authority, pki_dir / "root-ca.key", None)
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert worker.ca.cert == old.cert
+    worker.close()
