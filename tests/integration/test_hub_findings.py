@@ -211,6 +211,20 @@ def test_a_client_ca_certificate_ending_within_warn_days_is_ca_expiring(site: Si
     assert rows[0]["device_id"] is None
 
 
+def test_a_new_client_ca_bundle_is_looked_at_when_put_in_force(site: Site) -> None:
+    """client_ca rewritten (atomically, as an operator delivers it) with another root that
+    ends soon: the hub puts the bundle in force within a second and reports that root."""
+    bundle = site.fleet.root / "client-ca.pem"
+    staged = bundle.with_name("client-ca.pem.new")
+    shutil.copy(bundle, staged)
+    second = short_root(staged)
+    staged.replace(bundle)
+    serial = serial_hex(second.serial_number)
+    rows = site.hub.wait_events(event="finding", reason="ca-expiring",
+                                until=lambda rows: serial in [r["serial"] for r in rows])
+    assert serial in [r["serial"] for r in rows]
+
+
 def test_a_key_below_the_policy_is_weak_key(site: Site) -> None:
     """min_rsa_bits = 3072 here: an RSA-2048 device is weak, the fleet's P-256 keys are not."""
     healthy = site.fleet.device("p256-device")
