@@ -53,6 +53,7 @@ from provisioning.est.messages import (
     write_audit_events,
 )
 from provisioning.feed.jws import raw_signature
+from provisioning.fsutil import file_stamp
 from provisioning.grace import sweep_interval
 from provisioning.issuer import CHUNK, SignOptions
 from provisioning.ocsp import Responder
@@ -122,6 +123,7 @@ class Engine:
         self._responder = Responder(authority.ca, authority.registry.issued_status,
                                     authority.retiring)
         self._feed_keys = self._signing_keys()
+        self._bad_chain: tuple[int, int, int] | None = None  # a ca-chain.pem that failed
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._events: list[AuditEvent] = []
         self._crl = CRLFile(authority.paths.crl)
@@ -215,13 +217,17 @@ class Engine:
         process): one ``stat`` of ca-chain.pem when nothing changed. Asked before each batch
         and each housekeeping, so what the worker signs next is signed by the new CA."""
         authority = self.authority
+        if self._bad_chain is not None and file_stamp(authority.paths.chain) == self._bad_chain:
+            return  # told once; tried again when the file changes again
         try:
             if not authority.refresh_cas():
                 return
         except (OSError, ValueError, ProvisioningError) as exc:
+            self._bad_chain = file_stamp(authority.paths.chain)
             log.warning("cannot load the issuing CAs after ca-chain.pem changed (signing "
                         "with the ones loaded before): %s", exc)
             return
+        self._bad_chain = None
         self._issuer = authority.issuer()
         self._responder = Responder(authority.ca, authority.registry.issued_status,
                                     authority.retiring)

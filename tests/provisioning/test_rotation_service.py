@@ -16,6 +16,7 @@ from typing import TypeVar
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from provisioning.authority import Authority
@@ -159,3 +160,32 @@ def test_a_running_service_takes_a_rotation_and_a_retirement_without_restart(
     finally:
         assert server.stop() == 0
     assert "issuing CA changed" in "".join(server.lines)
+
+
+def test_a_chain_change_the_worker_cannot_load_keeps_the_old_ca_and_is_logged_once(
+        tmp_path: Path) -> None:
+    """ca-chain.pem rewritten while issuing-ca.key no longer pairs with issuing-ca.pem (a
+    hand edit, a cut rotation): the service keeps signing with the CA it holds, says why
+    once in its log, and does not try again until the file changes again."""
+    pki = make_pki(tmp_path)
+    with Authority(pki) as authority:
+        secret = authority.create_token("line7")
+    old_ca = x509.load_pem_x509_certificate((pki / "issuing-ca.pem").read_bytes())
+    server = Server(pki)
+    try:
+        token = {**PKCS10, "Authorization": basic("line7", secret)}
+        stray = ec.generate_private_key(ec.SECP256R1())
+        (pki / "issuing-ca.key").write_bytes(stray.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        chain = pki / "ca-chain.pem"
+        chain.write_bytes(chain.read_bytes())  # another inode, the same certificates
+        for name in ("dev-1", "dev-2"):
+            made = issued(request(server, "POST", "/.well-known/est/simpleenroll",
+                                  enroll_body(make_csr(cn=name)), token, pki=pki))
+            made.verify_directly_issued_by(old_ca)
+    finally:
+        assert server.stop() == 0
+    log = "".join(server.lines)
+    assert log.count("cannot load the issuing CAs after ca-chain.pem changed") == 1
+    assert "not the pair of its certificate" in log
