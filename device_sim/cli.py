@@ -35,7 +35,7 @@ from device_sim.lab import (
     write_gateway_config,
     write_hub_config,
 )
-from device_sim.lab.policy import rotation_service
+from device_sim.lab.policy import policy, rotation_service
 from device_sim.report import render
 from device_sim.rotation import RotateSettings
 from fleetcli import new_app, run_cli
@@ -182,9 +182,13 @@ def run(
         _finish(result, report)
         return
     life = parse_duration(validity or DEFAULT_VALIDITY, "--validity")
-    grace = (parse_duration(renew_grace, "--renew-grace") if renew_grace is not None
-             else dt.timedelta(seconds=max(1, int(life.total_seconds() / 8))))
-    if grace >= life:
+    if renew_grace is not None:
+        grace = parse_duration(renew_grace, "--renew-grace")
+    elif enroll is not None:  # the service's own, which it read when it started
+        grace = parse_duration(policy(pki)["renew_grace"], "renew_grace")
+    else:
+        grace = dt.timedelta(seconds=max(1, int(life.total_seconds() / 8)))
+    if grace >= life and enroll is None:  # with --enroll the service's policy is checked
         raise UsageError(f"{format_duration(grace)} is not shorter than the validity "
                          f"{format_duration(life)}", "--renew-grace")
     told = no_renew if no_renew is not None else min(2, devices // 4)

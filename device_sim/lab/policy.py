@@ -75,17 +75,20 @@ def rotation_service(pki: Path, validity: str, renew_grace: str,
     """The EST service a rotation run renews through; yields its URL.
 
     With *url* (``--enroll``: a service the operator runs) the PKI's policy must already be
-    *validity* (the service read it when it started). Without, the policy is set, the
+    *validity* and *renew_grace* (the service read them when it started). Without, the
+    policy is set, the
     service started on a free loopback port for the run, then stopped and the policy put
     back as it was.
     """
     if url is not None:
-        current = policy(pki)["validity"]
-        if current != validity:
-            raise UsageError(
-                f"the PKI's validity is {current}, not {validity}: run fleet-provision policy "
-                f"set --pki {pki} validity={validity} renew_grace={renew_grace} and restart "
-                "the service, or leave --enroll out", "--validity")
+        current = policy(pki)
+        for key, want, option in (("validity", validity, "--validity"),
+                                  ("renew_grace", renew_grace, "--renew-grace")):
+            if current[key] != want:
+                raise UsageError(
+                    f"the PKI's {key} is {current[key]}, not {want}: run fleet-provision "
+                    f"policy set --pki {pki} validity={validity} renew_grace={renew_grace} "
+                    "and restart the service, or leave --enroll out", option)
         yield url
         return
     before = set_policy(pki, validity, renew_grace)
