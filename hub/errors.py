@@ -14,6 +14,7 @@
     ├── BundleError          a changed client_ca bundle is refused (unreadable, no PEM
     │                        certificate, one that is not a CA): the bundle in force stays
     ├── MetricsError         the metrics endpoint cannot be served (its address cannot be bound)
+    ├── QuarantineError      the quarantine file of [checks] cannot be read or written (names it)
     └── AuditError           the audit store cannot be opened, read or written in time (names
                              the file); hub.audit re-exports it
 
@@ -84,6 +85,10 @@ class BundleError(HubError):
 
 class MetricsError(HubError):
     """The metrics endpoint cannot be served (the address cannot be bound)."""
+
+
+class QuarantineError(HubError):
+    """The quarantine file (``[checks] quarantine_file``) cannot be read or written; names it."""
 
 
 class AuditError(HubError):

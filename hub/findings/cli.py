@@ -18,7 +18,7 @@ import typer
 
 from fleetcli import new_app
 from hub.config import HubConfig, load_config
-from hub.errors import ConfigError
+from hub.errors import ConfigError, QuarantineError
 from hub.findings import quarantine
 from provisioning.serial import parse_serial
 
@@ -80,6 +80,6 @@ def clear(serials: Annotated[list[str], typer.Argument(metavar="SERIAL...",
         sys.stdout.write(f"cleared {e.serial} ({e.device_id}, {e.check} since {e.since})\n")
     missing = len(set(wanted)) - len(released)
     if missing:
-        raise quarantine.QuarantineError(
+        raise QuarantineError(
             f"{missing} of the serials given {'is' if missing == 1 else 'are'} not quarantined "
             f"in {path}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from cryptography import x509
 
 from hub.audit import format_time
+from hub.errors import QuarantineError
 from hub.findings import quarantine
 from hub.findings.keys import key_problem
 from hub.findings.model import MISUSE, UNREGISTERED_CERTIFICATE, WEAK_KEY, Finding
@@ -255,7 +256,7 @@ class Findings:
         pending = dict(self._to_write)
         try:
             await asyncio.to_thread(quarantine.add, self._file, pending.items())
-        except quarantine.QuarantineError as exc:
+        except QuarantineError as exc:
             log.error("%s; the quarantine holds in memory, retrying", exc)  # noqa: TRY400
             return
         for serial in pending:
@@ -266,13 +267,13 @@ class Findings:
             return
         try:
             sig = await asyncio.to_thread(quarantine.signature, self._file)
-        except quarantine.QuarantineError as exc:
+        except QuarantineError as exc:
             log.error("%s", exc)  # noqa: TRY400
             return
         if sig != self._file_signature:
             try:
                 await self._reload_quarantine()
-            except quarantine.QuarantineError as exc:
+            except QuarantineError as exc:
                 log.error("%s; keeping the quarantine in memory", exc)  # noqa: TRY400
 
     async def _reload_quarantine(self) -> None:

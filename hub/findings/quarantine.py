@@ -21,16 +21,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hub.errors import HubError
+from hub.errors import QuarantineError
 from provisioning.serial import format_serial, parse_serial
 
 VERSION = 1
 
 Signature = tuple[int, int, int] | None  # (inode, mtime ns, size) of the file; None: absent
-
-
-class QuarantineError(HubError):
-    """The quarantine file cannot be read or written; names the file."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from hub.config import AuthConfig, ChecksConfig
+from hub.errors import QuarantineError
 from hub.findings import quarantine
 from hub.findings.engine import UNREGISTERED_GRACE, Findings
 from hub.findings.keys import key_problem
@@ -422,7 +423,7 @@ def test_the_file_keeps_both_writers_entries_and_refuses_a_foreign_file(
     assert [e.serial for e in quarantine.clear(path, [1, 3])] == ["01"]
     assert json.loads(path.read_text())["quarantined"][0]["serial"] == "02"
     path.write_text('{"serials": []}')
-    with pytest.raises(quarantine.QuarantineError, match="not one fleet-hub wrote"):
+    with pytest.raises(QuarantineError, match="not one fleet-hub wrote"):
         quarantine.read(path)
 
 
