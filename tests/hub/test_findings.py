@@ -485,3 +485,13 @@ def test_serials_read_for_the_checks_alone_move_no_revocation_version() -> None:
         await watcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_quarantine_file_fleet_hub_did_not_write_stops_the_start(tmp_path: Path) -> None:
+    """Refusing nothing because the file is unreadable would open the gate it was closing:
+    the hub does not start, and says which file (one line, exit 1 from fleet-hub serve)."""
+    (tmp_path / "quarantine.json").write_text("not json\n")
+    rig = _rig(tmp_path, action="quarantine")
+    with pytest.raises(QuarantineError, match=r"^the quarantine file .*quarantine\.json is "
+                       r"not one fleet-hub wrote: "):
+        asyncio.run(rig.findings.start())
