@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from device_sim.agent import ESTRenewal
+from device_sim.factory import new_key
 from device_sim.lab import CAServiceProcess, Enrolled
 from device_sim.lab.policy import ensure_service_cert, set_policy
 from provisioning.authority import Authority
@@ -51,7 +52,7 @@ def _renew(ca: CAServiceProcess, trust: Path, device: Enrolled) -> Enrolled:
     async def renew() -> Enrolled:
         async with aiohttp.ClientSession() as session:
             renewed = await ESTRenewal(ca.url, trust, session).renew(
-                device.device_id, device.cert, device.key)
+                device.device_id, device.cert, device.key, new_key())
         cert = device.cert.with_name(f"{device.device_id}.renewed.pem")
         key = device.key.with_name(f"{device.device_id}.renewed.key")
         cert.write_bytes(renewed.chain_pem)
