@@ -7,6 +7,9 @@ hubs, paho devices.
 - Hub "feed": a gateway away from the CA, on the fleet-state feed, whose ``client_ca`` is a
   copy of the chain from before the rotation and is never updated: the feed's signer and its
   ``issuers`` alone teach it the new intermediate, and the retirement.
+- Hub "crl-url": ``client_ca`` the PKI's ``ca-chain.pem``, revocations from the CA service's
+  ``GET /crl``: asked for PEM, it answers the CRL of each live issuing CA, so a device of the
+  old intermediate revoked after the rotation is seen (DER would carry the new one's only).
 
 Across rotate, the devices of the old intermediate stay connected and their QoS 1 flow goes
 on; a device of the new intermediate is admitted by both hubs without a restart. After the
@@ -53,6 +56,9 @@ def hubs(fleet: Fleet, ca: CAServiceProcess) -> Iterator[dict[str, RunningHub]]:
     try:
         running["registry"] = RunningHub.start(fleet.write_config("hub-rotation.toml"))
         running["feed"] = RunningHub.start(gateway)
+        running["crl-url"] = RunningHub.start(fleet.write_config(
+            "hub-rotation-crl.toml", revocation=f'crl = "{ca.url}/crl"\nrefresh_seconds = 0.5',
+            extra=f'[audit]\npath = "{fleet.root / "crl-url-audit.db"}"\n'))
         yield running
     finally:
         for hub in running.values():
