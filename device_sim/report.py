@@ -257,9 +257,15 @@ def _rotation(records: list[DeviceRecord], facts: RotationFacts,
         (error, count), = errors.most_common(1)
         failed += f" (most often: {error} x{count})"
     stayed = [r.device_id for r in told if not r.expired_kick]
-    kicked = f"{observed['expired_kicked']} of {len(told)} closed at not-after"
+    let_in = [r for r in told if r.expired_kick and not r.reconnect_refused]
+    kicked = (f"{observed['expired_kicked']} of {len(told)} closed at not-after, "
+              f"{len(told) - len(stayed) - len(let_in)} refused when trying again")
     if stayed:
-        kicked += f"; not: {', '.join(stayed[:3])}"
+        kicked += f"; not closed: {', '.join(stayed[:3])}"
+    if let_in:
+        kicked += f"; e.g. {let_in[0].device_id}: {let_in[0].reconnect}"
+    elif told and not stayed:
+        kicked += f" ({told[0].reconnect})"
     scenarios = [
         ScenarioResult("rotation-renewed",
                        f"each of the {len(renewing)} renewing devices renews at least "
@@ -275,8 +281,8 @@ def _rotation(records: list[DeviceRecord], facts: RotationFacts,
                        observed["messages_lost"] == 0),
         ScenarioResult("rotation-expired-kicked",
                        f"the {len(told)} devices told not to renew are closed by the broker "
-                       "at their certificate's not-after", kicked,
-                       observed["expired_kicked"] == len(told)),
+                       "at their certificate's not-after and refused when they try again",
+                       kicked, observed["expired_kicked"] == len(told) and not let_in),
         ScenarioResult("rotation-superseded-revoked",
                        f"each of the {facts.superseded} replaced certificates is revoked "
                        f"(superseded) after renew_grace {facts.renew_grace}",

@@ -384,6 +384,10 @@ class _Worker:
         if self.rotator is not None and self.rotator.expiry_kick(device.client_id, time.time()):
             record.expired_kick = True
             self.counters.expired_kicked += 1
+            # As its firmware would, it tries again: the expired certificate must be refused.
+            record.reconnect = "pending"
+            self.reconnects.append(asyncio.create_task(self.reconnect(device.client_id,
+                                                                      revoked=False)))
         elif device.client_id in self.revoking:
             self.counters.revoked_gone += 1
             self.try_again(device.client_id)
@@ -396,14 +400,16 @@ class _Worker:
         self.records[device_id].reconnect = "pending"
         self.reconnects.append(asyncio.create_task(self.reconnect(device_id)))
 
-    async def reconnect(self, device_id: str) -> None:
+    async def reconnect(self, device_id: str, *, revoked: bool = True) -> None:
+        """One more connect with the same certificate (revoked, or expired with --rotate)."""
         record = self.records[device_id]
         device = self.device(device_id, self.ordinals[device_id])
         outcome: Outcome = await device.connect(RECONNECT_TIMEOUT)
         record.reconnect = outcome.describe()
         record.reconnect_refused = outcome.refused
-        self.counters.reconnects += 1
-        self.counters.reconnects_refused += int(outcome.refused)
+        if revoked:  # the revocation's figures
+            self.counters.reconnects += 1
+            self.counters.reconnects_refused += int(outcome.refused)
         if outcome.accepted:
             await device.disconnect()
 

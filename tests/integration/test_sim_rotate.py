@@ -37,8 +37,8 @@ def rotated(tmp_path_factory: pytest.TempPathFactory) -> tuple[SimRun, Path, Pat
 def test_rotation_report_expected_and_observed(rotated: tuple[SimRun, Path, Path]) -> None:
     """The report's rotation object has DESIGN section 10's five keys; every renewing device
     renewed at least twice with no failed attempt and no lost sequence number, the one device
-    told not to renew was closed at its not-after, every replaced certificate was revoked
-    (superseded); exit 0."""
+    told not to renew was closed at its not-after and refused when it tried again, every
+    replaced certificate was revoked (superseded); exit 0."""
     run, _, _ = rotated
     assert run.report is not None, run.stderr
     assert run.code == 0, run.stdout + run.stderr
@@ -54,6 +54,8 @@ def test_rotation_report_expected_and_observed(rotated: tuple[SimRun, Path, Path
     for name in ("rotation-renewed", "rotation-failed", "rotation-messages-lost",
                  "rotation-expired-kicked", "rotation-superseded-revoked", "fleet-steady"):
         assert run.scenario(name)["passed"], run.scenario(name)
+    kicked = run.scenario("rotation-expired-kicked")["observed"]
+    assert "1 of 1 closed at not-after, 1 refused when trying again" in kicked
     assert run.report["messages"]["lost"] == 0
     assert run.report["messages"]["sent"] > 100
 
