@@ -9,6 +9,10 @@ meanwhile the attack and abuse scenarios run here (their own devices) and the re
 disconnect is timed from its own revocation, then each revoked device reconnects once →
 stop: telemetry still in flight is awaited, every device sends DISCONNECT → the workers send
 their records → the report.
+
+With ``--rotate`` (:mod:`device_sim.rotation`) every device also runs the device agent during
+the hold, which lasts until the renewal rounds are done and the devices told not to renew
+have expired; after the stop the CA's registry is polled for the superseded revocations.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ One harness for ``fleet-sim quickstart``, the tests (``tests/integration/fleet.p
   hub, stock amqtt);
 - :mod:`device_sim.lab.pki`: a PKI with a hub certificate, devices enrolled from their CSRs;
 - :mod:`device_sim.lab.gateways`: the CA service (``fleet-provision serve``) as a process and
-  N gateways fed by its fleet-state feed, each in its own folder (DESIGN section 9).
+  N gateways fed by its fleet-state feed, each in its own folder (DESIGN section 9);
+- :mod:`device_sim.lab.policy`: a rotation run's policy (``policy set``, put back after) and
+  the CA service it renews through.
 
 Like all of ``device_sim`` it talks to the hub over the network and through its command line
 only, never through ``hub``'s modules (STYLE's import rule).
