@@ -29,6 +29,7 @@ from device_sim.lab import (
 from device_sim.lab.policy import ensure_service_cert, set_policy
 from device_sim.transport import Credentials, client_context
 from provisioning.authority import Authority
+from provisioning.serial import format_serial
 from tests.integration.mqtt import Client
 
 DEVICE = "agent-0001"
@@ -226,7 +227,7 @@ async def _lost_answer(lab: Lab) -> tuple[str, str, RenewalError]:
         again = await est.renew(LOST, cert, key, k)
         with pytest.raises(RenewalError) as refused:
             await est.renew(LOST, cert, key, new_key())
-    return (format(first.cert.serial_number, "x"), format(again.cert.serial_number, "x"),
+    return (format_serial(first.cert.serial_number), format_serial(again.cert.serial_number),
             refused.value)
 
 

@@ -25,6 +25,7 @@ from device_sim.factory import new_key
 from device_sim.lab import CAServiceProcess, Enrolled
 from device_sim.lab.policy import ensure_service_cert, set_policy
 from provisioning.authority import Authority
+from provisioning.serial import format_serial
 from tests.integration.fleet import Fleet, RunningHub
 from tests.integration.mqtt import Client
 
@@ -58,8 +59,24 @@ def _renew(ca: CAServiceProcess, trust: Path, device: Enrolled) -> Enrolled:
         cert.write_bytes(renewed.chain_pem)
         key.write_bytes(renewed.key_pem)
         key.chmod(0o600)
-        return Enrolled(device.device_id, cert, key, format(renewed.cert.serial_number, "x"))
+        return Enrolled(device.device_id, cert, key, format_serial(renewed.cert.serial_number))
     return asyncio.run(renew())
+
+
+def _operator(device: Enrolled, connect: Callable[..., Client]) -> Client:
+    """The watcher, subscribed to the switcher's topics once the hub knows its group: it was
+    enrolled a moment ago, and the hub takes the registry's change within its poll interval
+    (until then the subscription is refused, SUBACK 0x80, and the group is looked up per
+    connection, so it reconnects)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        watcher = connect(device)
+        assert watcher.connect() == ACCEPTED
+        if watcher.subscribe("devices/renews-and-switches/#") == [1]:
+            return watcher
+        watcher.close()
+        assert time.monotonic() < deadline, "the hub never took the watcher's group"
+        time.sleep(0.1)
 
 
 def _status(pki: Path, serial: str) -> tuple[str, str | None]:
@@ -80,9 +97,7 @@ def test_a_session_on_a_superseded_certificate_is_closed_after_the_grace(
         fleet: Fleet, ca: CAServiceProcess, tmp_path: Path,
         connect: Callable[..., Client], hub: RunningHub) -> None:
     stays, stale = fleet.device("renews-and-switches"), fleet.device("renews-and-stays-put")
-    watcher = connect(fleet.device("watcher-1", group="operators"))
-    assert watcher.connect() == ACCEPTED
-    assert watcher.subscribe("devices/renews-and-switches/#") == [1]
+    watcher = _operator(fleet.device("watcher-1", group="operators"), connect)
     old_session = connect(stale, clean=False)
     assert old_session.connect() == ACCEPTED
     switcher = connect(stays, clean=False)
