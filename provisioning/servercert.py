@@ -22,6 +22,8 @@ from provisioning.registry.store import Registry
 from provisioning.serial import format_serial
 from provisioning.timefmt import iso, utcnow
 
+SERVER_MIN_VALIDITY = dt.timedelta(days=365)
+
 
 def issue_server_cert(registry: Registry, ca: IssuingCA, config: PKIConfig, actor: str,
                       host: str, addresses: list[IPAddress], out_dir: Path,
@@ -29,14 +31,19 @@ def issue_server_cert(registry: Registry, ca: IssuingCA, config: PKIConfig, acto
     """:meth:`provisioning.authority.Authority.server_cert` once *host* and *addresses*
     passed :func:`server_names`: the key, the certificate, both files and the audit event.
 
-    *validity* None is the fleet's; an int is days (``Authority.server_cert``'s ``days``).
+    *validity* None is the fleet's, but at least :data:`SERVER_MIN_VALIDITY`: the fleet's
+    validity is a device policy, and a fleet on certificates of minutes must not have its
+    enrollment service's or gateways' TLS certificates expire minutes after they are made
+    (nothing renews those by itself). An int is days (``Authority.server_cert``'s ``days``).
     """
     if isinstance(validity, int):
         validity = dt.timedelta(days=validity)
+    if validity is None:
+        validity = max(config.validity, SERVER_MIN_VALIDITY)
     now = utcnow()
     key = ec.generate_private_key(ec.SECP256R1())
     cert = server_certificate(ca, config, host, addresses, key.public_key(),
-                              validity or config.validity, now)
+                              validity, now)
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{basename}.pem", out_dir / f"{basename}.key"
     key_pem = key.private_bytes(serialization.Encoding.PEM,

@@ -3,6 +3,7 @@ written (issue 11 defect 9: ``--name ../../evil`` was certified)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import sqlite3
 import subprocess
@@ -168,3 +169,25 @@ def test_hub_trust_domain_is_read_from_the_gateway_uri(pki_dir: Path, tmp_path: 
     out = tmp_path / "gw"
     assert cli("server-cert", "--pki", pki_dir, "--name", "gw1.local", "--out", out).code == 0
     assert trust.certificate_trust_domain(out / "server.pem") == TRUST_DOMAIN
+
+
+@pytest.mark.parametrize(("fleet", "options", "days"), [
+    ("10m", (), 365),                      # a minute-scale fleet: a year, not 10 minutes
+    ("730d", (), 730),                     # a longer fleet validity is kept
+    ("10m", ("--validity", "2h"), None),   # an explicit --validity wins
+])
+def test_server_certificates_outlive_a_short_fleet_validity(
+        pki_dir: Path, tmp_path: Path, cli: Callable[..., CliResult],
+        fleet: str, options: tuple[str, ...], days: int | None) -> None:
+    """The fleet's validity is the devices' policy; without --validity a gateway's (and the
+    enrollment service's) certificate lives at least 365 days."""
+    done = cli("policy", "set", "--pki", pki_dir, f"validity={fleet}", "renew_grace=1m")
+    assert done.code == 0, done.err
+    out = tmp_path / "gw"
+    result = cli("server-cert", "--pki", pki_dir, "--name", "gw1.local", "--out", out,
+                 *options)
+    assert result.code == 0, result.err
+    cert = _leaf(out)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    want = dt.timedelta(days=days) if days is not None else dt.timedelta(hours=2)
+    assert abs(lifetime - want) < dt.timedelta(minutes=10)
