@@ -50,9 +50,12 @@ class HubRuntime:
                                          # others; without it, only the
                                          # unregistered-certificate check reads them
                                          # (hub.findings), and a change of them alone is
-                                         # no new revocation version.
+                                         # no new revocation version. A feed carries them
+                                         # anyway; a registry is asked per serial instead
+                                         # (a fleet-wide read per change grew a rotating
+                                         # gateway's memory with the fleet).
                                          certificates=config.auth.registered_only
-                                         or config.revocation.lists_devices,
+                                         or config.revocation.feed is not None,
                                          versioned_certificates=config.auth.registered_only)
         self.feed = next((s for s in self.watcher.sources if isinstance(s, FeedSource)), None)
         if self.feed is not None:  # the feed's issuing CAs join the trust (contract C1)
@@ -62,7 +65,8 @@ class HubRuntime:
                                    bundle.pem))
         self.gatekeeper = Gatekeeper(config.auth, self.watcher, self.audit, self.metrics)
         self.findings = Findings(config.checks, self.gatekeeper, self.audit,
-                                 lambda: self.client_ca.bundle, config.listener.client_ca)
+                                 lambda: self.client_ca.bundle, config.listener.client_ca,
+                                 registry=config.revocation.registry)
         self.acl: AclPolicy = config.acl
         self.metrics_server: MetricsServer | None = None
         self.started = False

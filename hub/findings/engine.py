@@ -35,6 +35,7 @@ from hub.findings.reporter import FindingSink, Reporter
 from hub.findings.sweep import DAY, KICK_DEADLINE, Live, StillConnected, ca_expiring, expiring
 from hub.findings.takeovers import Takeover, TakeoverDetector
 from hub.revocation import refusal, unregistered
+from provisioning.registry.view import FleetView, FleetViewError
 from provisioning.serial import format_serial
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class Findings:
 
     def __init__(self, config: ChecksConfig, gatekeeper: Gatekeeper, audit: FindingSink,
                  bundle: Callable[[], BundleLike], client_ca: Path, *,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, registry: Path | None = None) -> None:
         self.config = config
         self.gatekeeper = gatekeeper
         self.clock = clock or gatekeeper.clock
@@ -85,6 +86,12 @@ class Findings:
         self._client_ca = str(client_ca)
         self._admitted: dict[int, _Admitted] = {}
         self._unlisted: dict[int, _Admitted] = {}  # waiting out UNREGISTERED_GRACE
+        # With a registry source and registered_only off, the state lists no serials (a
+        # fleet-wide read on every registry change costs the gateway memory and CPU in
+        # proportion to the fleet): the serials admitted are looked up there instead.
+        self._registry = registry
+        self._view: FleetView | None = None
+        self._registry_failing = False
         self._keys_done: set[int] = set()
         self._expiring_told: dict[int, float] = {}
         self._ca_generation: int | None = None
@@ -133,6 +140,9 @@ class Findings:
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
         await self._write_quarantine()
+        view, self._view = self._view, None
+        if view is not None:
+            view.close()
 
     async def _run(self) -> None:
         while True:
@@ -182,6 +192,8 @@ class Findings:
             snapshot = self.gatekeeper.watcher.snapshot
             if snapshot.certificates is not None:
                 self._unregistered(admitted, now)
+            elif self._registry is not None:
+                await self._unregistered_in_registry(admitted, now)
         keys = [(a.identity, a.der, a.peer) for a in admitted.values() if a.der is not None]
         if not keys:
             return
@@ -215,6 +227,47 @@ class Findings:
                      "listed_serials": sorted(format_serial(s) for s in known or ()),
                      "admitted_at": format_time(seen.time)},
                     ((serial, identity.device_id),)))
+
+    async def _unregistered_in_registry(self, admitted: dict[int, _Admitted],
+                                        now: float) -> None:
+        """unregistered-certificate against the registry itself: one point read (in a worker
+        thread) of the devices whose admitted serials are past the grace."""
+        self._unlisted.update(admitted)
+        due = {serial: seen for serial, seen in self._unlisted.items()
+               if now - seen.time >= UNREGISTERED_GRACE}
+        if not due:
+            return
+        try:
+            listed = await asyncio.to_thread(self._valid_serials,
+                                             [seen.identity.device_id for seen in due.values()])
+        except FleetViewError as exc:  # kept for the next pass
+            if not self._registry_failing:
+                log.warning("unregistered-certificate: %s", exc)
+            self._registry_failing = True
+            return
+        self._registry_failing = False
+        snapshot = self.gatekeeper.watcher.snapshot
+        for serial, seen in due.items():
+            del self._unlisted[serial]
+            identity = seen.identity
+            known = listed.get(identity.device_id)
+            if (known is not None and serial in known) or \
+                    refusal(snapshot, serial, identity.device_id) is not None:
+                continue  # registered, or revoked / held since: the gatekeeper's business
+            self.found(Finding(
+                UNREGISTERED_CERTIFICATE, identity.serial_hex, identity.device_id,
+                identity.serial_hex, seen.peer,
+                {"device_known": known is not None,
+                 "listed_serials": sorted(format_serial(s) for s in known or ()),
+                 "admitted_at": format_time(seen.time)},
+                ((serial, identity.device_id),)))
+
+    def _valid_serials(self, device_ids: list[str]) -> dict[str, frozenset[int]]:
+        """Worker thread: the registry's valid serials of *device_ids*."""
+        assert self._registry is not None  # noqa: S101 - only called with a registry
+        if self._view is None:
+            self._view = FleetView(self._registry)
+        return self._view.valid_serials(device_ids)
 
     # -- reporting and quarantine ------------------------------------------------------------
 

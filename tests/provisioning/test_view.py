@@ -109,6 +109,20 @@ def test_certificates_lists_each_devices_valid_serials(authority: Authority,
         "r1": {first["r1"]: "superseded", renewed["r1"]: "active"}}
 
 
+def test_valid_serials_are_read_for_the_devices_named(authority: Authority,
+                                                      pki_dir: Path) -> None:
+    """The point read behind the hub's unregistered-certificate check: the named devices'
+    active and superseded serials; held and revoked ones, unnamed and unknown devices not."""
+    first = _issue(authority, "v1", "v2", "held", "gone", "other")
+    renewed = _issue(authority, "v1", renew=True)
+    authority.suspend("held")
+    authority.revoke("gone", None, "keyCompromise")
+    with FleetView(pki_dir / "registry.db") as view:
+        found = view.valid_serials(["v1", "v2", "held", "gone", "never-enrolled", "v1"])
+    assert found == {"v1": frozenset({first["v1"], renewed["v1"]}),
+                     "v2": frozenset({first["v2"]})}
+
+
 def test_trust_domain_comes_from_the_pki_init_event(pki_dir: Path, tmp_path: Path) -> None:
     """init's sealed pki.init event names the domain; a registry without one names none."""
     with FleetView(pki_dir / "registry.db") as view:
