@@ -219,14 +219,8 @@ class Findings:
                 del self._unlisted[serial]
             elif now - seen.time >= UNREGISTERED_GRACE:
                 del self._unlisted[serial]
-                known = (snapshot.certificates or {}).get(identity.device_id)
-                self.found(Finding(
-                    UNREGISTERED_CERTIFICATE, identity.serial_hex, identity.device_id,
-                    identity.serial_hex, seen.peer,
-                    {"device_known": known is not None,
-                     "listed_serials": sorted(format_serial(s) for s in known or ()),
-                     "admitted_at": format_time(seen.time)},
-                    ((serial, identity.device_id),)))
+                self._unregistered_found(seen, (snapshot.certificates or {}).get(
+                    identity.device_id))
 
     async def _unregistered_in_registry(self, admitted: dict[int, _Admitted],
                                         now: float) -> None:
@@ -254,13 +248,18 @@ class Findings:
             if (known is not None and serial in known) or \
                     refusal(snapshot, serial, identity.device_id) is not None:
                 continue  # registered, or revoked / held since: the gatekeeper's business
-            self.found(Finding(
-                UNREGISTERED_CERTIFICATE, identity.serial_hex, identity.device_id,
-                identity.serial_hex, seen.peer,
-                {"device_known": known is not None,
-                 "listed_serials": sorted(format_serial(s) for s in known or ()),
-                 "admitted_at": format_time(seen.time)},
-                ((serial, identity.device_id),)))
+            self._unregistered_found(seen, known)
+
+    def _unregistered_found(self, seen: _Admitted, known: Iterable[int] | None) -> None:
+        """Report *seen*'s certificate; *known*: its device's listed serials (None: none)."""
+        identity = seen.identity
+        self.found(Finding(
+            UNREGISTERED_CERTIFICATE, identity.serial_hex, identity.device_id,
+            identity.serial_hex, seen.peer,
+            {"device_known": known is not None,
+             "listed_serials": sorted(format_serial(s) for s in known or ()),
+             "admitted_at": format_time(seen.time)},
+            ((identity.serial, identity.device_id),)))
 
     def _valid_serials(self, device_ids: list[str]) -> dict[str, frozenset[int]]:
         """Worker thread: the registry's valid serials of *device_ids*."""
