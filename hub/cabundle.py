@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hub.errors import BundleError
 from hub.issuers import ANY_UNDER_ROOT, allowed_issuers, describe
 from hub.revocation.feed_issuers import compose
+from hub.tasks import cancel_and_wait
 
 __all__ = ["CHECK_SECONDS", "Bundle", "BundleStatus", "BundleWatcher", "Prepare",
            "parse_bundle"]
@@ -212,10 +213,7 @@ class BundleWatcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

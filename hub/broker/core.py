@@ -11,7 +11,6 @@ exact pin.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +31,7 @@ from hub.gatekeeper import Decision
 from hub.limits import PublishBudgets
 from hub.listener import TLSListener
 from hub.runtime import HubRuntime
+from hub.tasks import cancel_and_wait
 from hub.tls import server_context
 
 if TYPE_CHECKING:
@@ -99,11 +99,7 @@ class HubBroker(RoutingBroker):
                                                       name="hub housekeeping")
 
     async def shutdown(self) -> None:
-        task = getattr(self, "_housekeeping_task", None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(getattr(self, "_housekeeping_task", None))
         await self.listener.close()
         await super().shutdown()
 

@@ -16,7 +16,6 @@ by the next pass that finds the file changed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from hub.findings.reporter import FindingSink, Reporter
 from hub.findings.sweep import DAY, KICK_DEADLINE, Live, StillConnected, ca_expiring, expiring
 from hub.findings.takeovers import Takeover, TakeoverDetector
 from hub.revocation import refusal, unregistered
+from hub.tasks import cancel_and_wait
 from provisioning.registry.view import FleetView, FleetViewError
 from provisioning.serial import format_serial
 
@@ -133,10 +133,7 @@ class Findings:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
         await self._write_quarantine()

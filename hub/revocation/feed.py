@@ -48,6 +48,7 @@ from hub.revocation.feed_state import FeedStatus, source_data
 from hub.revocation.feed_verify import REASONS, FeedVerifier, issued_time
 from hub.revocation.model import SourceData, SourceHealth, SourceState, one_line
 from hub.revocation.sources import PolledSource
+from hub.tasks import cancel_and_wait
 from provisioning.registry.feeddoc import Document, FeedState, apply
 
 __all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "START_BUDGET_S", "WAIT_SECONDS", "FeedSource"]
@@ -158,10 +159,7 @@ class FeedSource(PolledSource):
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         saver = self._saver
         if saver is not None:
             with contextlib.suppress(Exception):
